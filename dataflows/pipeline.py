@@ -1,0 +1,159 @@
+"""The pipeline dataflow: trade batches -> validated frames -> 1m windows -> bars -> roll-ups -> sink.
+
+Wiring only; the logic lives in ``operators/``. Read it top to bottom:
+
+    trades_in      batches from a source (Kafka messages, file rows, generator columns)
+    decode         one Polars frame of valid trades per batch + dead letters
+    by_instrument  (instrument, that instrument's trades) — everything after is per instrument
+    admit          drop duplicates, split off late trades, one chunk per 1m window
+    window_1m      bytewax event-time tumbling windows over chunks (closes quiet keys on the clock)
+    bar_1m         Polars bar of the closed window, cohorts from the rolling order history
+    rollup         5m / 15m / 1h / 4h / 1d from closed 1m bars
+    clickhouse     bars, late trades, dead letters and counters, batched into one sink
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Optional
+
+import bytewax.operators as op
+import bytewax.operators.windowing as win
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
+from bytewax.operators import StatefulLogic
+from bytewax.outputs import Sink
+
+from dataflows.clock import PacedEventClock, utc_now
+from dataflows.config import Settings
+from operators import bars as B
+from operators import trades as T
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+FAR_FUTURE_MS = 2**62
+
+
+def _ms_dt(ms: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def _admit(cfg: T.AdmitConfig):
+    def step(state: Optional[T.AdmitState], trades) -> tuple[T.AdmitState, list]:
+        state = state or T.AdmitState()
+        got = T.admit(state, trades, cfg)
+        out: list[Any] = list(got.chunks)
+        if got.late is not None:
+            out.append(got.late)
+        if got.duplicates:
+            out.append(T.Counter("duplicates", got.duplicates))
+        return state, out
+
+    return step
+
+
+def _bar_1m(cfg: B.BarConfig):
+    def step(state: Optional[B.BarState], window: tuple[int, list[T.Chunk]]) -> tuple[B.BarState, list]:
+        state = state or B.BarState()
+        _, chunks = window
+        first = chunks[0]
+        trades = chunks[0].trades if len(chunks) == 1 else T.concat_chunks(chunks)
+        bar = B.make_bar(trades, first.exchange, first.symbol, first.window_start, T.MINUTE_MS, state, cfg)
+        return state, [bar]
+
+    return step
+
+
+class RollupLogic(StatefulLogic):
+    """Passes 1m bars through and emits the higher-timeframe bars they close.
+
+    With a paced clock (live), a period whose last minutes had no trades still closes on the
+    wall clock: the estimated watermark advances ``pace`` event-ms per system-ms after the
+    newest 1m bar, like ``PacedEventClock``. At EOF, open periods are emitted as they stand but
+    kept, so a continued run re-emits them complete (same key: the row is replaced).
+    """
+
+    def __init__(self, state: Optional[B.RollupState], timeframes: list[str], va: float,
+                 pace: Optional[float], grace_ms: int, now_getter: Callable[[], datetime]):
+        self.state = state or B.RollupState()
+        self.timeframes, self.va, self.pace, self.grace_ms = timeframes, va, pace, grace_ms
+        self.now_getter = now_getter
+        self.seen_at = now_getter()  # system time when the newest 1m bar came in
+
+    def on_item(self, bar: B.Bar) -> tuple[Iterable[B.Bar], bool]:
+        self.seen_at = self.now_getter()
+        return [bar, *B.rollup(self.state, bar, self.timeframes, self.va)], StatefulLogic.RETAIN
+
+    def _watermark(self) -> int:
+        elapsed = (self.now_getter() - self.seen_at) / timedelta(milliseconds=1)
+        return int((self.state.last_end or 0) + elapsed * (self.pace or 0) - self.grace_ms)
+
+    def on_notify(self) -> tuple[Iterable[B.Bar], bool]:
+        return B.close_until(self.state, self._watermark()), StatefulLogic.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[B.Bar], bool]:
+        return sorted(self.state.open.values(), key=lambda b: (b.end, B.tf_ms(b.tf))), StatefulLogic.RETAIN
+
+    def notify_at(self) -> Optional[datetime]:
+        if self.pace is None or not self.state.open or self.state.last_end is None:
+            return None
+        first_end = min(b.end for b in self.state.open.values())
+        wait_ms = (first_end + self.grace_ms - self.state.last_end) / self.pace
+        return self.seen_at + timedelta(milliseconds=max(wait_ms, 0))
+
+    def snapshot(self) -> B.RollupState:
+        return B.RollupState(dict(self.state.open), self.state.last_end)
+
+
+def _late_chunk(key_window_chunk: tuple[int, T.Chunk]) -> T.LateTrades:
+    _, chunk = key_window_chunk
+    return T.chunk_late(chunk, "window_closed")
+
+
+def build_flow(
+    settings: Settings,
+    source: Source,
+    sink: Sink,
+    *,
+    pace: Optional[float] = None,
+    now_getter: Callable[[], datetime] = utc_now,
+    flow_id: str = "tapeflow",
+) -> Dataflow:
+    """The whole pipeline. ``pace``: None for replay/backfill (event time only), 1.0 for live."""
+    admit_cfg, bar_cfg = settings.admit_config(), settings.bar_config()
+    higher = [tf for tf in settings.timeframes if tf != "1m"]
+    max_future = settings.max_future_ms
+
+    flow = Dataflow(flow_id)
+    batches = op.input("trades_in", flow, source)
+    decoded = op.map("decode", batches, lambda b: T.decode_batch(b, b.recv_ts, max_future))
+    dead = op.flat_map("dead_letters", decoded, lambda d: d.dead)
+    per_instrument = op.flat_map("by_instrument", decoded, lambda d: T.split_instruments(d.frame))
+    admitted = op.stateful_flat_map("admit", per_instrument, _admit(admit_cfg))
+    is_chunk = op.branch("chunks", admitted, lambda kv: isinstance(kv[1], T.Chunk))
+
+    clock = PacedEventClock(
+        ts_getter=lambda c: _ms_dt(c.max_ts),
+        wait=timedelta(milliseconds=settings.lateness_ms),
+        pace=pace,
+        now_getter=now_getter,
+    )
+    windows = win.collect_window(
+        "window_1m", is_chunk.trues, clock,
+        win.TumblingWindower(length=timedelta(minutes=1), align_to=EPOCH), ordered=False,
+    )
+    late_chunks = op.map_value("late_chunks", windows.late, _late_chunk)
+    bars_1m = op.stateful_flat_map("bar_1m", windows.down, _bar_1m(bar_cfg))
+    all_bars = op.stateful(
+        "rollup", bars_1m,
+        lambda resume: RollupLogic(resume, higher, bar_cfg.value_area, pace, settings.lateness_ms, now_getter),
+    )
+
+    records = op.merge(
+        "records",
+        op.key_rm("bars_out", all_bars),
+        op.key_rm("admit_out", is_chunk.falses),
+        op.key_rm("late_out", late_chunks),
+        dead,
+    )
+    op.output("clickhouse", op.key_on("to_sink", records, lambda r: type(r).__name__), sink)
+    return flow

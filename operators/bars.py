@@ -1,0 +1,321 @@
+"""Bars (SPEC §3): a closed 1-minute window of trades -> one bar, and roll-ups to higher
+timeframes. Pure logic, no bytewax.
+
+A bar is computed in one pass with Polars over the window's trades ordered by (ts, arrival).
+Cohort order-flow classifies taker *parent orders*: consecutive fills with the same ts, side
+and trader are one aggressive order, with their summed notional. An order is "pro" when its
+notional is at or above the instrument's rolling 95th percentile (or its trader is on the
+pro-address list) and "amateur" when at or below the rolling median. The rolling window
+holds the orders of the last hour of bars up to and including this one, so nothing after
+the bar's end is used.
+
+Roll-ups merge closed 1m bars. Every field merges exactly: sums add, the running-delta
+extremes shift by the delta accumulated before each sub-bar, and volume profiles add bin by
+bin, so a 1h bar equals the bar one would compute from the hour's trades directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+import polars as pl
+
+TIMEFRAMES: dict[str, int] = {
+    "1m": 60_000,
+    "5m": 300_000,
+    "15m": 900_000,
+    "1h": 3_600_000,
+    "4h": 14_400_000,
+    "1d": 86_400_000,
+}
+
+
+def tf_ms(tf: str) -> int:
+    try:
+        return TIMEFRAMES[tf]
+    except KeyError:
+        raise ValueError(f"unknown timeframe {tf!r}; known: {', '.join(TIMEFRAMES)}") from None
+
+
+class Bar(msgspec.Struct, kw_only=True):
+    exchange: str
+    symbol: str
+    tf: str
+    start: int  # ms, inclusive
+    end: int  # ms, exclusive
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    notional: float
+    vwap: float
+    trades: int
+    buy_volume: float
+    sell_volume: float
+    delta: float
+    min_delta: float
+    max_delta: float
+    largest_trade: float
+    largest_notional: float
+    parent_orders: int
+    pro_orders: int
+    amateur_orders: int
+    pros_gross: float
+    pros_net: float
+    amateurs_gross: float
+    amateurs_net: float
+    s_top: float
+    s_bot: float
+    s_mood: float
+    pro_threshold: float
+    amateur_threshold: float
+    poc: float
+    vah: float
+    val: float
+    profile_bin: float
+    profile: dict = msgspec.field(default_factory=dict)  # bin index -> volume; for roll-ups, not stored
+
+    @property
+    def instrument(self) -> str:
+        return f"{self.exchange}:{self.symbol}"
+
+
+@dataclass(frozen=True)
+class BarConfig:
+    pro_quantile: float = 0.95
+    amateur_quantile: float = 0.5
+    cohort_window_ms: int = 3_600_000
+    cohort_max_orders: int = 200_000
+    pro_addresses: frozenset = frozenset()
+    value_area: float = 0.70
+    profile_bin_bps: float = 2.0
+    profile_bins: tuple = ()  # ((symbol, bin), ...) explicit bin sizes
+
+
+@dataclass
+class BarState:
+    """Per instrument: recent parent-order notionals for the cohort quantiles, profile bin."""
+
+    history: deque = field(default_factory=deque)  # (bar start, np.ndarray of order notionals)
+    n_orders: int = 0
+    profile_bin: float | None = None
+
+
+def default_bin(price: float, bps: float) -> float:
+    """A power of ten near ``price * bps``: stable for an instrument, so profiles merge."""
+    return 10.0 ** round(math.log10(price * bps * 1e-4))
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else 0.0
+
+
+def _bin_decimals(bin_size: float) -> int:
+    return max(0, -math.floor(math.log10(bin_size)) + 1)
+
+
+def value_area(profile: dict, fraction: float) -> tuple[int, int, int]:
+    """(poc, vah, val) bin indices. POC = bin with most volume (lowest on ties); the value area
+    grows from the POC one bin at a time towards the side with more volume (up on ties) until
+    it holds ``fraction`` of the volume."""
+    lo_i, hi_i = min(profile), max(profile)
+    vols = np.zeros(hi_i - lo_i + 1)
+    for k, v in profile.items():
+        vols[k - lo_i] = v
+    poc = int(np.argmax(vols))
+    target = fraction * vols.sum()
+    lo = hi = poc
+    inside = vols[poc]
+    n = len(vols)
+    while inside < target and (lo > 0 or hi < n - 1):
+        up = vols[hi + 1] if hi < n - 1 else -1.0
+        down = vols[lo - 1] if lo > 0 else -1.0
+        if up >= down:
+            hi += 1
+            inside += up
+        else:
+            lo -= 1
+            inside += down
+    return poc + lo_i, hi + lo_i, lo + lo_i
+
+
+def _quantiles(state: BarState, current: np.ndarray, start: int, cfg: BarConfig) -> tuple[float, float]:
+    while state.history and (
+        state.history[0][0] <= start - cfg.cohort_window_ms or state.n_orders > cfg.cohort_max_orders
+    ):
+        _, old = state.history.popleft()
+        state.n_orders -= len(old)
+    pool = np.concatenate([h for _, h in state.history] + [current]) if state.history else current
+    hi, lo = np.quantile(pool, [cfg.pro_quantile, cfg.amateur_quantile])
+    state.history.append((start, current))
+    state.n_orders += len(current)
+    return float(hi), float(lo)
+
+
+_SIGNED = pl.when(pl.col("is_buy")).then(pl.col("amount")).otherwise(-pl.col("amount"))
+_NOTIONAL = pl.col("price") * pl.col("amount")
+
+
+def make_bar(
+    trades: pl.DataFrame, exchange: str, symbol: str, start: int, length_ms: int,
+    state: BarState, cfg: BarConfig,
+) -> Bar:
+    """The 1m (or any single-window) bar of ``trades`` (columns ts, seq, price, amount, is_buy,
+    trader). Updates the cohort history in ``state``."""
+    df = trades.sort("ts", "seq")
+    if state.profile_bin is None:
+        explicit = dict(cfg.profile_bins).get(symbol)
+        state.profile_bin = explicit or default_bin(float(df["price"][0]), cfg.profile_bin_bps)
+    bin_size = state.profile_bin
+    a = df.select(
+        pl.col("price").first().alias("open"),
+        pl.col("price").max().alias("high"),
+        pl.col("price").min().alias("low"),
+        pl.col("price").last().alias("close"),
+        pl.col("amount").sum().alias("volume"),
+        _NOTIONAL.sum().alias("notional"),
+        pl.len().alias("trades"),
+        pl.col("amount").filter(pl.col("is_buy")).sum().alias("buy_volume"),
+        pl.col("amount").filter(~pl.col("is_buy")).sum().alias("sell_volume"),
+        _SIGNED.cum_sum().min().alias("min_delta"),
+        _SIGNED.cum_sum().max().alias("max_delta"),
+        pl.col("amount").max().alias("largest_trade"),
+        _NOTIONAL.max().alias("largest_notional"),
+    ).row(0, named=True)
+
+    # parent orders: a new order starts when ts, side or trader changes
+    changed = (
+        (pl.col("ts") != pl.col("ts").shift(1))
+        | (pl.col("is_buy") != pl.col("is_buy").shift(1))
+        | pl.col("trader").ne_missing(pl.col("trader").shift(1))
+    ).fill_null(True)
+    orders = (
+        df.with_columns(changed.cum_sum().alias("_oid"), _NOTIONAL.alias("_n"))
+        .group_by("_oid", maintain_order=True)
+        .agg(pl.col("_n").sum(), pl.col("is_buy").first(), pl.col("trader").first())
+    )
+    notional = orders["_n"].to_numpy()
+    is_buy = orders["is_buy"].to_numpy()
+    hi, lo = _quantiles(state, notional, start, cfg)
+    pro = notional >= hi
+    if cfg.pro_addresses:
+        pro |= orders["trader"].is_in(list(cfg.pro_addresses)).fill_null(False).to_numpy()
+    amateur = (notional <= lo) & ~pro
+    signed = np.where(is_buy, notional, -notional)
+
+    prof = (
+        df.group_by((pl.col("price") / bin_size + 1e-9).floor().cast(pl.Int64).alias("_b"))
+        .agg(pl.col("amount").sum())
+    )
+    profile = dict(zip(prof["_b"].to_list(), prof["amount"].to_list()))
+    return _finish(
+        exchange=exchange, symbol=symbol, tf=_tf_name(length_ms), start=start, end=start + length_ms,
+        open=a["open"], high=a["high"], low=a["low"], close=a["close"],
+        volume=a["volume"], notional=a["notional"], trades=a["trades"],
+        buy_volume=a["buy_volume"], sell_volume=a["sell_volume"],
+        min_delta=a["min_delta"], max_delta=a["max_delta"],
+        largest_trade=a["largest_trade"], largest_notional=a["largest_notional"],
+        parent_orders=len(notional), pro_orders=int(pro.sum()), amateur_orders=int(amateur.sum()),
+        pros_gross=float(notional[pro].sum()), pros_net=float(signed[pro].sum()),
+        amateurs_gross=float(notional[amateur].sum()), amateurs_net=float(signed[amateur].sum()),
+        pro_threshold=hi, amateur_threshold=lo, profile_bin=bin_size, profile=profile,
+        va_fraction=cfg.value_area,
+    )
+
+
+def _tf_name(length_ms: int) -> str:
+    for name, ms in TIMEFRAMES.items():
+        if ms == length_ms:
+            return name
+    return f"{length_ms}ms"
+
+
+def _finish(*, va_fraction: float, **f) -> Bar:
+    """Derived fields (delta, vwap, S_*, POC/VAH/VAL) from the additive ones."""
+    poc, vah, val = value_area(f["profile"], va_fraction)
+    b, d = f["profile_bin"], _bin_decimals(f["profile_bin"])
+    s_top = _ratio(f["pros_net"], f["pros_gross"])
+    s_bot = _ratio(f["amateurs_net"], f["amateurs_gross"])
+    return Bar(
+        **f,
+        vwap=_ratio(f["notional"], f["volume"]),
+        delta=f["buy_volume"] - f["sell_volume"],
+        s_top=s_top, s_bot=s_bot, s_mood=s_top - s_bot,
+        poc=round(poc * b, d), vah=round(vah * b, d), val=round(val * b, d),
+    )
+
+
+_ADDITIVE = ("volume", "notional", "trades", "buy_volume", "sell_volume", "parent_orders",
+             "pro_orders", "amateur_orders", "pros_gross", "pros_net", "amateurs_gross", "amateurs_net")
+
+
+def merge(acc: Bar, bar: Bar, tf: str, start: int, end: int, value_area_fraction: float) -> Bar:
+    """``acc`` (earlier sub-bars of a period) followed by ``bar`` -> the period's bar so far."""
+    if bar.profile_bin != acc.profile_bin:
+        raise ValueError(f"profile bin changed inside {acc.instrument} {tf} bar at {start}")
+    profile = dict(acc.profile)
+    for k, v in bar.profile.items():
+        profile[k] = profile.get(k, 0.0) + v
+    return _finish(
+        exchange=acc.exchange, symbol=acc.symbol, tf=tf, start=start, end=end,
+        open=acc.open, high=max(acc.high, bar.high), low=min(acc.low, bar.low), close=bar.close,
+        **{k: getattr(acc, k) + getattr(bar, k) for k in _ADDITIVE},
+        min_delta=min(acc.min_delta, acc.delta + bar.min_delta),
+        max_delta=max(acc.max_delta, acc.delta + bar.max_delta),
+        largest_trade=max(acc.largest_trade, bar.largest_trade),
+        largest_notional=max(acc.largest_notional, bar.largest_notional),
+        pro_threshold=bar.pro_threshold, amateur_threshold=bar.amateur_threshold,
+        profile_bin=acc.profile_bin, profile=profile, va_fraction=value_area_fraction,
+    )
+
+
+def as_period(bar: Bar, tf: str, start: int, end: int) -> Bar:
+    """A 1m bar relabelled as the first sub-bar of a higher-timeframe period."""
+    return msgspec.structs.replace(bar, tf=tf, start=start, end=end, profile=dict(bar.profile))
+
+
+@dataclass
+class RollupState:
+    """Per instrument: the open (partial) bar of every higher timeframe."""
+
+    open: dict = field(default_factory=dict)  # tf -> Bar (partial)
+    last_end: int | None = None  # end of the newest 1m bar seen
+
+
+def rollup(state: RollupState, bar: Bar, timeframes: list[str], value_area_fraction: float) -> list[Bar]:
+    """Feed a closed 1m bar; return the higher-timeframe bars it closes (oldest first).
+
+    A period closes as soon as its last minute is in, or when a later minute arrives.
+    """
+    out: list[Bar] = []
+    state.last_end = bar.end if state.last_end is None else max(state.last_end, bar.end)
+    for tf in timeframes:
+        ms = tf_ms(tf)
+        start = bar.start - bar.start % ms
+        acc = state.open.get(tf)
+        if acc is not None and acc.start != start:
+            out.append(acc)
+            acc = None
+        acc = as_period(bar, tf, start, start + ms) if acc is None else merge(
+            acc, bar, tf, start, start + ms, value_area_fraction)
+        if bar.end >= start + ms:
+            out.append(acc)
+            state.open.pop(tf, None)
+        else:
+            state.open[tf] = acc
+    out.sort(key=lambda b: (b.end, tf_ms(b.tf)))
+    return out
+
+
+def close_until(state: RollupState, watermark: int) -> list[Bar]:
+    """Close every open period that ends at or before ``watermark`` (EOF: a huge watermark)."""
+    done = [b for b in state.open.values() if b.end <= watermark]
+    for b in done:
+        del state.open[b.tf]
+    done.sort(key=lambda b: (b.end, tf_ms(b.tf)))
+    return done

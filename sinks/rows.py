@@ -1,0 +1,76 @@
+"""Records -> table rows: the one place where a record type meets its table's columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from operators.bars import Bar
+from operators.trades import Counter, DeadLetter, LateTrades
+
+BAR_COLUMNS = [
+    "exchange", "symbol", "tf", "start", "end", "open", "high", "low", "close", "volume", "notional",
+    "vwap", "trades", "buy_volume", "sell_volume", "delta", "min_delta", "max_delta", "largest_trade",
+    "largest_notional", "parent_orders", "pro_orders", "amateur_orders", "pros_gross", "pros_net",
+    "amateurs_gross", "amateurs_net", "s_top", "s_bot", "s_mood", "pro_threshold", "amateur_threshold",
+    "poc", "vah", "val", "profile_bin",
+]
+LATE_COLUMNS = ["exchange", "symbol", "id", "ts", "price", "amount", "side", "trader", "recv_ts", "seq",
+                "watermark", "reason"]
+DEAD_COLUMNS = ["source", "partition", "offset", "payload", "reason", "detail", "recv_ts"]
+
+
+@dataclass
+class Rows:
+    columns: list[str]
+    data: list[list]
+
+
+def bar_row(b: Bar) -> list:
+    return [getattr(b, c) for c in BAR_COLUMNS]
+
+
+def dead_row(d: DeadLetter) -> list:
+    return [d.source, d.partition, d.offset, d.payload, d.reason, d.detail, d.recv_ts]
+
+
+def late_rows(lt: LateTrades) -> list[list]:
+    df = lt.trades.select(
+        "exchange", "symbol", "id", "ts", "price", "amount",
+        pl.when(pl.col("is_buy")).then(pl.lit("buy")).otherwise(pl.lit("sell")).alias("side"),
+        "trader", "recv_ts", "seq", "watermark", pl.lit(lt.reason).alias("reason"),
+    )
+    return [list(r) for r in df.iter_rows()]
+
+
+def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
+    """Group records by table; count what passes in ``stats`` (a ``SinkStats``)."""
+    out: dict[str, Rows] = {}
+
+    def add(table: str, columns: list[str], rows: list[list]) -> None:
+        if table not in out:
+            out[table] = Rows(columns, [])
+        out[table].data.extend(rows)
+
+    for rec in records:
+        if isinstance(rec, tuple) and len(rec) == 2 and isinstance(rec[0], str):
+            rec = rec[1]  # (key, record)
+        if isinstance(rec, Bar):
+            add("bars", BAR_COLUMNS, [bar_row(rec)])
+            stats.bars[rec.tf] = stats.bars.get(rec.tf, 0) + 1
+            if rec.tf == "1m":
+                stats.trades_in_bars += rec.trades
+        elif isinstance(rec, LateTrades):
+            rows = late_rows(rec)
+            add("late_trades", LATE_COLUMNS, rows)
+            stats.late_trades += len(rows)
+        elif isinstance(rec, DeadLetter):
+            add("dead_letters", DEAD_COLUMNS, [dead_row(rec)])
+            stats.dead_letters += 1
+        elif isinstance(rec, Counter):
+            stats.counters[rec.name] = stats.counters.get(rec.name, 0) + rec.value
+        else:
+            raise TypeError(f"no table for record type {type(rec).__name__}")
+    return out
