@@ -27,7 +27,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from operators import synthetic as syn
 from operators.trades import FrameBatch
 
-Progress = Callable[[str, int, int], None]  # (partition, done, total)
+Progress = Callable[[str, int, int, int], None]  # (partition, done, total, rows released now)
 
 
 def now_ms() -> int:
@@ -142,7 +142,7 @@ class _SyntheticPartition(_FramePartition):
         if self.pending is None:
             self.base = self.at
         if self.src.progress:
-            self.src.progress(self.part, self.base.minute, self.total_minutes)
+            self.src.progress(self.part, self.base.minute, self.total_minutes, frame.height)
 
     def snapshot(self) -> tuple[syn.GenState, int]:
         return (self.base, self.emitted)
@@ -279,8 +279,8 @@ class _ReplayPartition(_FramePartition):
 
     def _released(self, frame: pl.DataFrame) -> None:
         self.pos = int(frame["offset"][-1]) + 1
-        if self.src.progress and self.total:
-            self.src.progress(self.part, self.pos, self.total)
+        if self.src.progress:
+            self.src.progress(self.part, self.pos, self.total or 0, frame.height)
 
     def snapshot(self) -> int:
         return self.pos

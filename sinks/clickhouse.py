@@ -26,7 +26,7 @@ class StoreError(RuntimeError):
     pass
 
 
-def _redacted(dsn: str) -> str:
+def redact_dsn(dsn: str) -> str:
     return re.sub(r"//([^:/@]+):([^@]*)@", r"//\1:***@", dsn)
 
 
@@ -40,18 +40,14 @@ class Store:
         try:
             admin = clickhouse_connect.get_client(dsn=dsn)
             admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-            if dsn.startswith("chdb"):
-                self.client = admin
-                self.client.command(f"USE {database}")
-            else:
-                admin.close()
-                self.client = clickhouse_connect.get_client(dsn=dsn, database=database)
+            admin.close()
+            self.client = clickhouse_connect.get_client(dsn=dsn, database=database)
         except Exception as err:  # noqa: BLE001 - turn driver errors into one clear message
             hint = ""
             if "lock" in str(err).lower() or "already initialized" in str(err):
                 hint = (" The embedded store is open in another process (a running `tapeflow run`?);"
                         " wait for it, or use a ClickHouse server DSN for concurrent access.")
-            raise StoreError(f"cannot open ClickHouse at {_redacted(dsn)}: {err}.{hint}") from err
+            raise StoreError(f"cannot open ClickHouse at {redact_dsn(dsn)}: {err}.{hint}") from err
         if apply_schema:
             self.apply_schema()
 

@@ -1,0 +1,252 @@
+"""The ``tapeflow`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dataflows.config import ConfigError, Settings, load_settings
+
+err_console = Console(stderr=True)
+log = logging.getLogger("tapeflow")
+
+DEFAULT_SYMBOLS = "BTC/USDT:USDT,ETH/USDT:USDT,SOL/USDT:USDT"
+
+
+def _settings(ctx: click.Context, **overrides) -> Settings:
+    try:
+        return load_settings(ctx.obj.get("config"), **overrides)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _parse_start(text: str) -> int:
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an ISO date/time (e.g. 2024-01-01 or 2024-01-01T00:00Z)")
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML file with settings (overrides TAPEFLOW_* environment variables).")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.pass_context
+def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
+    """tapeflow: exchange trades -> multi-timeframe bars and order-flow -> ClickHouse."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+@main.command()
+@click.option("--source", type=click.Choice(["synthetic", "replay"]), default="synthetic", show_default=True)
+@click.option("--symbols", default=DEFAULT_SYMBOLS, show_default=True, help="synthetic: comma-separated symbols")
+@click.option("--hours", type=float, default=48.0, show_default=True, help="synthetic: hours of event time")
+@click.option("--start", "start", default="2024-01-01T00:00Z", show_default=True, help="synthetic: first minute (UTC)")
+@click.option("--seed", type=int, default=7, show_default=True, help="synthetic: random seed")
+@click.option("--rate", type=float, default=None, help="synthetic: parent orders/s per symbol (default: per symbol)")
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="replay: tape file (ccxt CSV, Parquet, Binance CSV); repeatable")
+@click.option("--exchange", default=None, help="replay: exchange id when the file has no exchange column")
+@click.option("--symbol", default=None, help="replay: symbol when the file has no symbol column")
+@click.option("--speed", type=float, default=None, help="release trades at SPEED x real time (default: full speed)")
+@click.option("--dsn", default=None, help="ClickHouse DSN (default: TAPEFLOW_CLICKHOUSE_DSN or embedded chdb)")
+@click.option("--database", default=None, help="ClickHouse database (default: tapeflow)")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--processes", type=int, default=1, show_default=True, help="bytewax processes on this machine")
+@click.option("--workers", type=int, default=1, show_default=True, help="bytewax worker threads per process")
+@click.option("--recovery-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="bytewax recovery directory: resume where a stopped run left off")
+@click.option("--batch-size", type=int, default=None, help="trades per source batch")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--proc-id", type=int, default=None, hidden=True)
+@click.option("--addresses", default=None, hidden=True)
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None, hidden=True)
+@click.pass_context
+def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str, seed: int,
+        rate: Optional[float], files: tuple[Path, ...], exchange: Optional[str], symbol: Optional[str],
+        speed: Optional[float], dsn: Optional[str], database: Optional[str], data_dir: Optional[Path],
+        processes: int, workers: int, recovery_dir: Optional[Path], batch_size: Optional[int], quiet: bool,
+        proc_id: Optional[int], addresses: Optional[str], run_dir: Optional[Path]) -> None:
+    """Run the pipeline into ClickHouse and print a summary."""
+    from dataflows import runner
+    from dataflows.pipeline import build_flow
+    from dataflows.sources import ReplaySource, SyntheticSource
+    from sinks.clickhouse import ClickHouseSink, Store, StoreError
+
+    settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir,
+                         recovery_dir=recovery_dir, batch_size=batch_size)
+    if processes < 1 or workers < 1:
+        raise click.BadParameter("--processes and --workers must be >= 1")
+    is_peer = proc_id is not None and proc_id > 0
+    run_dir = run_dir or settings.data_dir / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    counts = runner.RunCounts()
+    progress_ui = None if (quiet or is_peer) else _progress_ui(counts)
+    progress = runner.counting_progress(counts, progress_ui.update if progress_ui else None)
+    if source == "synthetic":
+        syms = [s.strip() for s in symbols.split(",") if s.strip()]
+        if not syms:
+            raise click.BadParameter("--symbols is empty")
+        t0 = _parse_start(start)
+        src = SyntheticSource(syms, t0, t0 + int(hours * 3_600_000), seed=seed, rate=rate,
+                              batch_size=settings.batch_size, speed=speed, progress=progress)
+    else:
+        if not files:
+            raise click.UsageError("--source replay needs at least one --file")
+        src = ReplaySource(list(files), exchange=exchange, symbol=symbol, batch_size=settings.batch_size,
+                           speed=speed, progress=progress)
+
+    if not is_peer:  # schema first, with a clear error if the store is unusable
+        try:
+            Store(settings.dsn(), settings.clickhouse_database).close()
+        except StoreError as err:
+            raise click.ClickException(str(err)) from None
+
+    sink = ClickHouseSink(settings.dsn(), settings.clickhouse_database, counts.sink,
+                          settings.sink_flush_rows, settings.sink_flush_ms)
+    flow = build_flow(settings, src, sink, pace=speed or None)
+    recovery = runner.recovery_config(settings.recovery_dir, processes * workers)
+    peers: list = []
+    addr_list = addresses.split(";") if addresses else None
+    if processes > 1 and proc_id is None:
+        argv = [a for a in sys.argv[1:]]
+        addr_list, peers = runner.spawn_peers(argv, processes, run_dir)
+    t_start = time.time()
+    try:
+        if progress_ui:
+            progress_ui.start()
+        runner.execute(flow, epoch_interval_s=settings.epoch_interval_s, recovery=recovery,
+                       addresses=addr_list, proc_id=proc_id or 0, workers=workers)
+    finally:
+        if progress_ui:
+            progress_ui.stop()
+    elapsed = time.time() - t_start
+    if is_peer:
+        (run_dir / f"proc-{proc_id}.json").write_text(counts.to_json())
+        return
+    codes = runner.wait_peers(peers)
+    if any(codes):
+        raise click.ClickException(f"a pipeline process failed (exit codes {codes}); see its output above")
+    total = runner.collect_counts(run_dir, processes, counts)
+    _print_summary(total, elapsed, settings, resumed=recovery is not None)
+
+
+class _progress_ui:
+    """One progress bar over all source partitions of this process."""
+
+    def __init__(self, counts):
+        self.counts = counts
+        self.parts: dict[str, tuple[int, int]] = {}
+        self.bar = Progress(TextColumn("[bold]pipeline"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                            TextColumn("{task.fields[rows]:>12,} trades"), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=err_console, transient=False)
+        self.task = self.bar.add_task("run", total=1, rows=0)
+
+    def update(self, part: str, done: int, total: int) -> None:
+        self.parts[part] = (done, total)
+        d = sum(v[0] for v in self.parts.values())
+        t = sum(v[1] for v in self.parts.values()) or 1
+        self.bar.update(self.task, completed=d, total=t, rows=self.counts.trades_in)
+
+    def start(self) -> None:
+        self.bar.start()
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _print_summary(total, elapsed: float, settings: Settings, resumed: bool) -> None:
+    from sinks.clickhouse import redact_dsn
+
+    s = total.sink
+    dup = s.counters.get("duplicates", 0)
+    t = Table(title="tapeflow run", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value", justify="right")
+    t.add_row("trades in", f"{total.trades_in:,}")
+    t.add_row("  into 1m bars", f"{s.trades_in_bars:,}")
+    t.add_row("  late (late_trades)", f"{s.late_trades:,}")
+    t.add_row("  duplicates dropped", f"{dup:,}")
+    t.add_row("  dead letters", f"{s.dead_letters:,}")
+    for tf in settings.timeframes:
+        t.add_row(f"bars {tf}", f"{s.bars.get(tf, 0):,}")
+    t.add_row("elapsed", f"{elapsed:.2f} s")
+    t.add_row("throughput", f"{total.trades_in / elapsed:,.0f} trades/s" if elapsed > 0 else "-")
+    t.add_row("store", f"{settings.clickhouse_database} @ {redact_dsn(settings.dsn())}")
+    Console().print(t)
+    accounted = s.trades_in_bars + s.late_trades + dup + s.dead_letters
+    if not resumed and accounted != total.trades_in:
+        err_console.print(f"[yellow]note: {total.trades_in - accounted:,} trades not accounted for "
+                          "(still in open windows?)[/yellow]")
+
+
+@main.command()
+@click.argument("query")
+@click.option("--dsn", default=None, help="ClickHouse DSN (default: TAPEFLOW_CLICKHOUSE_DSN or embedded chdb)")
+@click.option("--database", default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.pass_context
+def sql(ctx: click.Context, query: str, dsn: Optional[str], database: Optional[str], data_dir: Optional[Path],
+        fmt: str) -> None:
+    """Run QUERY against the configured store and print the result."""
+    from sinks.clickhouse import Store, StoreError
+
+    settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
+    try:
+        store = Store(settings.dsn(), settings.clickhouse_database)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        cols, rows = store.query(query)
+    except Exception as err:  # noqa: BLE001 - show the server's message, not a traceback
+        raise click.ClickException(f"query failed: {str(err).strip().splitlines()[0]}") from None
+    finally:
+        store.close()
+    _print_rows(cols, rows, fmt)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.10g}"
+    if isinstance(v, datetime):
+        return v.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return "" if v is None else str(v)
+
+
+def _print_rows(cols: list[str], rows: list[tuple], fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps([dict(zip(cols, r)) for r in rows], default=str))
+    elif fmt == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(cols)
+        w.writerows([[_cell(v) for v in r] for r in rows])
+    else:
+        t = Table(*cols, show_lines=False)
+        for r in rows:
+            t.add_row(*[_cell(v) for v in r])
+        Console(width=max(120, Console().width)).print(t)
+        err_console.print(f"{len(rows)} row(s)")
+
+
+if __name__ == "__main__":
+    main()
