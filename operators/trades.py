@@ -19,6 +19,7 @@ a CSV file and the same trade as JSON from Kafka meet the same fate.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -114,11 +115,16 @@ _BATCH_DECODER = msgspec.json.Decoder(list[Trade])
 _ONE_DECODER = msgspec.json.Decoder(Trade)
 
 
-def _classify_msgspec_error(err: Exception) -> str:
+_NON_FINITE_TOKEN = re.compile(rb"[:\[,]\s*-?(NaN|Infinity)\b")
+
+
+def _classify_msgspec_error(err: Exception, payload: bytes) -> str:
+    text = str(err)
+    if "Number out of range" in text or _NON_FINITE_TOKEN.search(payload):
+        return "non_finite"  # 1e999, or Python's json.dumps(float("nan")) -> NaN
     if not isinstance(err, msgspec.ValidationError):
         return "bad_json"
-    text = str(err)
-    if text.startswith("Object missing required field"):
+    if text.startswith("Object missing required field") or "got `null`" in text:
         return "missing_field"
     return "wrong_type"
 
@@ -222,7 +228,7 @@ def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int) -> Decoded:
             except (msgspec.DecodeError, msgspec.ValidationError) as err:
                 dead.append(
                     DeadLetter(batch.source, batch.partition, batch.offsets[i], _text(p),
-                               _classify_msgspec_error(err), str(err), batch.recv_ts)
+                               _classify_msgspec_error(err, p), str(err), batch.recv_ts)
                 )
     seqs = [batch.offsets[i] for i in ok_idx]
     frame = _trades_to_frame(trades, seqs, batch.recv_ts).with_columns(
