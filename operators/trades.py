@@ -156,10 +156,10 @@ def _reason_expr(now_ms: int, max_future_ms: int) -> pl.Expr:
         missing = missing | (pl.col(c).str.len_bytes() == 0)
     price, amount, ts = pl.col("price"), pl.col("amount"), pl.col("ts")
     return (
-        pl.when(missing)
-        .then(pl.lit("missing_field"))
-        .when(pl.col("_wrong_type"))
+        pl.when(pl.col("_wrong_type"))  # first: a failed cast leaves a null behind
         .then(pl.lit("wrong_type"))
+        .when(missing)
+        .then(pl.lit("missing_field"))
         .when(~price.is_finite() | ~amount.is_finite())
         .then(pl.lit("non_finite"))
         .when((price <= 0) | (amount <= 0))
