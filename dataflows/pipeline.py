@@ -14,6 +14,7 @@ Wiring only; the logic lives in ``operators/``. Read it top to bottom:
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Optional
 
@@ -88,10 +89,10 @@ class RollupLogic(StatefulLogic):
         return int((self.state.last_end or 0) + elapsed * (self.pace or 0) - self.grace_ms)
 
     def on_notify(self) -> tuple[Iterable[B.Bar], bool]:
-        return B.close_until(self.state, self._watermark()), StatefulLogic.RETAIN
+        return B.close_until(self.state, self._watermark(), self.va), StatefulLogic.RETAIN
 
     def on_eof(self) -> tuple[Iterable[B.Bar], bool]:
-        return sorted(self.state.open.values(), key=lambda b: (b.end, B.tf_ms(b.tf))), StatefulLogic.RETAIN
+        return B.open_periods(self.state, self.va), StatefulLogic.RETAIN
 
     def notify_at(self) -> Optional[datetime]:
         if self.pace is None or not self.state.open or self.state.last_end is None:
@@ -101,7 +102,7 @@ class RollupLogic(StatefulLogic):
         return self.seen_at + timedelta(milliseconds=max(wait_ms, 0))
 
     def snapshot(self) -> B.RollupState:
-        return B.RollupState(dict(self.state.open), self.state.last_end)
+        return copy.deepcopy(self.state)
 
 
 def _late_chunk(key_window_chunk: tuple[int, T.Chunk]) -> T.LateTrades:

@@ -104,6 +104,11 @@ class BarState:
     history: deque = field(default_factory=deque)  # (bar start, np.ndarray of order notionals)
     n_orders: int = 0
     profile_bin: float | None = None
+    pool: np.ndarray = field(default_factory=lambda: np.empty(0))  # all history notionals, sorted
+
+    def __deepcopy__(self, memo: dict) -> "BarState":
+        # arrays in the history are never modified in place: copying the containers is enough
+        return BarState(deque(self.history), self.n_orders, self.profile_bin, self.pool)
 
 
 def default_bin(price: float, bps: float) -> float:
@@ -144,17 +149,45 @@ def value_area(profile: dict, fraction: float) -> tuple[int, int, int]:
     return poc + lo_i, hi + lo_i, lo + lo_i
 
 
+def _linear_quantile(sorted_values: np.ndarray, q: float) -> float:
+    """numpy's default ('linear') quantile of an already sorted array."""
+    pos = q * (len(sorted_values) - 1)
+    i = int(pos)
+    if i + 1 >= len(sorted_values):
+        return float(sorted_values[-1])
+    return float(sorted_values[i] + (sorted_values[i + 1] - sorted_values[i]) * (pos - i))
+
+
+def _remove_sorted(pool: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``pool`` (sorted) without one occurrence of each of ``values`` (sorted, all present)."""
+    first = np.searchsorted(pool, values, side="left")
+    rank = np.arange(len(values)) - np.searchsorted(values, values, side="left")  # among equal values
+    return np.delete(pool, first + rank)
+
+
 def _quantiles(state: BarState, current: np.ndarray, start: int, cfg: BarConfig) -> tuple[float, float]:
+    """(pro, amateur) thresholds over the orders of the rolling window including ``current``.
+
+    The window's notionals are kept sorted, so each bar costs a few array moves instead of a
+    quantile search over the whole hour.
+    """
+    expired = []
     while state.history and (
-        state.history[0][0] <= start - cfg.cohort_window_ms or state.n_orders > cfg.cohort_max_orders
+        state.history[0][0] <= start - cfg.cohort_window_ms
+        or state.n_orders + len(current) > cfg.cohort_max_orders
     ):
         _, old = state.history.popleft()
         state.n_orders -= len(old)
-    pool = np.concatenate([h for _, h in state.history] + [current]) if state.history else current
-    hi, lo = np.quantile(pool, [cfg.pro_quantile, cfg.amateur_quantile])
+        expired.append(old)
+    pool = state.pool
+    if expired:
+        pool = _remove_sorted(pool, np.sort(np.concatenate(expired)))
+    cur = np.sort(current)
+    pool = np.insert(pool, np.searchsorted(pool, cur), cur)
+    state.pool = pool
     state.history.append((start, current))
     state.n_orders += len(current)
-    return float(hi), float(lo)
+    return _linear_quantile(pool, cfg.pro_quantile), _linear_quantile(pool, cfg.amateur_quantile)
 
 
 _SIGNED = pl.when(pl.col("is_buy")).then(pl.col("amount")).otherwise(-pl.col("amount"))
@@ -188,31 +221,31 @@ def make_bar(
         _NOTIONAL.max().alias("largest_notional"),
     ).row(0, named=True)
 
-    # parent orders: a new order starts when ts, side or trader changes
-    changed = (
-        (pl.col("ts") != pl.col("ts").shift(1))
-        | (pl.col("is_buy") != pl.col("is_buy").shift(1))
-        | pl.col("trader").ne_missing(pl.col("trader").shift(1))
-    ).fill_null(True)
-    orders = (
-        df.with_columns(changed.cum_sum().alias("_oid"), _NOTIONAL.alias("_n"))
-        .group_by("_oid", maintain_order=True)
-        .agg(pl.col("_n").sum(), pl.col("is_buy").first(), pl.col("trader").first())
-    )
-    notional = orders["_n"].to_numpy()
-    is_buy = orders["is_buy"].to_numpy()
+    # parent orders: a new order starts when ts, side or trader changes (numpy: small arrays)
+    ts, buy = df["ts"].to_numpy(), df["is_buy"].to_numpy()
+    price, amount = df["price"].to_numpy(), df["amount"].to_numpy()
+    new = np.ones(len(ts), dtype=bool)
+    new[1:] = (ts[1:] != ts[:-1]) | (buy[1:] != buy[:-1])
+    trader = df["trader"]
+    traders = None
+    if trader.null_count() < len(trader):
+        traders = trader.to_numpy()
+        new[1:] |= traders[1:] != traders[:-1]
+    starts = np.flatnonzero(new)
+    notional = np.add.reduceat(price * amount, starts)
+    is_buy = buy[starts]
     hi, lo = _quantiles(state, notional, start, cfg)
     pro = notional >= hi
-    if cfg.pro_addresses:
-        pro |= orders["trader"].is_in(list(cfg.pro_addresses)).fill_null(False).to_numpy()
+    if cfg.pro_addresses and traders is not None:
+        pro |= np.isin(traders[starts], list(cfg.pro_addresses))
     amateur = (notional <= lo) & ~pro
     signed = np.where(is_buy, notional, -notional)
 
-    prof = (
-        df.group_by((pl.col("price") / bin_size + 1e-9).floor().cast(pl.Int64).alias("_b"))
-        .agg(pl.col("amount").sum())
-    )
-    profile = dict(zip(prof["_b"].to_list(), prof["amount"].to_list()))
+    bins = np.floor(price / bin_size + 1e-9).astype(np.int64)
+    first_bin = int(bins.min())
+    vols = np.bincount(bins - first_bin, weights=amount)
+    nz = np.flatnonzero(vols)
+    profile = dict(zip((nz + first_bin).tolist(), vols[nz].tolist()))
     return _finish(
         exchange=exchange, symbol=symbol, tf=_tf_name(length_ms), start=start, end=start + length_ms,
         open=a["open"], high=a["high"], low=a["low"], close=a["close"],
@@ -235,27 +268,35 @@ def _tf_name(length_ms: int) -> str:
     return f"{length_ms}ms"
 
 
-def _finish(*, va_fraction: float, **f) -> Bar:
-    """Derived fields (delta, vwap, S_*, POC/VAH/VAL) from the additive ones."""
-    poc, vah, val = value_area(f["profile"], va_fraction)
-    b, d = f["profile_bin"], _bin_decimals(f["profile_bin"])
+def _finish(*, va_fraction: float | None, **f) -> Bar:
+    """Derived fields (delta, vwap, S_*, and POC/VAH/VAL unless ``va_fraction`` is None)."""
     s_top = _ratio(f["pros_net"], f["pros_gross"])
     s_bot = _ratio(f["amateurs_net"], f["amateurs_gross"])
-    return Bar(
+    bar = Bar(
         **f,
         vwap=_ratio(f["notional"], f["volume"]),
         delta=f["buy_volume"] - f["sell_volume"],
         s_top=s_top, s_bot=s_bot, s_mood=s_top - s_bot,
-        poc=round(poc * b, d), vah=round(vah * b, d), val=round(val * b, d),
+        poc=0.0, vah=0.0, val=0.0,
     )
+    return bar if va_fraction is None else with_value_area(bar, va_fraction)
+
+
+def with_value_area(bar: Bar, fraction: float) -> Bar:
+    """``bar`` with POC / VAH / VAL computed from its volume profile."""
+    poc, vah, val = value_area(bar.profile, fraction)
+    b, d = bar.profile_bin, _bin_decimals(bar.profile_bin)
+    return msgspec.structs.replace(bar, poc=round(poc * b, d), vah=round(vah * b, d), val=round(val * b, d))
 
 
 _ADDITIVE = ("volume", "notional", "trades", "buy_volume", "sell_volume", "parent_orders",
              "pro_orders", "amateur_orders", "pros_gross", "pros_net", "amateurs_gross", "amateurs_net")
 
 
-def merge(acc: Bar, bar: Bar, tf: str, start: int, end: int, value_area_fraction: float) -> Bar:
-    """``acc`` (earlier sub-bars of a period) followed by ``bar`` -> the period's bar so far."""
+def merge(acc: Bar, bar: Bar, tf: str, start: int, end: int, value_area_fraction: float | None) -> Bar:
+    """``acc`` (earlier sub-bars of a period) followed by ``bar`` -> the period's bar so far.
+    With ``value_area_fraction=None`` POC/VAH/VAL are left for ``with_value_area`` (roll-ups
+    compute them once, when the period is emitted)."""
     if bar.profile_bin != acc.profile_bin:
         raise ValueError(f"profile bin changed inside {acc.instrument} {tf} bar at {start}")
     profile = dict(acc.profile)
@@ -283,8 +324,11 @@ def as_period(bar: Bar, tf: str, start: int, end: int) -> Bar:
 class RollupState:
     """Per instrument: the open (partial) bar of every higher timeframe."""
 
-    open: dict = field(default_factory=dict)  # tf -> Bar (partial)
+    open: dict = field(default_factory=dict)  # tf -> Bar (partial; bars are replaced, never mutated)
     last_end: int | None = None  # end of the newest 1m bar seen
+
+    def __deepcopy__(self, memo: dict) -> "RollupState":
+        return RollupState(dict(self.open), self.last_end)
 
 
 def rollup(state: RollupState, bar: Bar, timeframes: list[str], value_area_fraction: float) -> list[Bar]:
@@ -302,20 +346,28 @@ def rollup(state: RollupState, bar: Bar, timeframes: list[str], value_area_fract
             out.append(acc)
             acc = None
         acc = as_period(bar, tf, start, start + ms) if acc is None else merge(
-            acc, bar, tf, start, start + ms, value_area_fraction)
+            acc, bar, tf, start, start + ms, None)
         if bar.end >= start + ms:
             out.append(acc)
             state.open.pop(tf, None)
         else:
             state.open[tf] = acc
-    out.sort(key=lambda b: (b.end, tf_ms(b.tf)))
-    return out
+    return _emit(out, value_area_fraction)
 
 
-def close_until(state: RollupState, watermark: int) -> list[Bar]:
-    """Close every open period that ends at or before ``watermark`` (EOF: a huge watermark)."""
+def close_until(state: RollupState, watermark: int, value_area_fraction: float) -> list[Bar]:
+    """Close every open period that ends at or before ``watermark``."""
     done = [b for b in state.open.values() if b.end <= watermark]
     for b in done:
         del state.open[b.tf]
-    done.sort(key=lambda b: (b.end, tf_ms(b.tf)))
-    return done
+    return _emit(done, value_area_fraction)
+
+
+def open_periods(state: RollupState, value_area_fraction: float) -> list[Bar]:
+    """The open (partial) periods as they stand, without closing them (EOF)."""
+    return _emit(list(state.open.values()), value_area_fraction)
+
+
+def _emit(bars: list[Bar], fraction: float) -> list[Bar]:
+    bars.sort(key=lambda b: (b.end, tf_ms(b.tf)))
+    return [with_value_area(b, fraction) for b in bars]

@@ -330,8 +330,12 @@ class AdmitState:
 
     max_ts: int | None = None
     seen: set = field(default_factory=set)
-    expiry: deque = field(default_factory=deque)  # (max ts of the group, ids of the group)
+    expiry: deque = field(default_factory=deque)  # (max ts of the group, tuple of the group's ids)
     n_seen: int = 0
+
+    def __deepcopy__(self, memo: dict) -> "AdmitState":
+        # ids are immutable strings in immutable tuples: copying the containers is enough
+        return AdmitState(self.max_ts, set(self.seen), deque(self.expiry), self.n_seen)
 
 
 @dataclass(frozen=True)
@@ -426,7 +430,7 @@ def window_chunks(exchange: str, symbol: str, trades: pl.DataFrame, window_ms: i
 
 def _remember(state: AdmitState, ids: list[str], newest: int, cfg: AdmitConfig) -> None:
     state.seen.update(ids)
-    state.expiry.append((newest, ids))
+    state.expiry.append((newest, tuple(ids)))
     state.n_seen += len(ids)
     horizon_start = state.max_ts - cfg.dedup_horizon_ms
     while state.expiry and (state.expiry[0][0] < horizon_start or state.n_seen > cfg.dedup_max_ids):
