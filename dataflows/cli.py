@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 import sys
 import time
 from datetime import datetime, timezone
@@ -74,6 +75,9 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
               help="bytewax recovery directory: resume where a stopped run left off")
 @click.option("--batch-size", type=int, default=None, help="trades per source batch")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--no-store", is_flag=True, help="discard the output, only count it (benchmarks)")
+@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the summary as JSON to this file")
 @click.option("--proc-id", type=int, default=None, hidden=True)
 @click.option("--addresses", default=None, hidden=True)
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, hidden=True)
@@ -82,7 +86,7 @@ def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str,
         rate: Optional[float], files: tuple[Path, ...], exchange: Optional[str], symbol: Optional[str],
         speed: Optional[float], dsn: Optional[str], database: Optional[str], data_dir: Optional[Path],
         processes: int, workers: int, recovery_dir: Optional[Path], batch_size: Optional[int], quiet: bool,
-        proc_id: Optional[int], addresses: Optional[str], run_dir: Optional[Path]) -> None:
+        no_store: bool, summary_json: Optional[Path], proc_id: Optional[int], addresses: Optional[str], run_dir: Optional[Path]) -> None:
     """Run the pipeline into ClickHouse and print a summary."""
     from dataflows import runner
     from dataflows.pipeline import build_flow
@@ -113,14 +117,19 @@ def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str,
         src = ReplaySource(list(files), exchange=exchange, symbol=symbol, batch_size=settings.batch_size,
                            speed=speed, progress=progress)
 
-    if not is_peer:  # schema first, with a clear error if the store is unusable
+    if not is_peer and not no_store:  # schema first, with a clear error if the store is unusable
         try:
             Store(settings.dsn(), settings.clickhouse_database).close()
         except StoreError as err:
             raise click.ClickException(str(err)) from None
 
-    sink = ClickHouseSink(settings.dsn(), settings.clickhouse_database, counts.sink,
-                          settings.sink_flush_rows, settings.sink_flush_ms)
+    if no_store:
+        from sinks.null import NullSink
+
+        sink = NullSink(counts.sink)
+    else:
+        sink = ClickHouseSink(settings.dsn(), settings.clickhouse_database, counts.sink,
+                              settings.sink_flush_rows, settings.sink_flush_ms)
     flow = build_flow(settings, src, sink, pace=speed or None)
     recovery = runner.recovery_config(settings.recovery_dir, processes * workers)
     peers: list = []
@@ -139,6 +148,7 @@ def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str,
             progress_ui.stop()
     elapsed = time.time() - t_start
     if is_peer:
+        counts.peak_rss_mb = runner.peak_rss_mb()
         (run_dir / f"proc-{proc_id}.json").write_text(counts.to_json())
         return
     codes = runner.wait_peers(peers)
@@ -146,6 +156,12 @@ def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str,
         raise click.ClickException(f"a pipeline process failed (exit codes {codes}); see its output above")
     total = runner.collect_counts(run_dir, processes, counts)
     _print_summary(total, elapsed, settings, resumed=recovery is not None)
+    if summary_json:
+        summary_json.write_text(json.dumps({
+            "trades_in": total.trades_in, "elapsed_s": elapsed, "trades_per_s": total.trades_in / elapsed,
+            "processes": processes, "workers": workers,
+            "peak_rss_mb": [runner.peak_rss_mb(), *total.peer_rss_mb],
+            "sink": asdict(total.sink)}, indent=2))
 
 
 class _progress_ui:
@@ -173,6 +189,7 @@ class _progress_ui:
 
 
 def _print_summary(total, elapsed: float, settings: Settings, resumed: bool) -> None:
+    from dataflows.runner import peak_rss_mb
     from sinks.clickhouse import redact_dsn
 
     s = total.sink
@@ -189,6 +206,7 @@ def _print_summary(total, elapsed: float, settings: Settings, resumed: bool) -> 
         t.add_row(f"bars {tf}", f"{s.bars.get(tf, 0):,}")
     t.add_row("elapsed", f"{elapsed:.2f} s")
     t.add_row("throughput", f"{total.trades_in / elapsed:,.0f} trades/s" if elapsed > 0 else "-")
+    t.add_row("peak RSS", " + ".join(f"{m:,.0f} MB" for m in [peak_rss_mb()] + total.peer_rss_mb))
     t.add_row("store", f"{settings.clickhouse_database} @ {redact_dsn(settings.dsn())}")
     Console().print(t)
     accounted = s.trades_in_bars + s.late_trades + dup + s.dead_letters

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -33,9 +34,13 @@ class RunCounts:
 
     trades_in: int = 0
     sink: SinkStats = field(default_factory=SinkStats)
+    peak_rss_mb: float = 0.0  # of this process
+    peer_rss_mb: list = field(default_factory=list)  # of the other processes, when added up
 
     def add(self, other: "RunCounts") -> None:
         self.trades_in += other.trades_in
+        if other.peak_rss_mb:
+            self.peer_rss_mb.append(other.peak_rss_mb)
         s, o = self.sink, other.sink
         for mine, theirs in ((s.rows, o.rows), (s.bars, o.bars), (s.counters, o.counters)):
             for k, v in theirs.items():
@@ -50,7 +55,12 @@ class RunCounts:
     @classmethod
     def from_json(cls, text: str) -> "RunCounts":
         d = json.loads(text)
-        return cls(d["trades_in"], SinkStats(**d["sink"]))
+        return cls(d["trades_in"], SinkStats(**d["sink"]), d.get("peak_rss_mb", 0.0))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def free_ports(n: int) -> list[int]:

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Whole-pipeline throughput and memory on synthetic data: one process vs two.
+
+Runs `tapeflow run` (the real command: source -> decode -> windows -> bars -> roll-ups ->
+embedded ClickHouse) in fresh subprocesses and prints trades/s (dataflow wall time, start-up
+excluded) and peak RSS per process. Medians over --repeat runs.
+
+    .venv/bin/python bench/throughput.py                 # 8 symbols x 6 h, ~2.5M trades
+    .venv/bin/python bench/throughput.py --symbols 50 --hours 2 --rate 4   # memory at 50 symbols
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def one_run(processes: int, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tapeflow-bench-") as d:
+        out = Path(d) / "summary.json"
+        symbols = ",".join(f"S{i:02d}/USDT:USDT" for i in range(args.symbols))
+        cmd = [sys.executable, "-m", "dataflows.cli", "run", "--quiet", "--data-dir", d, "--symbols", symbols,
+               "--hours", str(args.hours), "--rate", str(args.rate), "--processes", str(processes),
+               "--summary-json", str(out)] + (["--no-store"] if args.no_store else [])
+        t0 = time.time()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        res = json.loads(out.read_text())
+        res["wall_s"] = time.time() - t0
+        return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--symbols", type=int, default=8)
+    ap.add_argument("--hours", type=float, default=6)
+    ap.add_argument("--rate", type=float, default=8, help="parent orders/s per symbol")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--processes", default="1,2")
+    ap.add_argument("--no-store", action="store_true",
+                    help="discard output instead of writing to embedded ClickHouse (isolates pipeline memory)")
+    args = ap.parse_args()
+    results = {}
+    for p in [int(x) for x in args.processes.split(",")]:
+        runs = [one_run(p, args) for _ in range(args.repeat)]
+        rate = statistics.median(r["trades_per_s"] for r in runs)
+        rss = max(max(r["peak_rss_mb"]) for r in runs)
+        results[p] = rate
+        each = ", ".join(f"{r['trades_per_s']:,.0f}" for r in runs)
+        print(f"processes={p}: {runs[0]['trades_in']:,} trades, median {rate:,.0f} trades/s (runs: {each}), "
+              f"wall incl. start-up {statistics.median(r['wall_s'] for r in runs):.1f} s, "
+              f"peak RSS per process {rss:,.0f} MB", flush=True)
+    if 1 in results and 2 in results:
+        print(f"two processes / one = {results[2] / results[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
