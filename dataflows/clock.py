@@ -84,7 +84,9 @@ class _Logic(ClockLogic[V, _State]):
         return self.state.system_at_base + ahead / self.pace
 
     def snapshot(self) -> _State:
-        return _State(self.state.watermark_base, self.state.system_at_base)
+        # the watermark as of now: a restart continues from it (neither back nor over the downtime)
+        self.before_batch()
+        return _State(self._watermark(), self._now)
 
 
 @dataclass

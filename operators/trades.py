@@ -124,6 +124,10 @@ def _classify_msgspec_error(err: Exception, payload: bytes) -> str:
         return "non_finite"  # 1e999, or Python's json.dumps(float("nan")) -> NaN
     if not isinstance(err, msgspec.ValidationError):
         return "bad_json"
+    try:  # typed decoding stops at the first type error; is the rest even JSON?
+        msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return "bad_json"
     if text.startswith("Object missing required field") or "got `null`" in text:
         return "missing_field"
     return "wrong_type"
@@ -259,13 +263,14 @@ def _decode_frame(batch: FrameBatch, now_ms: int, max_future_ms: int) -> Decoded
             exprs.append(pl.lit(batch.recv_ts if c == "recv_ts" else None, dtype=dt).alias(c))
             continue
         src = pl.col(c)
-        if raw.schema[c] == pl.String:
+        if raw.schema[c] == pl.String:  # blank text counts as absent, not as a wrong type
             src = src.str.strip_chars()
+            src = pl.when(src.str.len_bytes() == 0).then(None).otherwise(src)
         cast = src.cast(dt, strict=False)
         if dt == pl.Int64 and raw.schema[c] in (pl.Float32, pl.Float64):
             cast = pl.when(src == src.floor()).then(src.cast(pl.Int64, strict=False)).otherwise(None)
         exprs.append(cast.alias(c))
-        failed = cast.is_null() & pl.col(c).is_not_null()
+        failed = cast.is_null() & src.is_not_null()
         wrong = wrong | failed
         detail = pl.when(failed & detail.is_null()).then(
             pl.format("{} is not a valid {}: {}", pl.lit(c), pl.lit(str(dt)), pl.col(c).cast(pl.String))
