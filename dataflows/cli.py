@@ -55,7 +55,8 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--source", type=click.Choice(["synthetic", "replay"]), default="synthetic", show_default=True)
+@click.option("--source", type=click.Choice(["synthetic", "replay", "kafka"]), default="synthetic",
+              show_default=True)
 @click.option("--symbols", default=DEFAULT_SYMBOLS, show_default=True, help="synthetic: comma-separated symbols")
 @click.option("--hours", type=float, default=48.0, show_default=True, help="synthetic: hours of event time")
 @click.option("--start", "start", default="2024-01-01T00:00Z", show_default=True, help="synthetic: first minute (UTC)")
@@ -66,6 +67,13 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
 @click.option("--exchange", default=None, help="replay: exchange id when the file has no exchange column")
 @click.option("--symbol", default=None, help="replay: symbol when the file has no symbol column")
 @click.option("--speed", type=float, default=None, help="release trades at SPEED x real time (default: full speed)")
+@click.option("--brokers", default=None, help="kafka: bootstrap servers (default TAPEFLOW_KAFKA_BROKERS)")
+@click.option("--topic", default=None, help="kafka: trade topic (default trades)")
+@click.option("--eof", is_flag=True, help="kafka: stop at the end of the topic instead of waiting for more")
+@click.option("--clock", type=click.Choice(["auto", "event", "wall"]), default="auto", show_default=True,
+              help="window clock: event = watermark moves only with trades (replay, deterministic); "
+                   "wall = also with the wall clock, so quiet symbols close (live). auto: wall for a "
+                   "tailing Kafka source or a paced replay, event otherwise")
 @click.option("--dsn", default=None, help="ClickHouse DSN (default: TAPEFLOW_CLICKHOUSE_DSN or embedded chdb)")
 @click.option("--database", default=None, help="ClickHouse database (default: tapeflow)")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
@@ -84,7 +92,7 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
 @click.pass_context
 def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str, seed: int,
         rate: Optional[float], files: tuple[Path, ...], exchange: Optional[str], symbol: Optional[str],
-        speed: Optional[float], dsn: Optional[str], database: Optional[str], data_dir: Optional[Path],
+        speed: Optional[float], brokers: Optional[str], topic: Optional[str], eof: bool, clock: str, dsn: Optional[str], database: Optional[str], data_dir: Optional[Path],
         processes: int, workers: int, recovery_dir: Optional[Path], batch_size: Optional[int], quiet: bool,
         no_store: bool, summary_json: Optional[Path], proc_id: Optional[int], addresses: Optional[str], run_dir: Optional[Path]) -> None:
     """Run the pipeline into ClickHouse and print a summary."""
@@ -94,7 +102,8 @@ def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str,
     from sinks.clickhouse import ClickHouseSink, Store, StoreError
 
     settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir,
-                         recovery_dir=recovery_dir, batch_size=batch_size)
+                         recovery_dir=recovery_dir, batch_size=batch_size, kafka_brokers=brokers,
+                         kafka_topic=topic)
     if processes < 1 or workers < 1:
         raise click.BadParameter("--processes and --workers must be >= 1")
     is_peer = proc_id is not None and proc_id > 0
@@ -111,11 +120,22 @@ def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str,
         t0 = _parse_start(start)
         src = SyntheticSource(syms, t0, t0 + int(hours * 3_600_000), seed=seed, rate=rate,
                               batch_size=settings.batch_size, speed=speed, progress=progress)
-    else:
+    elif source == "replay":
         if not files:
             raise click.UsageError("--source replay needs at least one --file")
         src = ReplaySource(list(files), exchange=exchange, symbol=symbol, batch_size=settings.batch_size,
                            speed=speed, progress=progress)
+    else:
+        from dataflows.kafka import KafkaBatchSource, KafkaUnavailable, preflight
+
+        try:
+            preflight(settings.kafka_brokers, settings.kafka_topic)
+        except KafkaUnavailable as err:
+            raise click.ClickException(str(err)) from None
+        src = KafkaBatchSource(settings.kafka_brokers, settings.kafka_topic, tail=not eof,
+                               batch_size=settings.kafka_batch_size, progress=progress)
+    live = (source == "kafka" and not eof) or bool(speed)
+    pace = None if clock == "event" or (clock == "auto" and not live) else (speed or 1.0)
 
     if not is_peer and not no_store:  # schema first, with a clear error if the store is unusable
         try:
@@ -130,7 +150,7 @@ def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str,
     else:
         sink = ClickHouseSink(settings.dsn(), settings.clickhouse_database, counts.sink,
                               settings.sink_flush_rows, settings.sink_flush_ms)
-    flow = build_flow(settings, src, sink, pace=speed or None)
+    flow = build_flow(settings, src, sink, pace=pace)
     recovery = runner.recovery_config(settings.recovery_dir, processes * workers)
     peers: list = []
     addr_list = addresses.split(";") if addresses else None
@@ -213,6 +233,73 @@ def _print_summary(total, elapsed: float, settings: Settings, resumed: bool) -> 
     if not resumed and accounted != total.trades_in:
         err_console.print(f"[yellow]note: {total.trades_in - accounted:,} trades not accounted for "
                           "(still in open windows?)[/yellow]")
+
+
+@main.group()
+def topic() -> None:
+    """Kafka topic administration."""
+
+
+@topic.command("create")
+@click.argument("name", required=False)
+@click.option("--partitions", type=int, default=None, help="default TAPEFLOW_KAFKA_PARTITIONS (6)")
+@click.option("--brokers", default=None)
+@click.pass_context
+def topic_create(ctx: click.Context, name: Optional[str], partitions: Optional[int], brokers: Optional[str]) -> None:
+    """Create the trade topic (or NAME) if it does not exist."""
+    from dataflows.kafka import KafkaUnavailable, ensure_topic, preflight
+
+    settings = _settings(ctx, kafka_brokers=brokers, kafka_partitions=partitions)
+    name = name or settings.kafka_topic
+    try:
+        preflight(settings.kafka_brokers)
+        created = ensure_topic(settings.kafka_brokers, name, settings.kafka_partitions)
+    except KafkaUnavailable as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"topic {name}: {'created with ' + str(settings.kafka_partitions) + ' partitions' if created else 'exists'}")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--to", "target", type=click.Choice(["kafka"]), default="kafka", show_default=True)
+@click.option("--exchange", default=None, help="exchange id when the file has no exchange column")
+@click.option("--symbol", default=None, help="symbol when the file has no symbol column")
+@click.option("--speed", type=float, default=None, help="publish at SPEED x real time (default: full speed)")
+@click.option("--brokers", default=None)
+@click.option("--topic", "topic_name", default=None)
+@click.option("--partitions", type=int, default=None, help="create the topic with this many partitions if missing")
+@click.option("--quiet", is_flag=True)
+@click.pass_context
+def replay(ctx: click.Context, files: tuple[Path, ...], target: str, exchange: Optional[str], symbol: Optional[str],
+           speed: Optional[float], brokers: Optional[str], topic_name: Optional[str], partitions: Optional[int],
+           quiet: bool) -> None:
+    """Publish recorded tapes (ccxt CSV, Parquet, Binance CSV) to Kafka, keyed exchange:symbol."""
+    from dataflows.kafka import KafkaUnavailable, TradeProducer, ensure_topic, preflight, publish_tape
+    from dataflows.sources import ReplayFormatError
+
+    settings = _settings(ctx, kafka_brokers=brokers, kafka_topic=topic_name, kafka_partitions=partitions)
+    try:
+        preflight(settings.kafka_brokers)
+        ensure_topic(settings.kafka_brokers, settings.kafka_topic, settings.kafka_partitions)
+        producer = TradeProducer(settings.kafka_brokers, settings.kafka_topic)
+        total = 0
+        for f in files:
+            bar = None if quiet else Progress(TextColumn(f"[bold]{f.name}"), BarColumn(),
+                                              TextColumn("{task.completed:,} messages"), TimeElapsedColumn(),
+                                              console=err_console)
+            task = bar.add_task("publish", total=None) if bar else None
+            if bar:
+                bar.start()
+            try:
+                total += publish_tape(f, producer, exchange=exchange, symbol=symbol, speed=speed,
+                                      progress=(lambda done, n: bar.update(task, completed=done, total=n or None))
+                                      if bar else None)
+            finally:
+                if bar:
+                    bar.stop()
+    except (KafkaUnavailable, ReplayFormatError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"published {total:,} messages to {settings.kafka_topic} on {settings.kafka_brokers}")
 
 
 @main.command()

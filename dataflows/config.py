@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     sink_flush_rows: int = Field(5_000, gt=0)
     sink_flush_ms: int = Field(1_000, ge=0)
 
+    # kafka
+    kafka_brokers: str = Field("localhost:9092", description="bootstrap servers, comma-separated")
+    kafka_topic: str = Field("trades", description="trade topic (key exchange:symbol)")
+    kafka_partitions: int = Field(6, gt=0, description="partitions when tapeflow creates the topic")
+    kafka_batch_size: int = Field(10_000, gt=0, description="messages per Kafka poll")
+
     @field_validator("timeframes")
     @classmethod
     def _known_timeframes(cls, v: list[str]) -> list[str]:
