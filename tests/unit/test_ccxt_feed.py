@@ -1,0 +1,408 @@
+"""dataflows/ccxt_feed.py against a scripted fake exchange: reconnects, gaps, backfill, backoff.
+
+The fake's watch methods return scripted batches (or raise the scripted error); its fetch_trades
+serves the full "true tape" the way the venues do (forward from ``since``/``fromId``, or only the
+most recent trades). When every script is used up it sets the stop event, so each run ends
+deterministically, without sleeping and without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from collections import Counter, deque
+
+import ccxt
+import pytest
+
+from dataflows.ccxt_feed import CcxtFeed, credential_env_names, make_exchange
+from operators.ingest import Backoff, DataGapEvent, GapEvent, Reconnecting, RejectedTrade
+
+T0 = 1_718_870_400_000
+NOW = T0 + 3_600_000
+BTC, ETH = "BTC/USDT:USDT", "ETH/USDT:USDT"
+
+
+def market(symbol, contract_size=1.0):
+    base, rest = symbol.split("/")
+    quote = rest.split(":")[0]
+    return {"id": base + quote, "symbol": symbol, "base": base, "quote": quote, "settle": quote,
+            "type": "swap", "spot": False, "swap": True, "future": False, "contract": True,
+            "linear": True, "inverse": False, "contractSize": contract_size}
+
+
+def ccxt_trade(symbol, tid, ts, amount=1.0, side="buy", price=100.0, info=None):
+    """A ccxt unified trade as watch_trades/fetch_trades return it."""
+    return {"info": info or {}, "id": str(tid), "order": None, "timestamp": ts, "datetime": None,
+            "symbol": symbol, "type": None, "takerOrMaker": None, "side": side, "price": price,
+            "amount": amount, "cost": price * amount, "fee": {"cost": None, "currency": None}, "fees": []}
+
+
+def tape(symbol, n, *, first=1, t0=T0, step=100, uuids=False):
+    """n trades, ids first.. (or UUIDs), one every ``step`` ms, alternating sides."""
+    return [ccxt_trade(symbol, uuid.UUID(int=i) if uuids else i, t0 + (i - first) * step,
+                       amount=1.0 + (i % 7) / 10, side="buy" if i % 2 else "sell")
+            for i in range(first, first + n)]
+
+
+class MaxRng:
+    """A 'random' source whose full-jitter draw is always the ceiling: delays become visible."""
+
+    def uniform(self, a, b):
+        return b
+
+
+class FakeExchange:
+    def __init__(self, exchange_id, tapes, scripts, *, multi=True, recent_only=None, history_from_ts=None,
+                 fetch_failures=0):
+        self.id = exchange_id
+        self.has = {"watchTradesForSymbols": multi, "watchTrades": True, "fetchTrades": True}
+        self.markets = {s: market(s) for s in tapes}
+        self.tapes = tapes
+        self.scripts = {k: deque(v) for k, v in scripts.items()}  # key "*" = watch_trades_for_symbols
+        self.recent_only = recent_only  # REST sees only the newest N trades (bybit/okx/kucoin style)
+        self.history_from_ts = history_from_ts  # REST history starts here
+        self.fetch_failures = fetch_failures  # first N fetches raise NetworkError (-1: all)
+        self.calls = []
+        self.stop: asyncio.Event | None = None
+        self._done = set()
+
+    async def load_markets(self):
+        self.calls.append(("load_markets",))
+        return self.markets
+
+    async def watch_trades_for_symbols(self, symbols, since=None, limit=None, params={}):
+        self.calls.append(("watch_trades_for_symbols", tuple(symbols), dict(params)))
+        return await self._step("*")
+
+    async def watch_trades(self, symbol, since=None, limit=None, params={}):
+        self.calls.append(("watch_trades", symbol, dict(params)))
+        return await self._step(symbol)
+
+    async def _step(self, key):
+        await asyncio.sleep(0)
+        script = self.scripts[key]
+        if not script:
+            self._done.add(key)
+            if self._done == set(self.scripts):
+                self.stop.set()
+            await asyncio.Event().wait()  # a quiet stream, until the feed is stopped
+        step = script.popleft()
+        if isinstance(step, BaseException):
+            raise step
+        return copy.deepcopy(step)
+
+    async def fetch_trades(self, symbol, since=None, limit=None, params={}):
+        self.calls.append(("fetch_trades", symbol, since, limit, dict(params)))
+        await asyncio.sleep(0)
+        if self.fetch_failures:
+            self.fetch_failures -= 1
+            raise ccxt.NetworkError("fetch_trades: connection reset")
+        rows = self.tapes[symbol]
+        if self.history_from_ts is not None:
+            rows = [r for r in rows if r["timestamp"] >= self.history_from_ts]
+        if self.recent_only is not None:
+            rows = rows[-self.recent_only:]
+            rows = [r for r in rows if since is None or r["timestamp"] >= since]
+            return copy.deepcopy(rows[-limit:])
+        if "fromId" in params:
+            rows = [r for r in rows if int(r["id"]) >= params["fromId"]]
+        elif since is not None:
+            rows = [r for r in rows if r["timestamp"] >= since]
+        return copy.deepcopy(rows[:limit])
+
+    def fetches(self):
+        return [c for c in self.calls if c[0] == "fetch_trades"]
+
+
+def run_feed(fake, symbols, **kw):
+    """Run the feed until the fake's scripts are used up. Returns (feed, batches, events, sleeps)."""
+    batches, events, sleeps = [], [], []
+
+    async def sleep(delay):
+        sleeps.append(delay)
+        await asyncio.sleep(0)
+
+    async def main():
+        stop = asyncio.Event()
+        fake.stop = stop
+        kw.setdefault("backoff_factory", lambda i: Backoff(base=0.5, cap=8.0, seed=i))
+        feed = CcxtFeed(fake, symbols, lambda ts: batches.append(list(ts)), events.append,
+                        sleep=sleep, clock=lambda: NOW, **kw)
+        await asyncio.wait_for(feed.run(stop), timeout=5)
+        return feed
+
+    feed = asyncio.run(main())
+    return feed, batches, events, sleeps
+
+
+def delivered(batches, symbol=None):
+    return [t for b in batches for t in b if symbol is None or t.symbol == symbol]
+
+
+def assert_exactly_once(trades, tape_rows):
+    ids = [t.id for t in trades]
+    dupes = [i for i, c in Counter(ids).items() if c > 1]
+    assert not dupes, f"duplicates: {dupes}"
+    want = [r["id"] for r in tape_rows]
+    assert set(ids) == set(want), f"missing {sorted(set(want) - set(ids))}, extra {sorted(set(ids) - set(want))}"
+
+
+def of_type(events, cls):
+    return [e for e in events if isinstance(e, cls)]
+
+
+# -- (a) a disconnect that drops trades ----------------------------------------------------------
+
+def test_disconnect_dropping_trades_is_backfilled_exactly_once():
+    btc = tape(BTC, 40, uuids=True)  # bybit ids are UUIDs: nothing to detect, backfill by time
+    eth = tape(ETH, 20, step=200, t0=T0 + 50, uuids=True)
+    script = [
+        btc[0:10], eth[0:5],
+        ccxt.NetworkError("socket closed"),  # btc 10..24 and eth 5.. never arrive on the stream
+        btc[25:30],
+        btc[29:35] + eth[15:20],  # re-delivery of btc 29 and eth trades the backfill already had
+        btc[35:40],
+    ]
+    fake = FakeExchange("bybit", {BTC: btc, ETH: eth}, {"*": script})
+    feed, batches, events, sleeps = run_feed(fake, [BTC, ETH])
+
+    assert_exactly_once(delivered(batches, BTC), btc)
+    assert_exactly_once(delivered(batches, ETH), eth)
+    for sym in (BTC, ETH):  # backfilled trades come before the live ones: time order holds
+        ts = [t.ts for t in delivered(batches, sym)]
+        assert ts == sorted(ts)
+    assert of_type(events, DataGapEvent) == []
+    assert [type(e) for e in events] == [Reconnecting]
+    assert feed.stats.disconnects == 1 and len(sleeps) == 1
+    assert feed.stats.backfilled == 15 + 15  # btc 10..24, eth 5..19
+    assert feed.stats.trades == 60 and feed.stats.duplicates > 0
+    # the backfill asked for history from the last trade seen before the disconnect
+    fetch_since = {c[1]: c[2] for c in fake.fetches()}
+    assert fetch_since == {BTC: btc[9]["timestamp"], ETH: eth[4]["timestamp"]}
+    assert all(t.exchange == "bybit" and t.recv_ts == NOW for t in delivered(batches))
+
+
+def test_disconnect_on_a_sequential_venue_is_filled_by_id():
+    btc = tape(BTC, 30)
+    script = [btc[0:10], ccxt.RequestTimeout("ping-pong timeout"), btc[20:30]]
+    fake = FakeExchange("binanceusdm", {BTC: btc}, {"*": script})
+    feed, batches, events, _ = run_feed(fake, [BTC])
+
+    assert [t.id for t in delivered(batches)] == [str(i) for i in range(1, 31)]  # once, in order
+    gap = of_type(events, GapEvent)
+    assert len(gap) == 1 and (gap[0].from_id, gap[0].to_id, gap[0].missing) == (11, 20, 10)
+    assert of_type(events, DataGapEvent) == []
+    # aggTrade stream (same id space as REST aggTrades), REST paged by id
+    assert all(c[2] == {"name": "aggTrade"} for c in fake.calls if c[0] == "watch_trades_for_symbols")
+    assert [c[4] for c in fake.fetches()] == [{"fromId": 11}]
+
+
+# -- (b) an id gap inside a stream ---------------------------------------------------------------
+
+def test_id_gap_inside_stream_is_detected_counted_and_filled():
+    btc = tape(BTC, 25)
+    by_id = {int(r["id"]): r for r in btc}
+    script = [
+        [by_id[i] for i in range(1, 11)],
+        [by_id[i] for i in range(14, 21)],  # 11..13 missing, no disconnect
+        [by_id[i] for i in (21, 22, 24, 25)],  # 23 missing
+    ]
+    fake = FakeExchange("binanceusdm", {BTC: btc}, {"*": script})
+    feed, batches, events, _ = run_feed(fake, [BTC])
+
+    assert [t.id for t in delivered(batches)] == [str(i) for i in range(1, 26)]
+    gaps = of_type(events, GapEvent)
+    assert [(g.from_id, g.to_id, g.missing, g.nth) for g in gaps] == [(11, 13, 3, 1), (23, 23, 1, 2)]
+    assert gaps[0].instrument == f"binanceusdm:{BTC}"
+    assert (gaps[0].from_ts, gaps[0].to_ts) == (by_id[10]["timestamp"], by_id[14]["timestamp"])
+    assert feed.stats.gaps_detected == 2 and feed.stats.gaps_filled == 2
+    assert feed.gaps.gaps(f"binanceusdm:{BTC}") == 2
+    assert of_type(events, DataGapEvent) == [] and of_type(events, Reconnecting) == []
+    assert feed.stats.backfilled == 4
+
+
+def test_okx_aggregated_messages_and_single_fill_backfill_do_not_double_count():
+    fills = tape(BTC, 12)  # REST: one row per fill, ids 1..12
+
+    def agg(first, last):  # the trades channel: one message per taker order/price, id = last fill
+        rows = fills[first - 1:last]
+        return ccxt_trade(BTC, last, rows[-1]["timestamp"], amount=sum(r["amount"] for r in rows),
+                          side=rows[-1]["side"], info={"tradeId": str(last), "count": str(last - first + 1)})
+
+    script = [[agg(1, 1), agg(2, 4)], [agg(8, 9)], [agg(10, 12)]]  # fills 5..7 never streamed
+    fake = FakeExchange("okx", {BTC: fills}, {"*": script})
+    feed, batches, events, _ = run_feed(fake, [BTC])
+
+    got = delivered(batches)
+    assert [t.id for t in got] == ["1", "4", "5", "6", "7", "9", "12"]
+    assert sum(t.amount for t in got) == pytest.approx(sum(r["amount"] for r in fills))
+    assert [(g.from_id, g.to_id) for g in of_type(events, GapEvent)] == [(5, 7)]
+    assert feed.stats.gaps_filled == 1 and of_type(events, DataGapEvent) == []
+
+
+# -- (c) gaps that cannot be filled --------------------------------------------------------------
+
+def test_unreachable_history_after_disconnect_is_a_data_gap():
+    btc = tape(BTC, 100, uuids=True)
+    script = [btc[0:10], ccxt.NetworkError("socket closed"), btc[90:100]]
+    # like bybit: REST serves only the most recent trades, here the newest 50
+    fake = FakeExchange("bybit", {BTC: btc}, {"*": script}, recent_only=50)
+    feed, batches, events, _ = run_feed(fake, [BTC])
+
+    lost = of_type(events, DataGapEvent)
+    assert len(lost) == 1
+    ev = lost[0]
+    assert ev.instrument == f"bybit:{BTC}" and ev.reason == "history_not_reachable"
+    assert (ev.from_ts, ev.to_ts) == (btc[9]["timestamp"], btc[50]["timestamp"])
+    assert_exactly_once(delivered(batches), btc[0:10] + btc[50:100])  # what could be had, once
+    assert feed.stats.data_gaps == 1
+
+
+def test_unreachable_ids_on_a_sequential_venue_are_a_data_gap():
+    btc = tape(BTC, 40)
+    script = [btc[0:10], btc[30:40]]  # ids 11..30 missing
+    fake = FakeExchange("binanceusdm", {BTC: btc}, {"*": script}, history_from_ts=btc[20]["timestamp"])
+    feed, batches, events, _ = run_feed(fake, [BTC])
+
+    assert [t.id for t in delivered(batches)] == [str(i) for i in list(range(1, 11)) + list(range(21, 41))]
+    (ev,) = of_type(events, DataGapEvent)
+    assert ev.instrument == f"binanceusdm:{BTC}" and ev.reason == "history_not_reachable"
+    # the span that stays missing: from the last trade before the hole to the first recovered one
+    assert (ev.from_ts, ev.to_ts) == (btc[9]["timestamp"], btc[20]["timestamp"])
+    assert "10 of 20" in ev.detail and "11..30" in ev.detail
+    assert feed.stats.gaps_detected == 1 and feed.stats.gaps_filled == 0
+
+
+def test_backfill_that_keeps_failing_is_a_data_gap_after_retries():
+    btc = tape(BTC, 30, uuids=True)
+    script = [btc[0:10], ccxt.NetworkError("socket closed"), btc[20:30]]
+    fake = FakeExchange("bybit", {BTC: btc}, {"*": script}, fetch_failures=-1)
+    feed, batches, events, sleeps = run_feed(fake, [BTC], fetch_retries=3)
+
+    assert len(fake.fetches()) == 3
+    (ev,) = of_type(events, DataGapEvent)
+    assert ev.reason == "fetch_failed" and ev.instrument == f"bybit:{BTC}"
+    assert (ev.from_ts, ev.to_ts) == (btc[9]["timestamp"], btc[20]["timestamp"])
+    assert "NetworkError" in ev.detail
+    assert len(sleeps) == 1 + 2  # one reconnect wait, two waits between the three REST tries
+    assert_exactly_once(delivered(batches), btc[0:10] + btc[20:30])
+
+
+def test_venue_without_public_history_reports_the_outage():
+    coin = "BTC/USDC:USDC"
+    hl = tape(coin, 20, first=902375812644100)
+    for r in hl:
+        r["info"] = {"users": ["0xbuyer", "0xseller"]}
+    script = {coin: [hl[0:5], ccxt.NetworkError("closed"), hl[10:20]]}
+    fake = FakeExchange("hyperliquid", {coin: hl}, script, multi=False)
+    feed, batches, events, _ = run_feed(fake, [coin])
+
+    (ev,) = of_type(events, DataGapEvent)
+    assert ev.reason == "no_public_history" and ev.instrument == f"hyperliquid:{coin}"
+    assert (ev.from_ts, ev.to_ts) == (hl[4]["timestamp"], hl[10]["timestamp"])
+    assert fake.fetches() == []
+    got = delivered(batches)
+    assert [t.trader for t in got] == ["0xbuyer" if t.side == "buy" else "0xseller" for t in got]
+    assert of_type(events, GapEvent) == []  # tids are not sequential: no id-gap alarms
+
+
+# -- (d) backoff ---------------------------------------------------------------------------------
+
+def test_backoff_delays_grow_are_capped_and_reset_after_success():
+    btc = tape(BTC, 9)
+    err = ccxt.NetworkError
+    script = [btc[0:3], err("a"), err("b"), err("c"), err("d"), err("e"), btc[3:6], err("f"), err("g"), btc[6:9]]
+    fake = FakeExchange("binanceusdm", {BTC: btc}, {"*": script})
+    feed, batches, events, sleeps = run_feed(
+        fake, [BTC], backoff_factory=lambda i: Backoff(base=1.0, cap=4.0, rng=MaxRng()))
+
+    assert sleeps == [1.0, 2.0, 4.0, 4.0, 4.0, 1.0, 2.0]
+    rec = of_type(events, Reconnecting)
+    assert [(e.attempt, e.delay_s) for e in rec] == list(zip([1, 2, 3, 4, 5, 1, 2], sleeps))
+    assert rec[0].error == "NetworkError: a" and rec[0].symbols == (BTC,)
+    assert feed.stats.disconnects == 7
+    assert [t.id for t in delivered(batches)] == [str(i) for i in range(1, 10)]
+    assert fake.fetches() == []  # ids stayed contiguous: nothing to backfill
+
+
+def test_default_backoff_is_jittered_within_bounds_and_deterministic():
+    def run():
+        btc = tape(BTC, 2)
+        script = [btc[0:1]] + [ccxt.NetworkError("x")] * 8 + [btc[1:2]]
+        fake = FakeExchange("binanceusdm", {BTC: btc}, {"*": script})
+        return run_feed(fake, [BTC], backoff_factory=lambda i: Backoff(base=0.5, cap=4.0, seed=11))[3]
+
+    first, second = run(), run()
+    assert first == second  # seeded
+    assert all(0 <= d <= min(4.0, 0.5 * 2 ** n) for n, d in enumerate(first))
+    assert len(set(first)) == len(first)
+
+
+# -- (e) which watch method ----------------------------------------------------------------------
+
+def test_watch_trades_for_symbols_is_used_when_available():
+    btc, eth = tape(BTC, 4), tape(ETH, 4)
+    fake = FakeExchange("binanceusdm", {BTC: btc, ETH: eth}, {"*": [btc[0:2] + eth[0:2], btc[2:4], eth[2:4]]})
+    _, batches, _, _ = run_feed(fake, [BTC, ETH])
+
+    methods = {c[0] for c in fake.calls}
+    assert "watch_trades_for_symbols" in methods and "watch_trades" not in methods
+    assert {c[1] for c in fake.calls if c[0] == "watch_trades_for_symbols"} == {(BTC, ETH)}
+    assert len(delivered(batches, BTC)) == 4 and len(delivered(batches, ETH)) == 4
+    assert all(len({t.symbol for t in b}) == 1 for b in batches)  # one instrument per callback
+
+
+def test_per_symbol_watch_trades_when_the_exchange_lacks_the_multi_method():
+    btc, eth = tape(BTC, 6, uuids=True), tape(ETH, 6, uuids=True)
+    scripts = {BTC: [btc[0:3], btc[3:6]], ETH: [eth[0:2], ccxt.NetworkError("eth socket"), eth[2:6]]}
+    fake = FakeExchange("bybit", {BTC: btc, ETH: eth}, scripts, multi=False)
+    feed, batches, events, _ = run_feed(fake, [BTC, ETH])
+
+    assert "watch_trades_for_symbols" not in {c[0] for c in fake.calls}
+    assert {c[1] for c in fake.calls if c[0] == "watch_trades"} == {BTC, ETH}
+    assert_exactly_once(delivered(batches, BTC), btc)
+    assert_exactly_once(delivered(batches, ETH), eth)
+    # only the ETH loop reconnected
+    assert [e.symbols for e in of_type(events, Reconnecting)] == [(ETH,)]
+    assert len(feed.backoffs) == 2
+
+
+# -- bad data, bugs, construction ---------------------------------------------------------------
+
+def test_malformed_trades_become_events_and_the_stream_goes_on():
+    btc = tape(BTC, 4)
+    bad = dict(btc[1], price="n/a")
+    stranger = ccxt_trade("DOGE/USDT:USDT", 99, T0)
+    script = [[btc[0], bad, stranger, "garbage"], [btc[1], btc[2], btc[3]]]
+    fake = FakeExchange("binanceusdm", {BTC: btc}, {"*": script})
+    feed, batches, events, _ = run_feed(fake, [BTC])
+
+    rejected = of_type(events, RejectedTrade)
+    assert Counter(r.reason.split(":")[0] for r in rejected) == {"wrong_type": 1, "not_a_trade": 2}
+    (wrong,) = [r for r in rejected if r.reason.startswith("wrong_type")]
+    assert wrong.instrument == f"binanceusdm:{BTC}" and "n/a" in wrong.payload
+    assert any(r.instrument == "binanceusdm:DOGE/USDT:USDT" for r in rejected)
+    assert [t.id for t in delivered(batches)] == ["1", "2", "3", "4"]
+    assert feed.stats.rejected == 3
+
+
+def test_non_network_errors_propagate():
+    fake = FakeExchange("bybit", {BTC: tape(BTC, 1)}, {"*": [ccxt.AuthenticationError("bad key")]})
+    with pytest.raises(ccxt.AuthenticationError):
+        run_feed(fake, [BTC])
+
+
+def test_make_exchange_reads_credentials_from_env_only():
+    env = {"TAPEFLOW_OKX_API_KEY": "k-123", "TAPEFLOW_OKX_SECRET": "s-456", "TAPEFLOW_OKX_PASSWORD": "p-789",
+           "TAPEFLOW_BYBIT_API_KEY": "not-for-okx"}
+    ex = make_exchange("okx", env)
+    assert type(ex).__module__.startswith("ccxt.pro")
+    assert (ex.apiKey, ex.secret, ex.password) == ("k-123", "s-456", "p-789")
+    assert ex.enableRateLimit is True
+    public = make_exchange("bybit", {})
+    assert not public.apiKey and public.enableRateLimit is True
+    assert "TAPEFLOW_HYPERLIQUID_PRIVATE_KEY" in credential_env_names("hyperliquid")
+    with pytest.raises(ValueError, match="no exchange"):
+        make_exchange("not_an_exchange", {})
