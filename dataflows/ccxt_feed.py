@@ -403,7 +403,8 @@ class CcxtFeed:
                 break
             trades = page.trades
             if page_no == 0 and not (trades and trades[0].ts <= start_ts):
-                first_ts = trades[0].ts if trades else end_ts
+                # the hole ends at the first trade we hold again: fetched or streamed, whichever is first
+                first_ts = min(trades[0].ts, end_ts) if trades else end_ts
                 await self._data_gap(DataGapEvent(
                     inst.key, start_ts, first_ts, "history_not_reachable",
                     f"REST history starts at {first_ts}, after the last streamed trade "

@@ -55,8 +55,12 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--source", type=click.Choice(["synthetic", "replay", "kafka"]), default="synthetic",
+@click.option("--source", type=click.Choice(["synthetic", "replay", "kafka", "ccxt"]), default="synthetic",
               show_default=True)
+@click.option("--feeds", default=None,
+              help="ccxt: 'exchange:SYM,SYM;exchange2:SYM' e.g. 'binanceusdm:BTC/USDT:USDT,ETH/USDT:USDT'")
+@click.option("--duration", type=float, default=None, help="ccxt: stop after this many seconds")
+@click.option("--exchange-factory", default=None, help="ccxt: module:callable making exchange objects")
 @click.option("--symbols", default=DEFAULT_SYMBOLS, show_default=True, help="synthetic: comma-separated symbols")
 @click.option("--hours", type=float, default=48.0, show_default=True, help="synthetic: hours of event time")
 @click.option("--start", "start", default="2024-01-01T00:00Z", show_default=True, help="synthetic: first minute (UTC)")
@@ -90,7 +94,8 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
 @click.option("--addresses", default=None, hidden=True)
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, hidden=True)
 @click.pass_context
-def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str, seed: int,
+def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optional[float],
+        exchange_factory: Optional[str], symbols: str, hours: float, start: str, seed: int,
         rate: Optional[float], files: tuple[Path, ...], exchange: Optional[str], symbol: Optional[str],
         speed: Optional[float], brokers: Optional[str], topic: Optional[str], eof: bool, clock: str, dsn: Optional[str], database: Optional[str], data_dir: Optional[Path],
         processes: int, workers: int, recovery_dir: Optional[Path], batch_size: Optional[int], quiet: bool,
@@ -125,6 +130,8 @@ def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str,
             raise click.UsageError("--source replay needs at least one --file")
         src = ReplaySource(list(files), exchange=exchange, symbol=symbol, batch_size=settings.batch_size,
                            speed=speed, progress=progress)
+    elif source == "ccxt":
+        src = _ccxt_source(feeds, duration, exchange_factory, settings.batch_size, progress)
     else:
         from dataflows.kafka import KafkaBatchSource, KafkaUnavailable, preflight
 
@@ -134,7 +141,7 @@ def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str,
             raise click.ClickException(str(err)) from None
         src = KafkaBatchSource(settings.kafka_brokers, settings.kafka_topic, tail=not eof,
                                batch_size=settings.kafka_batch_size, progress=progress)
-    live = (source == "kafka" and not eof) or bool(speed)
+    live = (source == "kafka" and not eof) or source == "ccxt" or bool(speed)
     pace = None if clock == "event" or (clock == "auto" and not live) else (speed or 1.0)
 
     if not is_peer and not no_store:  # schema first, with a clear error if the store is unusable
@@ -182,6 +189,51 @@ def run(ctx: click.Context, source: str, symbols: str, hours: float, start: str,
             "processes": processes, "workers": workers,
             "peak_rss_mb": [runner.peak_rss_mb(), *total.peer_rss_mb],
             "sink": asdict(total.sink)}, indent=2))
+
+
+def _ccxt_source(feeds: Optional[str], duration: Optional[float], factory: Optional[str], batch_size: int,
+                 progress=None):
+    from dataflows.ccxt_source import CcxtSource, parse_symbols
+
+    if not feeds:
+        raise click.UsageError("--source ccxt needs --feeds 'exchange:SYM,SYM' (e.g. binanceusdm:BTC/USDT:USDT)")
+    try:
+        return CcxtSource(parse_symbols(feeds), factory_path=factory, duration_s=duration, batch_size=batch_size,
+                          progress=progress)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+@main.command()
+@click.option("--feeds", required=True,
+              help="'exchange:SYM,SYM;exchange2:SYM', e.g. 'binanceusdm:BTC/USDT:USDT;bybit:BTC/USDT:USDT'")
+@click.option("--brokers", default=None)
+@click.option("--topic", "topic_name", default=None)
+@click.option("--partitions", type=int, default=None, help="create the topic with this many partitions if missing")
+@click.option("--record", "record_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="also record the normalised tape as Parquet files here (replay with --source replay)")
+@click.option("--duration", type=float, default=None, help="stop after this many seconds (default: run forever)")
+@click.option("--exchange-factory", default=None, help="module:callable making exchange objects (default ccxt.pro)")
+@click.pass_context
+def ingest(ctx: click.Context, feeds: str, brokers: Optional[str], topic_name: Optional[str],
+           partitions: Optional[int], record_dir: Optional[Path], duration: Optional[float],
+           exchange_factory: Optional[str]) -> None:
+    """Live trades from exchanges (ccxt.pro websockets) into Kafka, with gap backfill."""
+    from dataflows.ingest import KafkaTapeSink, ParquetTapeSink, build_ingest_flow
+    from dataflows.kafka import KafkaUnavailable, ensure_topic, preflight
+    from dataflows.runner import execute
+
+    settings = _settings(ctx, kafka_brokers=brokers, kafka_topic=topic_name, kafka_partitions=partitions)
+    try:
+        preflight(settings.kafka_brokers)
+        ensure_topic(settings.kafka_brokers, settings.kafka_topic, settings.kafka_partitions)
+    except KafkaUnavailable as err:
+        raise click.ClickException(str(err)) from None
+    src = _ccxt_source(feeds, duration, exchange_factory, settings.batch_size)
+    flow = build_ingest_flow(src, KafkaTapeSink(settings.kafka_brokers, settings.kafka_topic),
+                             ParquetTapeSink(record_dir) if record_dir else None)
+    log.info("ingesting %s into %s on %s", feeds, settings.kafka_topic, settings.kafka_brokers)
+    execute(flow, epoch_interval_s=settings.epoch_interval_s, recovery=None)
 
 
 class _progress_ui:

@@ -128,6 +128,7 @@ def build_flow(
     batches = op.input("trades_in", flow, source)
     decoded = op.map("decode", batches, lambda b: T.decode_batch(b, b.recv_ts, max_future))
     dead = op.flat_map("dead_letters", decoded, lambda d: d.dead)
+    events = op.flat_map("events", decoded, lambda d: d.events)
     per_instrument = op.flat_map("by_instrument", decoded, lambda d: T.split_instruments(d.frame))
     admitted = op.stateful_flat_map("admit", per_instrument, _admit(admit_cfg))
     is_chunk = op.branch("chunks", admitted, lambda kv: isinstance(kv[1], T.Chunk))
@@ -155,6 +156,7 @@ def build_flow(
         op.key_rm("admit_out", is_chunk.falses),
         op.key_rm("late_out", late_chunks),
         dead,
+        events,
     )
     op.output("clickhouse", op.key_on("to_sink", records, lambda r: type(r).__name__), sink)
     return flow

@@ -86,13 +86,15 @@ class RawBatch(msgspec.Struct):
 
 
 class FrameBatch(msgspec.Struct):
-    """Trades already in columns (files, generator). Columns: exchange, symbol, id, ts, price,
-    amount, side, optional trader and recv_ts, and ``offset`` (position in the source)."""
+    """Trades already in columns (files, generator, ccxt). Columns: exchange, symbol, id, ts, price,
+    amount, side, optional trader and recv_ts, and ``offset`` (position in the source).
+    ``events``: events and refused input that came with the batch (live sources)."""
 
     source: str
     partition: str
     frame: Any  # pl.DataFrame
     recv_ts: int
+    events: list = msgspec.field(default_factory=list)
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -109,6 +111,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
 class Decoded:
     frame: pl.DataFrame  # TRADE_SCHEMA, valid rows only
     dead: list[DeadLetter]
+    events: list = field(default_factory=list)  # operators.events.Event, in arrival order
 
 
 _BATCH_DECODER = msgspec.json.Decoder(list[Trade])
@@ -221,15 +224,25 @@ def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int) -> Decoded:
         except (msgspec.DecodeError, msgspec.ValidationError):
             trades = None
     dead: list[DeadLetter] = []
+    events: list = []
     if trades is not None:
         ok_idx = list(range(len(payloads)))
     else:
+        from operators.events import EVENT_DECODER, decode_in_band  # events import this module
+
         trades, ok_idx = [], []
         for i, p in enumerate(payloads):
             try:
                 trades.append(_ONE_DECODER.decode(p))
                 ok_idx.append(i)
             except (msgspec.DecodeError, msgspec.ValidationError) as err:
+                try:  # an in-band event (gap, reconnect, refused trade)?
+                    ev = decode_in_band(EVENT_DECODER.decode(p), batch.source, batch.partition,
+                                        batch.offsets[i], batch.recv_ts)
+                    (dead if isinstance(ev, DeadLetter) else events).append(ev)
+                    continue
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    pass
                 dead.append(
                     DeadLetter(batch.source, batch.partition, batch.offsets[i], _text(p),
                                _classify_msgspec_error(err, p), str(err), batch.recv_ts)
@@ -245,7 +258,7 @@ def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int) -> Decoded:
             DeadLetter(batch.source, batch.partition, batch.offsets[i], _text(payloads[i]),
                        row["_reason"], explain(row["_reason"], row, now_ms, max_future_ms), batch.recv_ts)
         )
-    return Decoded(good, dead)
+    return Decoded(good, dead, events)
 
 
 _NUMERIC = {"ts": pl.Int64, "price": pl.Float64, "amount": pl.Float64, "recv_ts": pl.Int64}
@@ -295,7 +308,8 @@ def _decode_frame(batch: FrameBatch, now_ms: int, max_future_ms: int) -> Decoded
                            msgspec.json.encode(orig, enc_hook=str).decode(), row["_reason"],
                            explain(row["_reason"], row, now_ms, max_future_ms), batch.recv_ts)
             )
-    return Decoded(good, dead)
+    live_dead = [e for e in batch.events if isinstance(e, DeadLetter)]
+    return Decoded(good, dead + live_dead, [e for e in batch.events if not isinstance(e, DeadLetter)])
 
 
 def _text(payload: bytes) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 import polars as pl
 
 from operators.bars import Bar
+from operators.events import Event
 from operators.trades import Counter, DeadLetter, LateTrades
 
 BAR_COLUMNS = [
@@ -20,6 +21,7 @@ BAR_COLUMNS = [
 LATE_COLUMNS = ["exchange", "symbol", "id", "ts", "price", "amount", "side", "trader", "recv_ts", "seq",
                 "watermark", "reason"]
 DEAD_COLUMNS = ["source", "partition", "offset", "payload", "reason", "detail", "recv_ts"]
+EVENT_COLUMNS = ["kind", "ts", "exchange", "symbol", "from_ts", "to_ts", "reason", "detail", "source"]
 
 
 @dataclass
@@ -69,6 +71,9 @@ def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
         elif isinstance(rec, DeadLetter):
             add("dead_letters", DEAD_COLUMNS, [dead_row(rec)])
             stats.dead_letters += 1
+        elif isinstance(rec, Event):
+            add("events", EVENT_COLUMNS, [[getattr(rec, c) for c in EVENT_COLUMNS]])
+            stats.counters[f"events.{rec.kind}"] = stats.counters.get(f"events.{rec.kind}", 0) + 1
         elif isinstance(rec, Counter):
             stats.counters[rec.name] = stats.counters.get(rec.name, 0) + rec.value
         else:
