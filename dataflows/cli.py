@@ -354,6 +354,71 @@ def replay(ctx: click.Context, files: tuple[Path, ...], target: str, exchange: O
     click.echo(f"published {total:,} messages to {settings.kafka_topic} on {settings.kafka_brokers}")
 
 
+@main.group()
+def tape() -> None:
+    """Recorded tapes (files replayable with --source replay or `tapeflow replay`)."""
+
+
+@tape.command("synthetic")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help=".parquet or .csv")
+@click.option("--symbols", default=DEFAULT_SYMBOLS, show_default=True)
+@click.option("--hours", type=float, default=6.0, show_default=True)
+@click.option("--start", "start", default="2024-01-01T00:00Z", show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--rate", type=float, default=None, help="parent orders/s per symbol")
+@click.option("--exchange", default="synthetic", show_default=True)
+def tape_synthetic(out: Path, symbols: str, hours: float, start: str, seed: int, rate: Optional[float],
+                   exchange: str) -> None:
+    """Write a synthetic tape in the trade contract's columns, ordered by time."""
+    import polars as pl
+
+    from operators import synthetic as syn
+
+    t0, minutes = _parse_start(start), int(hours * 60)
+    frames = []
+    for sym in [s.strip() for s in symbols.split(",") if s.strip()]:
+        cols, _ = syn.generate(syn.spec_for(sym, rate), seed, t0, minutes)
+        frames.append(pl.DataFrame(cols).with_columns(pl.lit(exchange).alias("exchange"), pl.lit(sym).alias("symbol")))
+    df = pl.concat(frames).sort("ts", "symbol", "offset").select(
+        "exchange", "symbol", pl.col("id").cast(pl.String), "ts", "price", "amount",
+        pl.when(pl.col("is_buy")).then(pl.lit("buy")).otherwise(pl.lit("sell")).alias("side"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.write_csv(out) if out.suffix == ".csv" else df.write_parquet(out)
+    click.echo(f"wrote {df.height:,} trades to {out}")
+
+
+@main.command()
+@click.option("--kafka/--no-kafka", default=True, help="check the Kafka brokers")
+@click.option("--clickhouse/--no-clickhouse", default=True, help="check the ClickHouse store")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.pass_context
+def health(ctx: click.Context, kafka: bool, clickhouse: bool, timeout: float) -> None:
+    """Exit 0 when the configured Kafka and ClickHouse answer (container health checks)."""
+    from sinks.clickhouse import redact_dsn
+
+    settings = _settings(ctx)
+    problems = []
+    if kafka:
+        from dataflows.kafka import KafkaUnavailable, preflight
+
+        try:
+            preflight(settings.kafka_brokers, timeout_s=timeout)
+        except KafkaUnavailable as err:
+            problems.append(str(err))
+    if clickhouse:
+        import clickhouse_connect
+
+        try:
+            c = clickhouse_connect.get_client(dsn=settings.dsn(), connect_timeout=timeout)
+            c.query("SELECT 1")
+            c.close()
+        except Exception as err:  # noqa: BLE001
+            problems.append(f"ClickHouse at {redact_dsn(settings.dsn())}: {str(err).splitlines()[0]}")
+    if problems:
+        raise click.ClickException("; ".join(problems))
+    click.echo("ok")
+
+
 @main.command()
 @click.argument("query")
 @click.option("--dsn", default=None, help="ClickHouse DSN (default: TAPEFLOW_CLICKHOUSE_DSN or embedded chdb)")
