@@ -104,53 +104,73 @@ class _FramePartition(StatefulSourcePartition):
 
 
 class _SyntheticPartition(_FramePartition):
-    """Snapshot: (generator state at the start of what is not fully emitted, next offset)."""
+    """Several symbols generated in lockstep, minute by minute, merged in time order (like a Kafka
+    partition carrying several keys). Snapshot: per symbol, (generator state at the start of what is
+    not fully emitted, next offset to emit)."""
 
-    def __init__(self, src: "SyntheticSource", spec: syn.InstrumentSpec, resume: tuple[syn.GenState, int]):
-        super().__init__(src.source_name, spec.symbol, src.speed)
-        self.src, self.spec = src, spec
-        self.at, self.emitted = resume
-        self.base = self.at
+    def __init__(self, src: "SyntheticSource", part: str, specs: list[syn.InstrumentSpec],
+                 resume: Optional[dict]):
+        super().__init__(src.source_name, part, src.speed)
+        self.src, self.specs = src, specs
+        self.at = {sp.symbol: resume[sp.symbol][0] if resume else syn.initial_state(sp) for sp in specs}
+        self.emitted = {sp.symbol: resume[sp.symbol][1] if resume else 0 for sp in specs}
+        self.base = dict(self.at)
         self.total_minutes = (src.end_ms - src.start_ms) // 60_000
 
+    def _minute(self) -> int:
+        return min(st.minute for st in self.at.values())
+
     def _load(self) -> Optional[pl.DataFrame]:
-        while self.at.minute < self.total_minutes:
-            self.base = self.at
-            parts, n = [], 0
-            while n < self.src.batch_size and self.at.minute < self.total_minutes:
-                cols, self.at = syn.generate_minute(self.spec, self.src.seed, self.src.start_ms, self.at)
-                parts.append(cols)
-                n += len(cols["ts"])
+        while self._minute() < self.total_minutes:
+            self.base = dict(self.at)
+            parts, codes, n = [], [], 0
+            while n < self.src.batch_size and self._minute() < self.total_minutes:
+                for code, sp in enumerate(self.specs):
+                    cols, self.at[sp.symbol] = syn.generate_minute(sp, self.src.seed, self.src.start_ms,
+                                                                   self.at[sp.symbol])
+                    if len(cols["ts"]):
+                        parts.append(cols)
+                        codes.append(np.full(len(cols["ts"]), code, dtype=np.int32))
+                        n += len(cols["ts"])
                 if self.pacer.speed is not None:
                     break  # paced: a minute at a time
+            if not parts:
+                continue
+            names = {i: sp.symbol for i, sp in enumerate(self.specs)}
             cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            frame = pl.DataFrame(cols).filter(pl.col("offset") >= self.emitted)
+            cols["symbol"] = np.concatenate(codes)
+            frame = pl.DataFrame(cols).sort("ts", maintain_order=True).with_columns(
+                pl.col("symbol").replace_strict(names, return_dtype=pl.String)
+            ).filter(pl.col("offset") >= pl.col("symbol").replace_strict(self.emitted, return_dtype=pl.Int64))
             if frame.height:
                 return frame.select(
-                    pl.lit(self.src.exchange).alias("exchange"),
-                    pl.lit(self.spec.symbol).alias("symbol"),
-                    pl.col("id").cast(pl.String),
-                    "ts", "price", "amount",
+                    pl.lit(self.src.exchange).alias("exchange"), "symbol",
+                    pl.col("id").cast(pl.String), "ts", "price", "amount",
                     pl.when(pl.col("is_buy")).then(pl.lit("buy")).otherwise(pl.lit("sell")).alias("side"),
                     "offset",
                 )
-        self.base = self.at
+        self.base = dict(self.at)
         return None
 
     def _released(self, frame: pl.DataFrame) -> None:
-        self.emitted = int(frame["offset"][-1]) + 1
+        last = frame.group_by("symbol").agg(pl.col("offset").max())
+        for sym, off in last.iter_rows():
+            self.emitted[sym] = int(off) + 1
         if self.pending is None:
-            self.base = self.at
+            self.base = dict(self.at)
         if self.src.progress:
-            self.src.progress(self.part, self.base.minute, self.total_minutes, frame.height)
+            self.src.progress(self.part, min(st.minute for st in self.base.values()), self.total_minutes,
+                              frame.height)
 
-    def snapshot(self) -> tuple[syn.GenState, int]:
-        return (self.base, self.emitted)
+    def snapshot(self) -> dict:
+        return {sym: (self.base[sym], self.emitted[sym]) for sym in self.base}
 
 
 @dataclass
-class SyntheticSource(FixedPartitionedSource[FrameBatch, tuple]):
-    """Seeded synthetic trades, one partition per symbol, over [start_ms, end_ms)."""
+class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
+    """Seeded synthetic trades over [start_ms, end_ms). Symbols are spread over ``partitions``
+    partitions (symbol i -> partition i mod P; default min(4, symbols)), each a time-ordered mix of
+    its symbols, like a Kafka partition carrying several keys."""
 
     symbols: list[str]
     start_ms: int
@@ -162,13 +182,18 @@ class SyntheticSource(FixedPartitionedSource[FrameBatch, tuple]):
     speed: Optional[float] = None
     progress: Optional[Progress] = None
     source_name: str = "synthetic"
+    partitions: Optional[int] = None
+
+    def _n_parts(self) -> int:
+        return max(1, min(self.partitions or 4, len(self.symbols)))
 
     def list_parts(self) -> list[str]:
-        return list(self.symbols)
+        return [f"synthetic-{i}" for i in range(self._n_parts())]
 
-    def build_part(self, step_id: str, for_part: str, resume_state: Optional[tuple]):
-        spec = syn.spec_for(for_part, self.rate)
-        return _SyntheticPartition(self, spec, resume_state or (syn.initial_state(spec), 0))
+    def build_part(self, step_id: str, for_part: str, resume_state: Optional[dict]):
+        i, n = int(for_part.rsplit("-", 1)[1]), self._n_parts()
+        specs = [syn.spec_for(sym, self.rate) for k, sym in enumerate(self.symbols) if k % n == i]
+        return _SyntheticPartition(self, for_part, specs, resume_state)
 
 
 # ---------------------------------------------------------------------------------------------

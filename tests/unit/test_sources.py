@@ -67,42 +67,53 @@ def expected_synthetic(symbol: str, minutes: int = 12, seed: int = 4, rate: floa
     })
 
 
-def test_synthetic_partitions_emit_the_generator_tape():
-    s = synthetic()
-    assert s.list_parts() == SYMS
-    for sym in SYMS:
-        batches = drain(s.build_part(STEP, sym, None))
+def merged(symbols, **kw) -> pl.DataFrame:
+    """The generator's tapes of ``symbols`` merged in time order (ties: symbol order), as one
+    partition carrying several symbols releases them."""
+    return pl.concat([expected_synthetic(s, **kw) for s in symbols]).sort("ts", maintain_order=True)
+
+
+def test_synthetic_partitions_spread_symbols_and_emit_the_generator_tape():
+    s = synthetic(partitions=2)
+    assert s.list_parts() == ["synthetic-0", "synthetic-1"]
+    for part, sym in zip(s.list_parts(), SYMS):  # symbol i -> partition i mod 2
+        batches = drain(s.build_part(STEP, part, None))
         assert len(batches) > 2  # 40-row batches over ~360+ rows
-        assert all(b.source == "synthetic" and b.partition == sym for b in batches)
+        assert all(b.source == "synthetic" and b.partition == part for b in batches)
         got = frames(batches)
         want = expected_synthetic(sym)
         assert got.select(want.columns).equals(want.with_columns(pl.col("offset").cast(got["offset"].dtype)))
-        # each batch holds whole minutes and at least batch_size rows, except the last
-        assert all(b.frame.height >= 40 for b in batches[:-1])
-        # and the batches decode without a dead letter
+        assert all(b.frame.height >= 40 for b in batches[:-1])  # whole minutes, >= batch_size rows
         d = [decode_batch(b, NOW_MS) for b in batches]
         assert sum(x.frame.height for x in d) == want.height and not any(x.dead for x in d)
 
 
+def test_one_partition_carries_several_symbols_in_time_order():
+    s = synthetic(partitions=1)
+    assert s.list_parts() == ["synthetic-0"]
+    got = frames(drain(s.build_part(STEP, "synthetic-0", None)))
+    want = merged(SYMS)
+    assert got.select(want.columns).equals(want.with_columns(pl.col("offset").cast(got["offset"].dtype)))
+    assert got["ts"].is_sorted()
+
+
 @pytest.mark.parametrize("k", [0, 1, 3, 5])
 def test_synthetic_resume_from_a_snapshot_yields_exactly_the_rest(k):
-    s = synthetic()
-    sym = SYMS[0]
-    full = frames(drain(s.build_part(STEP, sym, None)))
-    part = s.build_part(STEP, sym, None)
+    s = synthetic(partitions=1)
+    full = frames(drain(s.build_part(STEP, "synthetic-0", None)))
+    part = s.build_part(STEP, "synthetic-0", None)
     first = take(part, k)
     snap = pickle.loads(pickle.dumps(part.snapshot()))  # snapshots must survive pickling
-    rest = frames(drain(s.build_part(STEP, sym, snap)))
+    rest = frames(drain(s.build_part(STEP, "synthetic-0", snap)))
     head = frames(first) if first else full.head(0)
     assert pl.concat([head, rest]).equals(full)
-    assert rest["offset"][0] == head.height
 
 
 def test_synthetic_snapshot_at_the_end_resumes_to_nothing():
     s = synthetic()
-    part = s.build_part(STEP, SYMS[1], None)
+    part = s.build_part(STEP, "synthetic-1", None)
     drain(part)
-    assert drain(s.build_part(STEP, SYMS[1], part.snapshot())) == []
+    assert drain(s.build_part(STEP, "synthetic-1", part.snapshot())) == []
 
 
 class FakeWall:
@@ -125,7 +136,7 @@ def test_paced_synthetic_releases_by_event_time_and_resumes_mid_minute(monkeypat
     full = expected_synthetic(SYMS[0], minutes=3)
     ts = full["ts"].to_numpy()
 
-    part = s.build_part(STEP, SYMS[0], None)
+    part = s.build_part(STEP, "synthetic-0", None)
     got = take(part, 1)  # wall clock has not moved: only the rows at the first timestamp are due
     assert frames(got)["ts"].to_list() == [int(t) for t in ts if t == ts[0]]
     # the next row is due (ts - ts0) / 1000 / 60 wall seconds after the first release
@@ -138,7 +149,7 @@ def test_paced_synthetic_releases_by_event_time_and_resumes_mid_minute(monkeypat
     assert released.height < (ts < T0 + MIN).sum()  # mid-minute
     snap = part.snapshot()
 
-    resumed = s.build_part(STEP, SYMS[0], snap)
+    resumed = s.build_part(STEP, "synthetic-0", snap)
     rest = []
     for _ in range(1_000):
         wall.t += 1_000.0
