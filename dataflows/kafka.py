@@ -88,16 +88,16 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
         if self.eof:
             raise StopIteration
         msgs = self.consumer.consume(self.batch_size, 0.0)
-        offsets, payloads = [], []
-        for m in msgs:
+        for i, m in enumerate(msgs):
             err = m.error()
             if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    self.eof = True  # emit what we have; stop on the next call
-                    break
-                raise RuntimeError(f"Kafka error on {self.topic}[{self.idx}]: {err}")
-            offsets.append(m.offset())
-            payloads.append(m.value() or b"")
+                if err.code() != KafkaError._PARTITION_EOF:
+                    raise RuntimeError(f"Kafka error on {self.topic}[{self.idx}]: {err}")
+                self.eof = True  # emit what we have; stop on the next call
+                msgs = msgs[:i]
+                break
+        offsets = [m.offset() for m in msgs]
+        payloads = [m.value() or b"" for m in msgs]
         if not offsets:
             self.awake = datetime.now(timezone.utc) + self.idle  # nothing waiting: don't spin
             return []
