@@ -90,8 +90,10 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
 @click.option("--no-store", is_flag=True, help="discard the output, only count it (benchmarks)")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the summary as JSON to this file")
-@click.option("--proc-id", type=int, default=None, hidden=True)
-@click.option("--addresses", default=None, hidden=True)
+@click.option("--proc-id", type=int, default=None,
+              help="this process's index in a multi-machine cluster (with --addresses)")
+@click.option("--addresses", default=None,
+              help="multi-machine cluster: 'host:port;host:port;...' of every process, same order everywhere")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, hidden=True)
 @click.pass_context
 def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optional[float],
