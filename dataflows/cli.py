@@ -95,17 +95,26 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
 @click.option("--addresses", default=None,
               help="multi-machine cluster: 'host:port;host:port;...' of every process, same order everywhere")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, hidden=True)
+@click.option("--train-split", type=float, default=0.5, show_default=True,
+              help="synthetic: run this share of the hours, train the ONNX ensemble on it, then score the "
+                   "rest with it (0: no training)")
+@click.option("--phase-end-ms", type=int, default=None, hidden=True)
 @click.pass_context
 def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optional[float],
         exchange_factory: Optional[str], symbols: str, hours: float, start: str, seed: int,
         rate: Optional[float], files: tuple[Path, ...], exchange: Optional[str], symbol: Optional[str],
-        speed: Optional[float], brokers: Optional[str], topic: Optional[str], eof: bool, clock: str, dsn: Optional[str], database: Optional[str], data_dir: Optional[Path],
-        processes: int, workers: int, recovery_dir: Optional[Path], batch_size: Optional[int], quiet: bool,
-        no_store: bool, summary_json: Optional[Path], proc_id: Optional[int], addresses: Optional[str], run_dir: Optional[Path]) -> None:
-    """Run the pipeline into ClickHouse and print a summary."""
+        speed: Optional[float], brokers: Optional[str], topic: Optional[str], eof: bool, clock: str,
+        dsn: Optional[str], database: Optional[str], data_dir: Optional[Path], processes: int, workers: int,
+        recovery_dir: Optional[Path], batch_size: Optional[int], quiet: bool, no_store: bool,
+        summary_json: Optional[Path], proc_id: Optional[int], addresses: Optional[str], run_dir: Optional[Path],
+        train_split: float, phase_end_ms: Optional[int]) -> None:
+    """Run the pipeline into ClickHouse and print a summary.
+
+    On synthetic data (the default) this is the whole job: the first part of the hours runs, the
+    ONNX ensemble is trained on what it stored, and the rest runs with the ensemble loaded (same
+    state throughout: the pipeline continues from its recovery snapshot)."""
     from dataflows import runner
     from dataflows.pipeline import build_flow
-    from dataflows.sources import ReplaySource, SyntheticSource
     from sinks.clickhouse import ClickHouseSink, Store, StoreError
 
     settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir,
@@ -113,36 +122,24 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
                          kafka_topic=topic)
     if processes < 1 or workers < 1:
         raise click.BadParameter("--processes and --workers must be >= 1")
+    if not 0 <= train_split < 1:
+        raise click.BadParameter("--train-split must be in [0, 1)")
     is_peer = proc_id is not None and proc_id > 0
     run_dir = run_dir or settings.data_dir / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    t0 = _parse_start(start)
+    end_ms = t0 + int(hours * 3_600_000)
+    split_ms = None
+    if source == "synthetic" and train_split > 0 and not no_store:
+        split_ms = t0 + int(hours * train_split * 60) * 60_000  # a minute boundary
+        split_ms = split_ms if t0 < split_ms < end_ms else None
+    phases = [phase_end_ms] if phase_end_ms else ([split_ms, end_ms] if split_ms else [end_ms])
+    rec_dir = settings.recovery_dir or (run_dir / "recovery" if split_ms else None)
+
     counts = runner.RunCounts()
     progress_ui = None if (quiet or is_peer) else _progress_ui(counts)
     progress = runner.counting_progress(counts, progress_ui.update if progress_ui else None)
-    if source == "synthetic":
-        syms = [s.strip() for s in symbols.split(",") if s.strip()]
-        if not syms:
-            raise click.BadParameter("--symbols is empty")
-        t0 = _parse_start(start)
-        src = SyntheticSource(syms, t0, t0 + int(hours * 3_600_000), seed=seed, rate=rate,
-                              batch_size=settings.batch_size, speed=speed, progress=progress)
-    elif source == "replay":
-        if not files:
-            raise click.UsageError("--source replay needs at least one --file")
-        src = ReplaySource(list(files), exchange=exchange, symbol=symbol, batch_size=settings.batch_size,
-                           speed=speed, progress=progress)
-    elif source == "ccxt":
-        src = _ccxt_source(feeds, duration, exchange_factory, settings.batch_size, progress)
-    else:
-        from dataflows.kafka import KafkaBatchSource, KafkaUnavailable, preflight
-
-        try:
-            preflight(settings.kafka_brokers, settings.kafka_topic)
-        except KafkaUnavailable as err:
-            raise click.ClickException(str(err)) from None
-        src = KafkaBatchSource(settings.kafka_brokers, settings.kafka_topic, tail=not eof,
-                               batch_size=settings.kafka_batch_size, progress=progress)
     live = (source == "kafka" and not eof) or source == "ccxt" or bool(speed)
     pace = None if clock == "event" or (clock == "auto" and not live) else (speed or 1.0)
 
@@ -152,45 +149,158 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
         except StoreError as err:
             raise click.ClickException(str(err)) from None
 
-    if no_store:
-        from sinks.null import NullSink
+    elapsed = 0.0
+    for k, phase_end in enumerate(phases):
+        src = _source(source, settings, progress, symbols=symbols, t0=t0, end_ms=phase_end, seed=seed, rate=rate,
+                      speed=speed, files=files, exchange=exchange, symbol=symbol, feeds=feeds, duration=duration,
+                      exchange_factory=exchange_factory, eof=eof)
+        if no_store:
+            from sinks.null import NullSink
 
-        sink = NullSink(counts.sink)
-    else:
-        sink = ClickHouseSink(settings.dsn(), settings.clickhouse_database, counts.sink,
-                              settings.sink_flush_rows, settings.sink_flush_ms)
-    flow = build_flow(settings, src, sink, pace=pace)
-    recovery = runner.recovery_config(settings.recovery_dir, processes * workers)
-    peers: list = []
-    addr_list = addresses.split(";") if addresses else None
-    if processes > 1 and proc_id is None:
-        argv = [a for a in sys.argv[1:]]
-        addr_list, peers = runner.spawn_peers(argv, processes, run_dir)
-    t_start = time.time()
-    try:
-        if progress_ui:
-            progress_ui.start()
-        runner.execute(flow, epoch_interval_s=settings.epoch_interval_s, recovery=recovery,
-                       addresses=addr_list, proc_id=proc_id or 0, workers=workers)
-    finally:
-        if progress_ui:
-            progress_ui.stop()
-    elapsed = time.time() - t_start
-    if is_peer:
-        counts.peak_rss_mb = runner.peak_rss_mb()
-        (run_dir / f"proc-{proc_id}.json").write_text(counts.to_json())
-        return
-    codes = runner.wait_peers(peers)
-    if any(codes):
-        raise click.ClickException(f"a pipeline process failed (exit codes {codes}); see its output above")
-    total = runner.collect_counts(run_dir, processes, counts)
-    _print_summary(total, elapsed, settings, resumed=recovery is not None)
+            sink = NullSink(counts.sink)
+        else:
+            sink = ClickHouseSink(settings.dsn(), settings.clickhouse_database, counts.sink,
+                                  settings.sink_flush_rows, settings.sink_flush_ms)
+        flow = build_flow(settings, src, sink, pace=pace, ensemble=None if no_store else "auto")
+        recovery = runner.recovery_config(rec_dir, processes * workers)
+        phase_dir = run_dir / f"phase-{k}" if proc_id is None else run_dir
+        phase_dir.mkdir(parents=True, exist_ok=True)
+        peers: list = []
+        addr_list = addresses.split(";") if addresses else None
+        if processes > 1 and proc_id is None:
+            argv = [a for a in sys.argv[1:]] + (["--phase-end-ms", str(phase_end)] if source == "synthetic" else [])
+            addr_list, peers = runner.spawn_peers(argv, processes, phase_dir)
+        t_start = time.time()
+        try:
+            if progress_ui:
+                progress_ui.start()
+            runner.execute(flow, epoch_interval_s=settings.epoch_interval_s, recovery=recovery,
+                           addresses=addr_list, proc_id=proc_id or 0, workers=workers)
+        finally:
+            if progress_ui:
+                progress_ui.stop()
+        elapsed += time.time() - t_start
+        if is_peer:
+            counts.peak_rss_mb = runner.peak_rss_mb()
+            (phase_dir / f"proc-{proc_id}.json").write_text(counts.to_json())
+            return
+        codes = runner.wait_peers(peers)
+        if any(codes):
+            raise click.ClickException(f"a pipeline process failed (exit codes {codes}); see its output above")
+        if processes > 1:
+            runner.collect_counts(phase_dir, processes, counts)
+        if k < len(phases) - 1:
+            try:
+                _train(settings, until_ms=phase_end, quiet=quiet)
+            except ValueError as err:  # too little data for the folds: say so and go on without
+                err_console.print(f"[yellow]no ONNX ensemble trained: {err}[/yellow]")
+
+    _print_summary(counts, elapsed, settings, resumed=rec_dir is not None and not split_ms)
+    quality = _print_model_quality(settings, split_ms) if not no_store else []
     if summary_json:
         summary_json.write_text(json.dumps({
-            "trades_in": total.trades_in, "elapsed_s": elapsed, "trades_per_s": total.trades_in / elapsed,
+            "trades_in": counts.trades_in, "elapsed_s": elapsed, "trades_per_s": counts.trades_in / elapsed,
             "processes": processes, "workers": workers,
-            "peak_rss_mb": [runner.peak_rss_mb(), *total.peer_rss_mb],
-            "sink": asdict(total.sink)}, indent=2))
+            "peak_rss_mb": [runner.peak_rss_mb(), *counts.peer_rss_mb],
+            "sink": asdict(counts.sink), "model_quality": quality}, indent=2, default=str))
+
+
+def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int, end_ms: int, seed: int,
+            rate: Optional[float], speed: Optional[float], files, exchange, symbol, feeds, duration,
+            exchange_factory, eof: bool):
+    from dataflows.sources import ReplaySource, SyntheticSource
+
+    if source == "synthetic":
+        syms = [s.strip() for s in symbols.split(",") if s.strip()]
+        if not syms:
+            raise click.BadParameter("--symbols is empty")
+        return SyntheticSource(syms, t0, end_ms, seed=seed, rate=rate, batch_size=settings.batch_size,
+                               speed=speed, progress=progress)
+    if source == "replay":
+        if not files:
+            raise click.UsageError("--source replay needs at least one --file")
+        return ReplaySource(list(files), exchange=exchange, symbol=symbol, batch_size=settings.batch_size,
+                            speed=speed, progress=progress)
+    if source == "ccxt":
+        return _ccxt_source(feeds, duration, exchange_factory, settings.batch_size, progress)
+    from dataflows.kafka import KafkaBatchSource, KafkaUnavailable, preflight
+
+    try:
+        preflight(settings.kafka_brokers, settings.kafka_topic)
+    except KafkaUnavailable as err:
+        raise click.ClickException(str(err)) from None
+    return KafkaBatchSource(settings.kafka_brokers, settings.kafka_topic, tail=not eof,
+                            batch_size=settings.kafka_batch_size, progress=progress)
+
+
+def _train(settings: Settings, until_ms: Optional[int] = None, folds: int = 4, quiet: bool = False):
+    """Train the ONNX ensemble on the store's features and labels; print the folds."""
+    from dataflows.training import train_from_store
+    from sinks.clickhouse import Store
+
+    store = Store(settings.dsn(), settings.clickhouse_database)
+    try:
+        bar = None if quiet else Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.description}"),
+                                          TimeElapsedColumn(), console=err_console)
+        task = bar.add_task("reading features", total=folds) if bar else None
+        if bar:
+            bar.start()
+        try:
+            manifest = train_from_store(
+                store, settings, folds=folds, until_ms=until_ms,
+                progress=(lambda i, k, msg: bar.update(task, completed=i, total=k, description=msg)) if bar else None)
+        finally:
+            if bar:
+                bar.stop()
+    finally:
+        store.close()
+    t = Table(title=f"ONNX ensemble {manifest.version}", title_justify="left")
+    for c in ("fold", "train rows", "valid rows", "log loss", "Brier", "accuracy"):
+        t.add_column(c, justify="right")
+    for m in manifest.members:
+        t.add_row(str(m.fold), f"{m.train_rows:,}", f"{m.valid_rows:,}", f"{m.metrics['logloss']:.4f}",
+                  f"{m.metrics['brier']:.4f}", f"{m.metrics['accuracy']:.3f}")
+    Console().print(t)
+    return manifest
+
+
+def _print_model_quality(settings: Settings, since_ms: Optional[int]) -> list[dict]:
+    from dataflows.training import model_quality
+    from sinks.clickhouse import Store
+
+    store = Store(settings.dsn(), settings.clickhouse_database)
+    try:
+        rows = model_quality(store, since_ms)
+    finally:
+        store.close()
+    if not rows:
+        return rows
+    title = "model quality" + (" on the scored part (after training)" if since_ms else "")
+    t = Table(title=title, title_justify="left")
+    for c in ("model", "labels", "accuracy", "log loss", "Brier", "version"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(r["model"], f"{r['n']:,}", f"{r['accuracy']:.3f}", f"{r['log_loss']:.4f}", f"{r['brier']:.4f}",
+                  ",".join(sorted(r["versions"]))[:40])
+    Console().print(t)
+    return rows
+
+
+@main.command()
+@click.option("--folds", type=int, default=4, show_default=True, help="walk-forward folds (= ensemble members)")
+@click.option("--dsn", default=None)
+@click.option("--database", default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.pass_context
+def train(ctx: click.Context, folds: int, dsn: Optional[str], database: Optional[str],
+          data_dir: Optional[Path]) -> None:
+    """Train the ONNX LightGBM ensemble on stored features and labels (walk-forward, purged)."""
+    settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
+    try:
+        manifest = _train(settings, folds=folds)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {settings.artifacts() / manifest.version}")
 
 
 def _ccxt_source(feeds: Optional[str], duration: Optional[float], factory: Optional[str], batch_size: int,

@@ -48,6 +48,19 @@ class Settings(BaseSettings):
     profile_bin_bps: float = Field(2.0, gt=0, description="default volume-profile bin, bps of the first price")
     profile_bins: dict[str, float] = Field({}, description="explicit profile bin per symbol")
 
+    # features, labels, models
+    primary_tf: str = Field("5m", description="timeframe that is scored and traded")
+    overlay_tfs: list[str] = Field(["15m", "1h"], description="closed overlay timeframes on each primary row")
+    feature_history: int = Field(600, ge=64, description="bars of history per timeframe for features")
+    label_horizon: int = Field(3, ge=1, description="label: forward return over this many primary bars")
+    label_band_k: float = Field(0.5, ge=0, description="label: flat band = k * ATR / close")
+    online_models: bool = Field(True, description="River models (learn on matured labels)")
+    online_warmup_labels: int = Field(50, ge=0, description="labels learned before River predicts")
+    arf_models: int = Field(10, ge=1, description="trees in River's adaptive random forest")
+    artifacts_dir: Optional[Path] = Field(None, description="ONNX ensembles (default <data_dir>/artifacts)")
+    onnx_check_s: float = Field(5.0, gt=0, description="how often to look for a newer ensemble")
+    seed: int = Field(7, description="seed of every random choice (models, bandit)")
+
     # running
     batch_size: int = Field(20_000, gt=0, description="trades per source batch")
     epoch_interval_s: float = Field(10.0, ge=0, description="bytewax epoch = snapshot interval")
@@ -72,9 +85,15 @@ class Settings(BaseSettings):
         return sorted(set(v), key=lambda t: TIMEFRAMES[t])
 
     @model_validator(mode="after")
-    def _quantiles_ordered(self) -> "Settings":
+    def _consistent(self) -> "Settings":
         if self.amateur_quantile >= self.pro_quantile:
             raise ValueError("amateur_quantile must be below pro_quantile")
+        missing = [t for t in [self.primary_tf, *self.overlay_tfs] if t not in self.timeframes]
+        if missing:
+            raise ValueError(f"primary_tf/overlay_tfs {missing} are not in timeframes {self.timeframes}")
+        bad = [t for t in self.overlay_tfs if TIMEFRAMES[t] <= TIMEFRAMES[self.primary_tf]]
+        if bad:
+            raise ValueError(f"overlay timeframes {bad} must be longer than primary_tf {self.primary_tf}")
         return self
 
     # derived -------------------------------------------------------------------------------
@@ -82,6 +101,9 @@ class Settings(BaseSettings):
         if self.clickhouse_dsn is not None:
             return self.clickhouse_dsn.get_secret_value()
         return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    def artifacts(self) -> Path:
+        return (self.artifacts_dir or self.data_dir / "artifacts").resolve()
 
     def admit_config(self) -> AdmitConfig:
         return AdmitConfig(self.lateness_ms, self.dedup_horizon_ms, self.dedup_max_ids)

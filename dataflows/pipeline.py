@@ -1,15 +1,18 @@
-"""The pipeline dataflow: trade batches -> validated frames -> 1m windows -> bars -> roll-ups -> sink.
+"""The pipeline dataflow: trade batches -> validated frames -> 1m windows -> bars -> roll-ups ->
+features -> scores -> sink.
 
-Wiring only; the logic lives in ``operators/``. Read it top to bottom:
+Wiring only; the logic lives in ``operators/`` and ``models/``. Read it top to bottom:
 
     trades_in      batches from a source (Kafka messages, file rows, generator columns)
-    decode         one Polars frame of valid trades per batch + dead letters
+    decode         one Polars frame of valid trades per batch + dead letters + in-band events
     by_instrument  (instrument, that instrument's trades) — everything after is per instrument
     admit          drop duplicates, split off late trades, one chunk per 1m window
     window_1m      bytewax event-time tumbling windows over chunks (closes quiet keys on the clock)
-    bar_1m         Polars bar of the closed window, cohorts from the rolling order history
-    rollup         5m / 15m / 1h / 4h / 1d from closed 1m bars
-    clickhouse     bars, late trades, dead letters and counters, batched into one sink
+    bar_1m         the bar of the closed window, cohorts from the rolling order history
+    rollup         5m / 15m / 1h / 4h / 1d from closed 1m bars (a group per closed minute)
+    features       primary + overlay features, closed-overlay alignment, matured labels
+    score          River models (learn on matured labels) + the ONNX ensemble
+    clickhouse     bars, features, labels, predictions, metrics, late trades, dead letters, events
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from bytewax.outputs import Sink
 from dataflows.clock import PacedEventClock, utc_now
 from dataflows.config import Settings
 from operators import bars as B
+from operators import features as F
+from operators import labels as L
+from operators import signals as S
 from operators import trades as T
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -80,19 +86,19 @@ class RollupLogic(StatefulLogic):
         self.now_getter = now_getter
         self.seen_at = now_getter()  # system time when the newest 1m bar came in
 
-    def on_item(self, bar: B.Bar) -> tuple[Iterable[B.Bar], bool]:
+    def on_item(self, bar: B.Bar) -> tuple[Iterable[B.BarGroup], bool]:
         self.seen_at = self.now_getter()
-        return [bar, *B.rollup(self.state, bar, self.timeframes, self.va)], StatefulLogic.RETAIN
+        return [B.BarGroup([bar, *B.rollup(self.state, bar, self.timeframes, self.va)])], StatefulLogic.RETAIN
 
     def _watermark(self) -> int:
         elapsed = (self.now_getter() - self.seen_at) / timedelta(milliseconds=1)
         return int((self.state.last_end or 0) + elapsed * (self.pace or 0) - self.grace_ms)
 
-    def on_notify(self) -> tuple[Iterable[B.Bar], bool]:
-        return B.close_until(self.state, self._watermark(), self.va), StatefulLogic.RETAIN
+    def on_notify(self) -> tuple[Iterable[B.BarGroup], bool]:
+        return _group(B.close_until(self.state, self._watermark(), self.va)), StatefulLogic.RETAIN
 
-    def on_eof(self) -> tuple[Iterable[B.Bar], bool]:
-        return B.open_periods(self.state, self.va), StatefulLogic.RETAIN
+    def on_eof(self) -> tuple[Iterable[B.BarGroup], bool]:
+        return _group(B.open_periods(self.state, self.va)), StatefulLogic.RETAIN
 
     def notify_at(self) -> Optional[datetime]:
         if self.pace is None or not self.state.open or self.state.last_end is None:
@@ -103,6 +109,42 @@ class RollupLogic(StatefulLogic):
 
     def snapshot(self) -> B.RollupState:
         return copy.deepcopy(self.state)
+
+
+def _group(bars: list[B.Bar]) -> list[B.BarGroup]:
+    return [B.BarGroup(bars)] if bars else []
+
+
+def _features(settings: Settings):
+    def step(state: Optional[F.FeatureStage], group: B.BarGroup) -> tuple[F.FeatureStage, list]:
+        state = state or F.FeatureStage(settings.primary_tf, tuple(settings.overlay_tfs), settings.feature_history,
+                                        settings.label_horizon, settings.label_band_k)
+        return state, state.on_bars(group.bars)
+
+    return step
+
+
+def _score(settings: Settings, ensemble):
+    """River per instrument (state) + the shared ONNX ensemble (closure: sessions do not pickle)."""
+    from models.online import OnlineConfig, OnlineModels
+
+    cfg = OnlineConfig(seed=settings.seed, arf_models=settings.arf_models,
+                       warmup_labels=settings.online_warmup_labels)
+
+    def step(state, item) -> tuple[Any, list]:
+        if state is None:
+            state = OnlineModels(cfg) if settings.online_models else False
+        if isinstance(item, L.Label):
+            if not state:
+                return state, [item]
+            state.learn(item)
+            return state, [item, *S.metrics_rows(item, state.metrics())]
+        preds = state.predict(item) if state else {}
+        if ensemble is not None:
+            preds.update(ensemble.score(item.features))
+        return state, [item, S.scored(item, preds)]
+
+    return step
 
 
 def _late_chunk(key_window_chunk: tuple[int, T.Chunk]) -> T.LateTrades:
@@ -118,8 +160,14 @@ def build_flow(
     pace: Optional[float] = None,
     now_getter: Callable[[], datetime] = utc_now,
     flow_id: str = "tapeflow",
+    ensemble: Any = "auto",
 ) -> Dataflow:
-    """The whole pipeline. ``pace``: None for replay/backfill (event time only), 1.0 for live."""
+    """The whole pipeline. ``pace``: None for replay/backfill (event time only), 1.0 for live.
+    ``ensemble``: the ONNX ensemble scorer ("auto": watch ``settings.artifacts()``; None: off)."""
+    if ensemble == "auto":
+        from models.onnx_ensemble import OnnxEnsemble
+
+        ensemble = OnnxEnsemble(settings.artifacts(), check_every_s=settings.onnx_check_s)
     admit_cfg, bar_cfg = settings.admit_config(), settings.bar_config()
     higher = [tf for tf in settings.timeframes if tf != "1m"]
     max_future = settings.max_future_ms
@@ -145,14 +193,18 @@ def build_flow(
     )
     late_chunks = op.map_value("late_chunks", windows.late, _late_chunk)
     bars_1m = op.stateful_flat_map("bar_1m", windows.down, _bar_1m(bar_cfg))
-    all_bars = op.stateful(
+    groups = op.stateful(
         "rollup", bars_1m,
         lambda resume: RollupLogic(resume, higher, bar_cfg.value_area, pace, settings.lateness_ms, now_getter),
     )
+    all_bars = op.flat_map_value("bars", groups, lambda g: g.bars)
+    featured = op.stateful_flat_map("features", groups, _features(settings))
+    scored = op.stateful_flat_map("score", featured, _score(settings, ensemble))
 
     records = op.merge(
         "records",
         op.key_rm("bars_out", all_bars),
+        op.key_rm("scores_out", scored),
         op.key_rm("admit_out", is_chunk.falses),
         op.key_rm("late_out", late_chunks),
         dead,

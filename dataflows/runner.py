@@ -119,13 +119,12 @@ def wait_peers(children: list[subprocess.Popen], timeout_s: float = 600) -> list
 
 
 def collect_counts(run_dir: Path, processes: int, mine: RunCounts) -> RunCounts:
-    total = RunCounts()
-    total.add(mine)
+    """Add the other processes' counts (their files in ``run_dir``) to ``mine``."""
     for i in range(1, processes):
         f = run_dir / f"proc-{i}.json"
         if f.exists():
-            total.add(RunCounts.from_json(f.read_text()))
-    return total
+            mine.add(RunCounts.from_json(f.read_text()))
+    return mine
 
 
 def counting_progress(counts: RunCounts, show: Optional[Callable[[str, int, int], None]]):

@@ -79,6 +79,7 @@ class Bar(msgspec.Struct, kw_only=True):
     val: float
     profile_bin: float
     profile: dict = msgspec.field(default_factory=dict)  # bin index -> volume; for roll-ups, not stored
+    partial: bool = False  # emitted at EOF before its period ended; replaced when the period completes
 
     @property
     def instrument(self) -> str:
@@ -312,6 +313,14 @@ def as_period(bar: Bar, tf: str, start: int, end: int) -> Bar:
     return msgspec.structs.replace(bar, tf=tf, start=start, end=end, profile=dict(bar.profile))
 
 
+class BarGroup(msgspec.Struct, frozen=True):
+    """The bars one closed 1m bar produced: that minute and the higher periods it closed, in
+    (end, timeframe) order. Downstream sees them together, e.g. a 5m bar with the 1h bar that
+    closed at the same moment."""
+
+    bars: list
+
+
 @dataclass
 class RollupState:
     """Per instrument: the open (partial) bar of every higher timeframe."""
@@ -356,8 +365,8 @@ def close_until(state: RollupState, watermark: int, value_area_fraction: float) 
 
 
 def open_periods(state: RollupState, value_area_fraction: float) -> list[Bar]:
-    """The open (partial) periods as they stand, without closing them (EOF)."""
-    return _emit(list(state.open.values()), value_area_fraction)
+    """The open periods as they stand, marked partial, without closing them (EOF)."""
+    return [msgspec.structs.replace(b, partial=True) for b in _emit(list(state.open.values()), value_area_fraction)]
 
 
 def _emit(bars: list[Bar], fraction: float) -> list[Bar]:

@@ -62,6 +62,7 @@ import msgspec
 import polars as pl
 
 from operators.bars import TIMEFRAMES, Bar
+from operators import labels as L
 
 YEAR_MS = 365 * 86_400_000
 
@@ -464,3 +465,43 @@ class OverlayBook:
             if r.tf in self.overlays:
                 self.offer(r)
         return [self.aligned(r) for r in sorted(rows, key=lambda r: r.end) if r.tf == self.primary]
+
+
+@dataclass
+class FeatureStage:
+    """Per instrument: features of the primary and overlay timeframes, closed-overlay alignment and
+    matured labels. ``on_bars`` takes the bars one closed 1m bar produced (that minute and the
+    higher periods it closed) and returns, in order, the labels that matured and the aligned
+    primary row(s). Partial bars (emitted at end of input) are ignored: features use closed bars."""
+
+    primary: str = "5m"
+    overlays: tuple = ("15m", "1h")
+    history: int = 600
+    horizon: int = 3
+    band_k: float = 0.5
+    states: dict = field(default_factory=dict)  # tf -> FeatureState
+    book: Optional[OverlayBook] = None
+    labels: Optional[L.LabelState] = None
+
+    def __post_init__(self) -> None:
+        if self.book is None:
+            self.book = OverlayBook(primary=self.primary, overlays=tuple(self.overlays))
+        if self.labels is None:
+            self.labels = L.LabelState(horizon=self.horizon, k=self.band_k)
+
+    def on_bars(self, bars: list[Bar]) -> list:
+        rows = []
+        for bar in bars:
+            if bar.partial or (bar.tf != self.primary and bar.tf not in self.overlays):
+                continue
+            st = self.states.get(bar.tf)
+            if st is None:
+                st = self.states[bar.tf] = FeatureState(h=self.history)
+            row = update(st, bar)
+            if row is not None:
+                rows.append(row)
+        out: list = []
+        for aligned in self.book.feed(rows):
+            out.extend(L.update(self.labels, aligned))
+            out.append(aligned)
+        return out

@@ -7,8 +7,13 @@ from typing import Any
 
 import polars as pl
 
+import json
+
 from operators.bars import Bar
 from operators.events import Event
+from operators.features import AlignedRow
+from operators.labels import Label
+from operators.signals import ModelMetrics, ScoredRow
 from operators.trades import Counter, DeadLetter, LateTrades
 
 BAR_COLUMNS = [
@@ -16,12 +21,17 @@ BAR_COLUMNS = [
     "vwap", "trades", "buy_volume", "sell_volume", "delta", "min_delta", "max_delta", "largest_trade",
     "largest_notional", "parent_orders", "pro_orders", "amateur_orders", "pros_gross", "pros_net",
     "amateurs_gross", "amateurs_net", "s_top", "s_bot", "s_mood", "pro_threshold", "amateur_threshold",
-    "poc", "vah", "val", "profile_bin",
+    "poc", "vah", "val", "profile_bin", "partial",
 ]
 LATE_COLUMNS = ["exchange", "symbol", "id", "ts", "price", "amount", "side", "trader", "recv_ts", "seq",
                 "watermark", "reason"]
 DEAD_COLUMNS = ["source", "partition", "offset", "payload", "reason", "detail", "recv_ts"]
 EVENT_COLUMNS = ["kind", "ts", "exchange", "symbol", "from_ts", "to_ts", "reason", "detail", "source"]
+FEATURE_COLUMNS = ["exchange", "symbol", "tf", "start", "end", "close", "warm", "regime", "values", "overlay_ok"]
+LABEL_COLUMNS = ["exchange", "symbol", "tf", "start", "end", "horizon", "fwd_ret", "band", "label", "matured_at"]
+PREDICTION_COLUMNS = ["exchange", "symbol", "tf", "start", "end", "model", "version", "p_down", "p_flat", "p_up",
+                      "confidence", "alpha", "votes"]
+METRIC_COLUMNS = ["exchange", "symbol", "model", "ts", "accuracy", "log_loss", "brier", "n"]
 
 
 @dataclass
@@ -45,6 +55,18 @@ def late_rows(lt: LateTrades) -> list[list]:
         "trader", "recv_ts", "seq", "watermark", pl.lit(lt.reason).alias("reason"),
     )
     return [list(r) for r in df.iter_rows()]
+
+
+def feature_row(r: AlignedRow) -> list:
+    values = {k: v for k, v in r.features.items() if v is not None}
+    return [r.exchange, r.symbol, r.tf, r.start, r.end, r.close, int(r.warm), r.regime, values,
+            {k: int(v) for k, v in r.overlay_ok.items()}]
+
+
+def prediction_rows(s: ScoredRow) -> list[list]:
+    return [[s.exchange, s.symbol, s.tf, s.start, s.end, p.model, p.version, p.p_down, p.p_flat, p.p_up,
+             p.confidence, p.alpha, json.dumps([list(v) for v in p.votes]) if p.votes else ""]
+            for p in s.predictions.values()]
 
 
 def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
@@ -74,6 +96,14 @@ def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
         elif isinstance(rec, Event):
             add("events", EVENT_COLUMNS, [[getattr(rec, c) for c in EVENT_COLUMNS]])
             stats.counters[f"events.{rec.kind}"] = stats.counters.get(f"events.{rec.kind}", 0) + 1
+        elif isinstance(rec, AlignedRow):
+            add("features", FEATURE_COLUMNS, [feature_row(rec)])
+        elif isinstance(rec, Label):
+            add("labels", LABEL_COLUMNS, [[getattr(rec, c) for c in LABEL_COLUMNS]])
+        elif isinstance(rec, ScoredRow):
+            add("predictions", PREDICTION_COLUMNS, prediction_rows(rec))
+        elif isinstance(rec, ModelMetrics):
+            add("model_metrics", METRIC_COLUMNS, [[getattr(rec, c) for c in METRIC_COLUMNS]])
         elif isinstance(rec, Counter):
             stats.counters[rec.name] = stats.counters.get(rec.name, 0) + rec.value
         else:

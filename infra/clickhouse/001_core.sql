@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS bars
     poc               Float64,
     vah               Float64,
     val               Float64,
-    profile_bin       Float64
+    profile_bin       Float64,
+    partial           UInt8   -- 1: emitted at end of input before the period ended
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (exchange, symbol, tf, start);

@@ -36,6 +36,8 @@ def test_defaults():
 def test_environment_overrides_the_default(monkeypatch):
     monkeypatch.setenv("TAPEFLOW_LATENESS_MS", "5000")
     monkeypatch.setenv("TAPEFLOW_TIMEFRAMES", '["1m", "15m"]')
+    monkeypatch.setenv("TAPEFLOW_PRIMARY_TF", "1m")
+    monkeypatch.setenv("TAPEFLOW_OVERLAY_TFS", '["15m"]')
     s = load_settings()
     assert s.lateness_ms == 5_000
     assert s.timeframes == ["1m", "15m"]
@@ -46,7 +48,7 @@ def test_toml_file_overrides_the_environment_and_overrides_win(monkeypatch, tmp_
     monkeypatch.setenv("TAPEFLOW_LATENESS_MS", "5000")
     monkeypatch.setenv("TAPEFLOW_BATCH_SIZE", "123")
     cfg = tmp_path / "tapeflow.toml"
-    cfg.write_text('lateness_ms = 3000\ntimeframes = ["5m", "1m"]\npro_addresses = ["0xabc"]\n'
+    cfg.write_text('lateness_ms = 3000\ntimeframes = ["5m", "1m"]\noverlay_tfs = []\npro_addresses = ["0xabc"]\n'
                    '[profile_bins]\n"BTC/USDT:USDT" = 5.0\n')
     s = load_settings(cfg)
     assert s.lateness_ms == 3_000  # file beats environment
@@ -172,3 +174,12 @@ def test_dsn_password_is_not_in_a_validation_error(monkeypatch):
 def _from_env(monkeypatch, dsn: str) -> Settings:
     monkeypatch.setenv("TAPEFLOW_CLICKHOUSE_DSN", dsn)
     return load_settings()
+
+
+def test_primary_and_overlay_timeframes_must_be_bars_we_make_and_overlays_longer():
+    with pytest.raises(ConfigError) as err:
+        load_settings(timeframes=["1m", "5m"])  # overlays 15m and 1h are not made
+    assert "overlay_tfs" in str(err.value) and "15m" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(primary_tf="15m", overlay_tfs=["5m"])
+    assert "must be longer than primary_tf" in str(err.value)
