@@ -19,6 +19,7 @@ from rich.table import Table
 from dataflows.config import ConfigError, Settings, load_settings
 
 err_console = Console(stderr=True)
+out_console = Console(width=140)
 log = logging.getLogger("tapeflow")
 
 DEFAULT_SYMBOLS = "BTC/USDT:USDT,ETH/USDT:USDT,SOL/USDT:USDT"
@@ -197,12 +198,14 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
 
     _print_summary(counts, elapsed, settings, resumed=rec_dir is not None and not split_ms)
     quality = _print_model_quality(settings, split_ms) if not no_store else []
+    strategies = _print_strategies(settings) if not no_store else []
     if summary_json:
         summary_json.write_text(json.dumps({
             "trades_in": counts.trades_in, "elapsed_s": elapsed, "trades_per_s": counts.trades_in / elapsed,
             "processes": processes, "workers": workers,
             "peak_rss_mb": [runner.peak_rss_mb(), *counts.peer_rss_mb],
-            "sink": asdict(counts.sink), "model_quality": quality}, indent=2, default=str))
+            "sink": asdict(counts.sink), "model_quality": quality, "strategies": strategies},
+            indent=2, default=str))
 
 
 def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int, end_ms: int, seed: int,
@@ -260,7 +263,7 @@ def _train(settings: Settings, until_ms: Optional[int] = None, folds: int = 4, q
     for m in manifest.members:
         t.add_row(str(m.fold), f"{m.train_rows:,}", f"{m.valid_rows:,}", f"{m.metrics['logloss']:.4f}",
                   f"{m.metrics['brier']:.4f}", f"{m.metrics['accuracy']:.3f}")
-    Console().print(t)
+    out_console.print(t)
     return manifest
 
 
@@ -282,8 +285,82 @@ def _print_model_quality(settings: Settings, since_ms: Optional[int]) -> list[di
     for r in rows:
         t.add_row(r["model"], f"{r['n']:,}", f"{r['accuracy']:.3f}", f"{r['log_loss']:.4f}", f"{r['brier']:.4f}",
                   ",".join(sorted(r["versions"]))[:40])
-    Console().print(t)
+    out_console.print(t)
     return rows
+
+
+def _print_strategies(settings: Settings) -> list[dict]:
+    from dataflows.reporting import strategy_summary
+    from sinks.clickhouse import Store
+
+    store = Store(settings.dsn(), settings.clickhouse_database)
+    try:
+        rows = strategy_summary(store, settings.strategy_config().initial_equity)
+    finally:
+        store.close()
+    if not rows:
+        return rows
+    t = Table(title="strategies (paper)", title_justify="left")
+    for c in ("origin", "strategy", "variant", "PnL", "ROI", "trades", "win rate", "Sharpe", "max DD"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(r["origin"], r["strategy_id"], r["variant_id"], f"{r['pnl']:,.2f}", f"{r['roi']:.2%}",
+                  f"{r['trades']:,}", "-" if r["win_rate"] is None else f"{r['win_rate']:.1%}",
+                  "-" if r["sharpe"] is None else f"{r['sharpe']:.2f}", f"{r['max_drawdown']:.2%}")
+    out_console.print(t)
+    return rows
+
+
+@main.group()
+def killswitch() -> None:
+    """The drawdown kill switch: it halts a strategy until an operator resets it."""
+
+
+@killswitch.command("reset")
+@click.option("--by", default=None, help="who resets (audited); default: $USER")
+@click.option("--strategy", default="production", show_default=True, help="production | all | a strategy id")
+@click.option("--reason", default="", help="why (audited)")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.pass_context
+def killswitch_reset(ctx: click.Context, by: Optional[str], strategy: str, reason: str,
+                     data_dir: Optional[Path]) -> None:
+    """Ask the pipeline to lift a tripped kill switch (applied at its next input, audited in events)."""
+    import getpass
+
+    from dataflows.control import request_reset
+
+    settings = _settings(ctx, data_dir=data_dir)
+    path = request_reset(settings.data_dir, by or getpass.getuser(), strategy, reason)
+    click.echo(f"reset requested ({path.name}); the pipeline applies it at its next input and records a "
+               "kill_switch_reset event")
+
+
+@killswitch.command("status")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.pass_context
+def killswitch_status(ctx: click.Context, data_dir: Optional[Path]) -> None:
+    """Last kill-switch event per strategy, and requests not yet applied."""
+    from dataflows.control import pending
+    from dataflows.reporting import kill_switch_status
+    from sinks.clickhouse import Store, StoreError
+
+    settings = _settings(ctx, data_dir=data_dir)
+    waiting = pending(settings.data_dir)
+    if waiting:
+        click.echo(f"{len(waiting)} reset request(s) waiting for the pipeline: {', '.join(p.name for p in waiting)}")
+    try:
+        store = Store(settings.dsn(), settings.clickhouse_database)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        rows = kill_switch_status(store)
+    finally:
+        store.close()
+    if not rows:
+        click.echo("no kill switch has tripped")
+    for r in rows:
+        state = "HALTED" if r["last_kind"] == "kill_switch" else "trading"
+        click.echo(f"{r['source']}: {state} (last {r['last_kind']} at {_cell(r['at'])}: {r['reason']})")
 
 
 @main.command()
@@ -392,7 +469,7 @@ def _print_summary(total, elapsed: float, settings: Settings, resumed: bool) -> 
     t.add_row("throughput", f"{total.trades_in / elapsed:,.0f} trades/s" if elapsed > 0 else "-")
     t.add_row("peak RSS", " + ".join(f"{m:,.0f} MB" for m in [peak_rss_mb()] + total.peer_rss_mb))
     t.add_row("store", f"{settings.clickhouse_database} @ {redact_dsn(settings.dsn())}")
-    Console().print(t)
+    out_console.print(t)
     accounted = s.trades_in_bars + s.late_trades + dup + s.dead_letters
     if not resumed and accounted != total.trades_in:
         err_console.print(f"[yellow]note: {total.trades_in - accounted:,} trades not accounted for "

@@ -7,6 +7,7 @@ and only ``.get_secret_value()`` reveals them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from pathlib import Path
@@ -16,7 +17,15 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from operators.bars import TIMEFRAMES, BarConfig
+from operators.decision import StrategyConfig
+from operators.portfolio import QualityConfig
 from operators.trades import AdmitConfig
+
+
+def _tuples(d: dict) -> dict:
+    """JSON/TOML lists -> tuples (StrategyConfig is frozen and hashable)."""
+    return {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+            for k, v in d.items()}
 
 
 class ConfigError(ValueError):
@@ -61,6 +70,10 @@ class Settings(BaseSettings):
     onnx_check_s: float = Field(5.0, gt=0, description="how often to look for a newer ensemble")
     seed: int = Field(7, description="seed of every random choice (models, bandit)")
 
+    # decisions (every StrategyConfig field; see operators/decision.py for the list and defaults)
+    strategy: dict = Field({}, description="overrides of the production strategy's settings, e.g. {conf_min: 0.6}")
+    quality: dict = Field({}, description="data-quality gate: max_late_rate, max_dead_rate, dead_window")
+
     # running
     batch_size: int = Field(20_000, gt=0, description="trades per source batch")
     epoch_interval_s: float = Field(10.0, ge=0, description="bytewax epoch = snapshot interval")
@@ -73,6 +86,22 @@ class Settings(BaseSettings):
     kafka_topic: str = Field("trades", description="trade topic (key exchange:symbol)")
     kafka_partitions: int = Field(6, gt=0, description="partitions when tapeflow creates the topic")
     kafka_batch_size: int = Field(10_000, gt=0, description="messages per Kafka poll")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_valid(cls, v: dict) -> dict:
+        known = {f.name for f in dataclasses.fields(StrategyConfig)}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown strategy setting(s) {unknown}; known: {sorted(known)}")
+        StrategyConfig(**_tuples(v))  # raises ValueError naming the field
+        return v
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_valid(cls, v: dict) -> dict:
+        QualityConfig(**v)
+        return v
 
     @field_validator("timeframes")
     @classmethod
@@ -101,6 +130,13 @@ class Settings(BaseSettings):
         if self.clickhouse_dsn is not None:
             return self.clickhouse_dsn.get_secret_value()
         return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    def strategy_config(self) -> StrategyConfig:
+        base = {"primary_tf": self.primary_tf, "label_horizon": self.label_horizon, "seed": self.seed}
+        return StrategyConfig(**{**base, **_tuples(self.strategy)})
+
+    def quality_config(self) -> QualityConfig:
+        return QualityConfig(**self.quality)
 
     def artifacts(self) -> Path:
         return (self.artifacts_dir or self.data_dir / "artifacts").resolve()

@@ -12,12 +12,16 @@ Wiring only; the logic lives in ``operators/`` and ``models/``. Read it top to b
     rollup         5m / 15m / 1h / 4h / 1d from closed 1m bars (a group per closed minute)
     features       primary + overlay features, closed-overlay alignment, matured labels
     score          River models (learn on matured labels) + the ONNX ensemble
-    clickhouse     bars, features, labels, predictions, metrics, late trades, dead letters, events
+    portfolio      one key: decisions of the production strategy, paper fills at the next 1m open,
+                   stops on 1m bars, risk guards, bandit rewards, data-quality gate
+    clickhouse     bars, features, labels, predictions, metrics, decisions, fills, equity, late
+                   trades, dead letters, events
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Optional
 
@@ -30,11 +34,15 @@ from bytewax.outputs import Sink
 
 from dataflows.clock import PacedEventClock, utc_now
 from dataflows.config import Settings
+from dataflows.control import ControlInbox
 from operators import bars as B
 from operators import features as F
 from operators import labels as L
+from operators import portfolio as P
 from operators import signals as S
 from operators import trades as T
+from operators.decision import Decision
+from operators.events import Event
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 FAR_FUTURE_MS = 2**62
@@ -65,6 +73,7 @@ def _bar_1m(cfg: B.BarConfig):
         first = chunks[0]
         trades = chunks[0].trades if len(chunks) == 1 else T.concat_chunks(chunks)
         bar = B.make_bar(trades, first.exchange, first.symbol, first.window_start, T.MINUTE_MS, state, cfg)
+        bar.closed_at = _wall_ms()
         return state, [bar]
 
     return step
@@ -142,9 +151,45 @@ def _score(settings: Settings, ensemble):
         preds = state.predict(item) if state else {}
         if ensemble is not None:
             preds.update(ensemble.score(item.features))
-        return state, [item, S.scored(item, preds)]
+        return state, [item, S.scored(item, preds, _wall_ms(), item.closed_at)]
 
     return step
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class PortfolioLogic(StatefulLogic):
+    """The one ``"portfolio"`` key: production strategy (+ variants) over every instrument's scored
+    rows and 1m bars, with the data-quality gate and operator commands (kill-switch resets)."""
+
+    def __init__(self, state: Optional[P.Portfolio], make: Callable[[], P.Portfolio], inbox):
+        self.p = state or make()
+        self.inbox = inbox
+
+    def on_item(self, item) -> tuple[list, bool]:
+        out: list = []
+        for req in self.inbox.take() if self.inbox else []:
+            out.extend(self.p.reset_kill_switch(_wall_ms(), req.get("by", "operator"), req.get("strategy", "production")))
+        if isinstance(item, S.ScoredRow):
+            now = _wall_ms()
+            for rec in self.p.on_scored(item, now):
+                if isinstance(rec, Decision) and item.closed_at:
+                    rec.latency_ms = float(now - item.closed_at)
+                out.append(rec)
+        elif isinstance(item, B.Bar):
+            out.extend(self.p.on_bar(item))
+        elif isinstance(item, T.LateTrades):
+            self.p.quality.on_late(f"{item.exchange}:{item.symbol}", item.trades["ts"].to_list())
+        elif isinstance(item, Event):
+            self.p.quality.on_event(item)
+        elif isinstance(item, P.BatchQuality):
+            self.p.quality.on_batch(item)
+        return out, StatefulLogic.RETAIN
+
+    def snapshot(self) -> P.Portfolio:
+        return copy.deepcopy(self.p)
 
 
 def _late_chunk(key_window_chunk: tuple[int, T.Chunk]) -> T.LateTrades:
@@ -164,6 +209,13 @@ def build_flow(
 ) -> Dataflow:
     """The whole pipeline. ``pace``: None for replay/backfill (event time only), 1.0 for live.
     ``ensemble``: the ONNX ensemble scorer ("auto": watch ``settings.artifacts()``; None: off)."""
+    strategy_cfg = settings.strategy_config()
+    quality_cfg = settings.quality_config()
+
+    def make_portfolio() -> P.Portfolio:
+        return P.Portfolio.create(strategy_cfg, quality_cfg)
+
+    inbox = ControlInbox(settings.data_dir)
     if ensemble == "auto":
         from models.onnx_ensemble import OnnxEnsemble
 
@@ -177,6 +229,7 @@ def build_flow(
     decoded = op.map("decode", batches, lambda b: T.decode_batch(b, b.recv_ts, max_future))
     dead = op.flat_map("dead_letters", decoded, lambda d: d.dead)
     events = op.flat_map("events", decoded, lambda d: d.events)
+    batch_quality = op.map("batch_quality", decoded, lambda d: P.BatchQuality(d.frame.height, len(d.dead)))
     per_instrument = op.flat_map("by_instrument", decoded, lambda d: T.split_instruments(d.frame))
     admitted = op.stateful_flat_map("admit", per_instrument, _admit(admit_cfg))
     is_chunk = op.branch("chunks", admitted, lambda kv: isinstance(kv[1], T.Chunk))
@@ -201,10 +254,24 @@ def build_flow(
     featured = op.stateful_flat_map("features", groups, _features(settings))
     scored = op.stateful_flat_map("score", featured, _score(settings, ensemble))
 
+    portfolio_in = op.merge(
+        "portfolio_in",
+        op.filter("scored_rows", op.key_rm("scored_out", scored), lambda x: isinstance(x, S.ScoredRow)),
+        op.filter("bars_1m_out", op.key_rm("bars_in", all_bars), lambda b: b.tf == "1m"),
+        op.filter("late_in", op.key_rm("admit_late", is_chunk.falses), lambda x: isinstance(x, T.LateTrades)),
+        op.key_rm("window_late", late_chunks),
+        events,
+        batch_quality,
+    )
+    trading = op.stateful(
+        "portfolio", op.key_on("to_portfolio", portfolio_in, lambda _: P.PORTFOLIO_KEY),
+        lambda resume: PortfolioLogic(resume, make_portfolio, inbox))
+
     records = op.merge(
         "records",
         op.key_rm("bars_out", all_bars),
         op.key_rm("scores_out", scored),
+        op.key_rm("trading_out", trading),
         op.key_rm("admit_out", is_chunk.falses),
         op.key_rm("late_out", late_chunks),
         dead,

@@ -80,6 +80,7 @@ class Bar(msgspec.Struct, kw_only=True):
     profile_bin: float
     profile: dict = msgspec.field(default_factory=dict)  # bin index -> volume; for roll-ups, not stored
     partial: bool = False  # emitted at EOF before its period ended; replaced when the period completes
+    closed_at: int = 0  # wall ms when its last 1m window closed (latency accounting; not stored)
 
     @property
     def instrument(self) -> str:

@@ -235,6 +235,7 @@ class Decision(Tagged, kw_only=True):
     notional: float = 0.0       # order notional (quote currency); qty is fixed at the fill
     position_id: int = 0        # the position opened / closed (0: none)
     bandit_draws: dict = {}     # arm -> Thompson sample (eligible arms)
+    latency_ms: float = 0.0     # wall ms from the 1m window close to this decision (set by the caller)
 
 
 # --------------------------------------------------------------------------------------------

@@ -381,6 +381,7 @@ class AlignedRow(msgspec.Struct, kw_only=True):
     regime: str
     features: dict[str, Optional[float]]
     overlay_ok: dict[str, bool]
+    closed_at: int = 0  # wall ms when the bar's last 1m window closed (latency accounting)
 
 
 def aligned_feature_names(overlay_tfs: list[str] | tuple[str, ...]) -> list[str]:
@@ -501,7 +502,8 @@ class FeatureStage:
             if row is not None:
                 rows.append(row)
         out: list = []
+        closed_at = max((b.closed_at for b in bars), default=0)
         for aligned in self.book.feed(rows):
             out.extend(L.update(self.labels, aligned))
-            out.append(aligned)
+            out.append(msgspec.structs.replace(aligned, closed_at=closed_at) if closed_at else aligned)
         return out

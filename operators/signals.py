@@ -70,6 +70,7 @@ class ScoredRow(msgspec.Struct, frozen=True, kw_only=True):
     overlay_ok: dict
     predictions: dict  # model -> Prediction
     scored_at: int = 0  # wall-clock ms when scoring finished (latency accounting)
+    closed_at: int = 0  # wall-clock ms when the bar's last 1m window closed
 
     @property
     def instrument(self) -> str:
@@ -93,11 +94,11 @@ class ModelMetrics(msgspec.Struct, frozen=True, kw_only=True):
     n: int
 
 
-def scored(row, predictions: dict, now_ms: int = 0) -> ScoredRow:
+def scored(row, predictions: dict, now_ms: int = 0, closed_at: int = 0) -> ScoredRow:
     """An aligned primary row (operators.features.AlignedRow) with its predictions."""
     return ScoredRow(exchange=row.exchange, symbol=row.symbol, tf=row.tf, start=row.start, end=row.end,
                      close=row.close, warm=row.warm, regime=row.regime, features=row.features,
-                     overlay_ok=row.overlay_ok, predictions=predictions, scored_at=now_ms)
+                     overlay_ok=row.overlay_ok, predictions=predictions, scored_at=now_ms, closed_at=closed_at)
 
 
 def metrics_rows(label, metrics: dict) -> list[ModelMetrics]:

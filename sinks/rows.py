@@ -10,6 +10,10 @@ import polars as pl
 import json
 
 from operators.bars import Bar
+from operators.decision import Decision
+from operators.paper import EquityPoint, Fill
+from operators.portfolio import BatchQuality
+from operators.risk import RiskEvent
 from operators.events import Event
 from operators.features import AlignedRow
 from operators.labels import Label
@@ -32,6 +36,17 @@ LABEL_COLUMNS = ["exchange", "symbol", "tf", "start", "end", "horizon", "fwd_ret
 PREDICTION_COLUMNS = ["exchange", "symbol", "tf", "start", "end", "model", "version", "p_down", "p_flat", "p_up",
                       "confidence", "alpha", "votes"]
 METRIC_COLUMNS = ["exchange", "symbol", "model", "ts", "accuracy", "log_loss", "brier", "n"]
+TAG_COLUMNS = ["origin", "strategy_id", "variant_id", "config_hash"]
+DECISION_COLUMNS = TAG_COLUMNS + [
+    "ts", "decided_at", "exchange", "symbol", "tf", "bar_start", "close", "action", "side", "arm", "reason", "arms",
+    "gates_passed", "gates_failed", "vetoes", "shadow_vetoes", "quality", "best_conf", "conf_min", "rv", "trend",
+    "size_frac", "vol_scale", "kelly", "notional", "position_id", "bandit_draws", "latency_ms"]
+FILL_COLUMNS = TAG_COLUMNS + [
+    "ts", "exchange", "symbol", "side", "qty", "price", "ref_price", "notional", "fee", "slippage_bps", "reason",
+    "position_id", "position_side", "realised_pnl", "pnl_bps", "decision_ts", "arm"]
+EQUITY_COLUMNS = TAG_COLUMNS + [
+    "ts", "seq", "equity", "cash", "realised_pnl", "unrealised_pnl", "fees", "exposure", "open_positions", "peak",
+    "drawdown", "halted"]
 
 
 @dataclass
@@ -69,6 +84,22 @@ def prediction_rows(s: ScoredRow) -> list[list]:
             for p in s.predictions.values()]
 
 
+def decision_row(d: Decision) -> list:
+    row = []
+    for c in DECISION_COLUMNS:
+        v = getattr(d, c)
+        if c == "arms":
+            v = json.dumps([{"arm": a.arm, "side": a.side, "strength": a.strength, "eligible": a.eligible,
+                             "reasons": list(a.reasons), "value": a.value, "model": a.model, "p_win": a.p_win}
+                            for a in v])
+        elif c == "bandit_draws":
+            v = json.dumps(v, sort_keys=True)
+        elif c in ("gates_passed", "gates_failed", "vetoes", "shadow_vetoes"):
+            v = list(v)
+        row.append(v)
+    return row
+
+
 def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
     """Group records by table; count what passes in ``stats`` (a ``SinkStats``)."""
     out: dict[str, Rows] = {}
@@ -104,6 +135,17 @@ def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
             add("predictions", PREDICTION_COLUMNS, prediction_rows(rec))
         elif isinstance(rec, ModelMetrics):
             add("model_metrics", METRIC_COLUMNS, [[getattr(rec, c) for c in METRIC_COLUMNS]])
+        elif isinstance(rec, Decision):
+            add("decisions", DECISION_COLUMNS, [decision_row(rec)])
+        elif isinstance(rec, Fill):
+            add("fills", FILL_COLUMNS, [[getattr(rec, c) for c in FILL_COLUMNS]])
+        elif isinstance(rec, EquityPoint):
+            add("equity", EQUITY_COLUMNS, [[getattr(rec, c) for c in EQUITY_COLUMNS]])
+        elif isinstance(rec, RiskEvent):
+            ev = rec.as_event()
+            add("events", EVENT_COLUMNS, [[getattr(ev, c) for c in EVENT_COLUMNS]])
+        elif isinstance(rec, BatchQuality):
+            pass  # only the portfolio's data-quality gate uses it
         elif isinstance(rec, Counter):
             stats.counters[rec.name] = stats.counters.get(rec.name, 0) + rec.value
         else:

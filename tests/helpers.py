@@ -79,7 +79,11 @@ def synthetic_tape(symbols: list[str], minutes: int, start_ms: int = T0, seed: i
 
 
 def settings(tmp_path=None, **kw):
-    return load_settings(data_dir=str(tmp_path) if tmp_path else "data", epoch_interval_s=0, **kw)
+    """Test settings: a private data dir (no ONNX artefacts or control files from elsewhere)."""
+    import tempfile
+
+    return load_settings(data_dir=str(tmp_path) if tmp_path else tempfile.mkdtemp(prefix="tapeflow-test-"),
+                         epoch_interval_s=0, **kw)
 
 
 def run_pipeline(items: list, store: Store, cfg=None, *, pace=None, now_getter=None, recovery=None,

@@ -1,0 +1,127 @@
+"""The portfolio stage (DESIGN: one key, ``"portfolio"``, sees everything): the production strategy
+(and, with the optimizer, its paper variants) on the stream of scored primary rows and 1m bars,
+with the data-quality gate fed by data-gap events, late trades and dead letters. Pure logic.
+
+Data quality of a primary bar [start, end) of an instrument:
+- ``data_gap``: a data-gap event of that instrument overlaps the bar (from_ts < end and to_ts > start);
+- ``late_rate``: late trades of the instrument inside the bar / (trades + late) above ``max_late_rate``;
+- ``dead_letter_rate``: dead letters / (dead letters + decoded trades) over the last
+  ``dead_window`` batches above ``max_dead_rate`` (dead letters rarely know their instrument, so this
+  one is global and counted per source batch).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from operators.bars import Bar
+from operators.decision import StrategyConfig
+from operators.events import Event
+from operators.signals import ScoredRow
+from operators.strategy import StrategyEngine
+
+PORTFOLIO_KEY = "portfolio"
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    max_late_rate: float = 0.05
+    max_dead_rate: float = 0.05
+    dead_window: int = 20  # batches
+    gap_memory_ms: int = 7 * 86_400_000  # forget gap events older than this (event time)
+
+
+@dataclass(frozen=True)
+class BatchQuality:
+    """What one decoded batch held: valid trades and dead letters (the decode step emits it)."""
+
+    trades: int
+    dead: int
+
+
+@dataclass
+class DataQuality:
+    cfg: QualityConfig = field(default_factory=QualityConfig)
+    gaps: dict = field(default_factory=dict)  # instrument -> list of (from_ts, to_ts)
+    late: dict = field(default_factory=dict)  # instrument -> {minute start: late count}
+    trades: dict = field(default_factory=dict)  # instrument -> {minute start: trades in the 1m bar}
+    batches: deque = field(default_factory=deque)  # (trades, dead)
+
+    def on_event(self, ev: Event) -> None:
+        if ev.kind == "data_gap" and ev.from_ts is not None and ev.to_ts is not None:
+            spans = self.gaps.setdefault(f"{ev.exchange}:{ev.symbol}", [])
+            spans.append((ev.from_ts, ev.to_ts))
+            horizon = ev.to_ts - self.cfg.gap_memory_ms
+            spans[:] = [s for s in spans if s[1] >= horizon]
+
+    def on_late(self, instrument: str, late_ts: list[int]) -> None:
+        d = self.late.setdefault(instrument, {})
+        for ts in late_ts:
+            m = ts - ts % 60_000
+            d[m] = d.get(m, 0) + 1
+
+    def on_bar(self, bar: Bar) -> None:
+        d = self.trades.setdefault(bar.instrument, {})
+        d[bar.start] = bar.trades
+        cutoff = bar.start - 86_400_000  # a day of minutes is plenty for any primary bar
+        for book in (d, self.late.get(bar.instrument, {})):
+            for m in [m for m in book if m < cutoff]:
+                del book[m]
+
+    def on_batch(self, b: BatchQuality) -> None:
+        self.batches.append((b.trades, b.dead))
+        while len(self.batches) > self.cfg.dead_window:
+            self.batches.popleft()
+
+    def verdict(self, instrument: str, start: int, end: int) -> Optional[str]:
+        for lo, hi in self.gaps.get(instrument, ()):
+            if lo < end and hi > start:
+                return "data_gap"
+        late = sum(v for m, v in self.late.get(instrument, {}).items() if start <= m < end)
+        if late:
+            trades = sum(v for m, v in self.trades.get(instrument, {}).items() if start <= m < end)
+            if late / (trades + late) > self.cfg.max_late_rate:
+                return "late_rate"
+        dead = sum(d for _, d in self.batches)
+        good = sum(t for t, _ in self.batches)
+        if dead and dead / (dead + good) > self.cfg.max_dead_rate:
+            return "dead_letter_rate"
+        return None
+
+
+@dataclass
+class Portfolio:
+    """Production strategy (+ variants, later) and the data-quality tracker. Every output record is
+    a Decision, Fill, EquityPoint or RiskEvent of one of the strategies."""
+
+    production: StrategyEngine
+    quality: DataQuality = field(default_factory=DataQuality)
+
+    @classmethod
+    def create(cls, cfg: StrategyConfig, quality: QualityConfig = QualityConfig(),
+               strategy_id: str = "ensemble") -> "Portfolio":
+        return cls(StrategyEngine(cfg, origin="production", strategy_id=strategy_id, variant_id="base"),
+                   DataQuality(quality))
+
+    def engines(self) -> list[StrategyEngine]:
+        return [self.production]
+
+    def on_scored(self, row: ScoredRow, now_ms: int) -> list:
+        q = self.quality.verdict(row.instrument, row.start, row.end)
+        out: list = []
+        for e in self.engines():
+            out.extend(e.on_scored(row, q, now_ms))
+        return out
+
+    def on_bar(self, bar: Bar) -> list:
+        self.quality.on_bar(bar)
+        out: list = []
+        for e in self.engines():
+            out.extend(e.on_bar(bar))
+        return out
+
+    def reset_kill_switch(self, ts_ms: int, by: str, strategy: str = "production") -> list:
+        return [e.reset_kill_switch(ts_ms, by) for e in self.engines()
+                if strategy in ("all", e.origin, e.strategy_id)]
