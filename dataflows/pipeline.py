@@ -29,7 +29,7 @@ import bytewax.operators as op
 import bytewax.operators.windowing as win
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
-from bytewax.operators import StatefulLogic
+from bytewax.operators import StatefulBatchLogic, StatefulLogic
 from bytewax.outputs import Sink
 
 from dataflows.clock import PacedEventClock, utc_now
@@ -160,36 +160,56 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class PortfolioLogic(StatefulLogic):
+class PortfolioLogic(StatefulBatchLogic):
     """The one ``"portfolio"`` key: production strategy (+ variants) over every instrument's scored
-    rows and 1m bars, with the data-quality gate and operator commands (kill-switch resets)."""
+    rows and 1m bars, with the data-quality gate and operator commands (kill-switch resets).
 
-    def __init__(self, state: Optional[P.Portfolio], make: Callable[[], P.Portfolio], inbox):
-        self.p = state or make()
+    Each batch applies its data-quality news (gap events, late trades, dead-letter counts) before
+    its market items, so a gap reported in band ahead of the trades after it gates every bar those
+    trades close, whatever order the merged streams arrive in."""
+
+    def __init__(self, state: Optional[tuple], make: Callable[[], P.Portfolio], inbox, ordered: bool):
+        self.p, self.seq = state if state is not None else (make(), P.Sequencer() if ordered else None)
         self.inbox = inbox
 
-    def on_item(self, item) -> tuple[list, bool]:
+    def on_batch(self, items: list) -> tuple[list, bool]:
         out: list = []
         for req in self.inbox.take() if self.inbox else []:
             out.extend(self.p.reset_kill_switch(_wall_ms(), req.get("by", "operator"), req.get("strategy", "production")))
-        if isinstance(item, S.ScoredRow):
-            now = _wall_ms()
-            for rec in self.p.on_scored(item, now):
-                if isinstance(rec, Decision) and item.closed_at:
-                    rec.latency_ms = float(now - item.closed_at)
-                out.append(rec)
-        elif isinstance(item, B.Bar):
-            out.extend(self.p.on_bar(item))
-        elif isinstance(item, T.LateTrades):
-            self.p.quality.on_late(f"{item.exchange}:{item.symbol}", item.trades["ts"].to_list())
-        elif isinstance(item, Event):
-            self.p.quality.on_event(item)
-        elif isinstance(item, P.BatchQuality):
-            self.p.quality.on_batch(item)
-        return out, StatefulLogic.RETAIN
+        market = []
+        for item in items:
+            if isinstance(item, (S.ScoredRow, B.Bar)):
+                market.append(item)
+            elif isinstance(item, T.LateTrades):
+                self.p.quality.on_late(f"{item.exchange}:{item.symbol}", item.trades["ts"].to_list())
+            elif isinstance(item, Event):
+                self.p.quality.on_event(item)
+            elif isinstance(item, P.BatchQuality):
+                self.p.quality.on_batch(item)
+        for item in market:
+            for x in self.seq.push(item) if self.seq is not None else [item]:
+                out.extend(self._market(x))
+        return out, StatefulBatchLogic.RETAIN
 
-    def snapshot(self) -> P.Portfolio:
-        return copy.deepcopy(self.p)
+    def _market(self, item) -> list:
+        if isinstance(item, B.Bar):
+            return self.p.on_bar(item)
+        now = _wall_ms()
+        out = self.p.on_scored(item, now)
+        for rec in out:
+            if isinstance(rec, Decision) and item.closed_at:
+                rec.latency_ms = float(now - item.closed_at)
+        return out
+
+    def on_eof(self) -> tuple[list, bool]:
+        out: list = []
+        if self.seq is not None:
+            for x in self.seq.flush():
+                out.extend(self._market(x))
+        return out, StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> tuple:
+        return copy.deepcopy((self.p, self.seq))
 
 
 def _late_chunk(key_window_chunk: tuple[int, T.Chunk]) -> T.LateTrades:
@@ -263,9 +283,9 @@ def build_flow(
         events,
         batch_quality,
     )
-    trading = op.stateful(
+    trading = op.stateful_batch(
         "portfolio", op.key_on("to_portfolio", portfolio_in, lambda _: P.PORTFOLIO_KEY),
-        lambda resume: PortfolioLogic(resume, make_portfolio, inbox))
+        lambda resume: PortfolioLogic(resume, make_portfolio, inbox, ordered=pace is None))
 
     records = op.merge(
         "records",

@@ -92,6 +92,53 @@ class DataQuality:
 
 
 @dataclass
+class Sequencer:
+    """Puts the instruments' streams into one event-time order before the portfolio sees them.
+
+    Bytewax delivers different instruments' items to the portfolio key in whatever order their
+    workers produce them; a shared book (equity, positions, one bandit) would then depend on it:
+    instrument B's bar from 10:07 could move equity before A's decision at 10:05. Here a 1m bar or
+    scored row ending at t is released only when every active instrument has shown a bar ending
+    after t, and released items are ordered by (t, bars before scored rows, instrument). An
+    instrument whose newest bar is more than ``idle_ms`` behind the newest of all is not waited for.
+    Used for replays (deterministic rows); live runs skip it to keep decision latency low.
+    """
+
+    idle_ms: int = 600_000
+    last_end: dict = field(default_factory=dict)  # instrument -> newest 1m bar end seen
+    buffer: list = field(default_factory=list)  # (t, rank, instrument, n, item)
+    n: int = 0
+
+    def push(self, item) -> list:
+        if isinstance(item, Bar):
+            inst, t, rank = item.instrument, item.end, 0
+            self.last_end[inst] = max(self.last_end.get(inst, t), t)
+        else:
+            inst, t, rank = item.instrument, item.end, 1
+        self.n += 1
+        self.buffer.append((t, rank, inst, self.n, item))
+        return self._release()
+
+    def _release(self) -> list:
+        if not self.last_end:
+            return []
+        newest = max(self.last_end.values())
+        active = [e for e in self.last_end.values() if e >= newest - self.idle_ms]
+        watermark = min(active)
+        ready = [b for b in self.buffer if b[0] < watermark]
+        if not ready:
+            return []
+        self.buffer = [b for b in self.buffer if b[0] >= watermark]
+        ready.sort(key=lambda b: b[:4])
+        return [b[4] for b in ready]
+
+    def flush(self) -> list:
+        out = [b[4] for b in sorted(self.buffer, key=lambda b: b[:4])]
+        self.buffer = []
+        return out
+
+
+@dataclass
 class Portfolio:
     """Production strategy (+ variants, later) and the data-quality tracker. Every output record is
     a Decision, Fill, EquityPoint or RiskEvent of one of the strategies."""
