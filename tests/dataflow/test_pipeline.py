@@ -138,7 +138,7 @@ def test_idle_symbol_closes_its_bar_on_the_wall_clock_without_spinning(store):
 
 
 def _tape_with_trouble():
-    tape = synthetic_tape(["BTC/USDT:USDT", "ETH/USDT:USDT"], minutes=90, rate=1.0, jitter_ms=3000)
+    tape = synthetic_tape(["BTC/USDT:USDT", "ETH/USDT:USDT"], minutes=300, rate=0.5, jitter_ms=3000)
     msgs: list = tape.drop("offset").to_dicts()
     msgs.insert(100, b"not json")
     msgs.insert(2000, msgs[1500])  # a duplicate
@@ -146,21 +146,33 @@ def _tape_with_trouble():
 
 
 def test_recovery_after_abort_stores_the_same_rows_as_an_uninterrupted_run(store, other_store, tmp_path):
+    """Everything downstream too: features, labels, River predictions (model state survives the
+    restart), decisions, fills and equity of the strategy."""
     msgs = _tape_with_trouble()
     plain = raw_batches(msgs, size=500)
-    run_pipeline(plain, store)
+    cfg = settings(tmp_path / "data", online_warmup_labels=5,
+                   strategy={"conf_min": 0.4, "alpha_min": 0.02, "no_trade_conf": 0.35, "require_warm": False,
+                             "consensus_enabled": False})
+    run_pipeline(plain, store, cfg)
 
     items = list(plain)
     items.insert(len(items) // 3, TestingSource.ABORT())
     items.insert(2 * len(items) // 3, TestingSource.ABORT())
-    init_db_dir(tmp_path, 1)
-    rc = RecoveryConfig(str(tmp_path))
+    (tmp_path / "rec").mkdir()
+    init_db_dir(tmp_path / "rec", 1)
+    rc = RecoveryConfig(str(tmp_path / "rec"))
     for _ in range(3):  # two aborts, then the run that reaches EOF
-        run_pipeline(items, other_store, recovery=rc)
+        run_pipeline(items, other_store, cfg, recovery=rc)
 
     for table, order, excl in (("bars", "exchange, symbol, tf, start", ()),
                                ("late_trades", "exchange, symbol, id", ("recv_ts",)),
-                               ("dead_letters", "source, partition, offset", ("recv_ts",))):
+                               ("dead_letters", "source, partition, offset", ("recv_ts",)),
+                               ("features", "exchange, symbol, tf, start", ()),
+                               ("labels", "exchange, symbol, tf, start", ()),
+                               ("predictions", "exchange, symbol, tf, start, model", ()),
+                               ("decisions", "strategy_id, exchange, symbol, ts", ("decided_at", "latency_ms")),
+                               ("fills", "strategy_id, position_id, ts, reason", ()),
+                               ("equity", "strategy_id, ts", ())):
         a, b = stored(store, table, order, excl), stored(other_store, table, order, excl)
         assert a.height > 0, table
         assert a.equals(b), f"{table} differs after recovery"
