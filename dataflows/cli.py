@@ -161,7 +161,8 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
             sink = NullSink(counts.sink)
         else:
             sink = ClickHouseSink(settings.dsn(), settings.clickhouse_database, counts.sink,
-                                  settings.sink_flush_rows, settings.sink_flush_ms)
+                                  settings.sink_flush_rows, settings.sink_flush_ms,
+                                  health_every_s=settings.health_every_s or None, process=proc_id or 0)
         flow = build_flow(settings, src, sink, pace=pace, ensemble=None if no_store else "auto")
         recovery = runner.recovery_config(rec_dir, processes * workers)
         phase_dir = run_dir / f"phase-{k}" if proc_id is None else run_dir

@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     recovery_dir: Optional[Path] = Field(None, description="bytewax recovery directory (off if unset)")
     sink_flush_rows: int = Field(5_000, gt=0)
     sink_flush_ms: int = Field(1_000, ge=0)
+    health_every_s: float = Field(10.0, ge=0, description="pipeline_health row interval (0: off)")
 
     # kafka
     kafka_brokers: str = Field("localhost:9092", description="bootstrap servers, comma-separated")

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 import clickhouse_connect
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
+from sinks.health import HEALTH_COLUMNS, HealthMeter
 from sinks.rows import Rows, to_rows
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "infra" / "clickhouse"
@@ -89,20 +90,29 @@ class SinkStats:
 
 
 class _Partition(StatefulSinkPartition[Any, None]):
-    def __init__(self, open_store: Callable[[], Store], stats: SinkStats, flush_rows: int, flush_ms: int):
+    def __init__(self, open_store: Callable[[], Store], stats: SinkStats, flush_rows: int, flush_ms: int,
+                 health: Optional[HealthMeter] = None):
         self.store = open_store()
         self.stats, self.flush_rows, self.flush_ms = stats, flush_rows, flush_ms
+        self.health = health
         self.buffer: dict[str, Rows] = {}
         self.buffered = 0
         self.first_at: float | None = None
 
+    def _add(self, table: str, rows: Rows) -> None:
+        if table in self.buffer:
+            self.buffer[table].data.extend(rows.data)
+        else:
+            self.buffer[table] = rows
+        self.buffered += len(rows.data)
+
     def write_batch(self, values: list) -> None:
         for table, rows in to_rows(values, self.stats).items():
-            if table in self.buffer:
-                self.buffer[table].data.extend(rows.data)
-            else:
-                self.buffer[table] = rows
-            self.buffered += len(rows.data)
+            self._add(table, rows)
+        if self.health is not None:
+            self.health.observe(values)
+            if self.health.due():
+                self._add("pipeline_health", Rows(HEALTH_COLUMNS, [self.health.row()]))
         if self.buffered and self.first_at is None:
             self.first_at = time.monotonic()
         if self.buffered >= self.flush_rows or (
@@ -121,6 +131,8 @@ class _Partition(StatefulSinkPartition[Any, None]):
         return None
 
     def close(self) -> None:
+        if self.health is not None:
+            self._add("pipeline_health", Rows(HEALTH_COLUMNS, [self.health.row()]))
         self.flush()
         self.store.close()
 
@@ -129,16 +141,20 @@ class ClickHouseSink(FixedPartitionedSink[Any, None]):
     """Writes records (bars, late trades, dead letters, ...) in batches; one partition."""
 
     def __init__(self, dsn: str, database: str, stats: SinkStats | None = None,
-                 flush_rows: int = 5_000, flush_ms: int = 1_000):
+                 flush_rows: int = 5_000, flush_ms: int = 1_000, health_every_s: Optional[float] = None,
+                 process: int = 0):
         self.dsn, self.database = dsn, database
         self.stats = stats if stats is not None else SinkStats()
         self.flush_rows, self.flush_ms = flush_rows, flush_ms
+        self.health_every_s, self.process = health_every_s, process
 
     def list_parts(self) -> list[str]:
         return ["clickhouse"]
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _Partition:
-        return _Partition(lambda: Store(self.dsn, self.database), self.stats, self.flush_rows, self.flush_ms)
+        health = HealthMeter(self.health_every_s, self.process) if self.health_every_s else None
+        return _Partition(lambda: Store(self.dsn, self.database), self.stats, self.flush_rows, self.flush_ms,
+                          health)
 
 
 def store_rows(store: Store, records: Iterable[Any], stats: SinkStats | None = None) -> None:

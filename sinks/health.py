@@ -1,0 +1,73 @@
+"""Pipeline health, measured where every output passes: the sink. Every ``every_s`` of wall time
+the sink adds a ``pipeline_health`` row: trades counted into 1m bars per second, bars, late
+trades, dead letters, duplicates, watermark lag (wall clock minus the newest bar end), decision
+latency percentiles (window close -> decision, from the decisions' latency_ms) and RSS."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from operators.bars import Bar
+from operators.decision import Decision
+from operators.trades import Counter, DeadLetter, LateTrades
+
+HEALTH_COLUMNS = ["ts", "process", "worker", "trades_in", "trades_per_s", "bars", "late_trades", "dead_letters",
+                  "duplicates", "watermark_lag_ms", "decision_p50_ms", "decision_p95_ms", "decision_p99_ms",
+                  "decisions", "rss_mb"]
+
+
+@dataclass
+class HealthMeter:
+    every_s: float = 10.0
+    process: int = 0
+    worker: int = 0
+    started: float = field(default_factory=time.time)
+    last: float = field(default_factory=time.time)
+    trades: int = 0
+    bars: int = 0
+    late: int = 0
+    dead: int = 0
+    dups: int = 0
+    newest_end: Optional[int] = None
+    latencies: list = field(default_factory=list)
+
+    def observe(self, records: list[Any]) -> None:
+        for rec in records:
+            if isinstance(rec, tuple) and len(rec) == 2 and isinstance(rec[0], str):
+                rec = rec[1]
+            if isinstance(rec, Bar):
+                self.bars += 1
+                if rec.tf == "1m":
+                    self.trades += rec.trades
+                    self.newest_end = rec.end if self.newest_end is None else max(self.newest_end, rec.end)
+            elif isinstance(rec, Decision):
+                self.latencies.append(rec.latency_ms)
+            elif isinstance(rec, LateTrades):
+                self.late += rec.trades.height
+            elif isinstance(rec, DeadLetter):
+                self.dead += 1
+            elif isinstance(rec, Counter) and rec.name == "duplicates":
+                self.dups += rec.value
+
+    def due(self, now: Optional[float] = None) -> bool:
+        return (now if now is not None else time.time()) - self.last >= self.every_s
+
+    def row(self, now: Optional[float] = None) -> list:
+        """The row for the interval since the last one; resets the interval counters."""
+        now = now if now is not None else time.time()
+        span = max(now - self.last, 1e-9)
+        lat = np.array(self.latencies, dtype=float)
+        p50, p95, p99 = (np.percentile(lat, [50, 95, 99]).tolist() if len(lat) else (None, None, None))
+        lag = now * 1000 - self.newest_end if self.newest_end is not None else None
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row = [int(now * 1000), self.process, self.worker, self.trades, self.trades / span, self.bars, self.late,
+               self.dead, self.dups, lag, p50, p95, p99, len(lat), rss]
+        self.last = now
+        self.trades = self.bars = self.late = self.dead = self.dups = 0
+        self.latencies = []
+        return row
