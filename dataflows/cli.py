@@ -26,10 +26,14 @@ DEFAULT_SYMBOLS = "BTC/USDT:USDT,ETH/USDT:USDT,SOL/USDT:USDT"
 
 
 def _settings(ctx: click.Context, **overrides) -> Settings:
+    from dataflows.logs import register_settings_secrets
+
     try:
-        return load_settings(ctx.obj.get("config"), **overrides)
+        settings = load_settings(ctx.obj.get("config"), **overrides)
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
+    register_settings_secrets(settings)
+    return settings
 
 
 def _parse_start(text: str) -> int:
@@ -49,8 +53,9 @@ def _parse_start(text: str) -> int:
 @click.pass_context
 def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
     """tapeflow: exchange trades -> multi-timeframe bars and order-flow -> ClickHouse."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from dataflows.logs import setup_logging
+
+    setup_logging(logging.INFO if verbose else logging.WARNING, json=True)
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
 
@@ -310,6 +315,50 @@ def _print_strategies(settings: Settings) -> list[dict]:
                   "-" if r["sharpe"] is None else f"{r['sharpe']:.2f}", f"{r['max_drawdown']:.2%}")
     out_console.print(t)
     return rows
+
+
+@main.command()
+@click.option("--day", required=True, help="UTC day to report, YYYY-MM-DD")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="directory for the markdown and charts (default: <data_dir>/reports)")
+@click.option("--strategy", default="production", show_default=True,
+              help="whose trades: an origin (production | experimental) or a strategy id")
+@click.option("--low-conf", type=float, default=0.6, show_default=True,
+              help="entries whose decision's best model confidence is below this are listed as low-confidence")
+@click.option("--llm/--no-llm", default=True, show_default=True,
+              help="add an LLM summary when TAPEFLOW_LLM_BASE_URL and TAPEFLOW_LLM_MODEL are set (sends aggregates only)")
+@click.option("--dsn", default=None, help="ClickHouse DSN (default: TAPEFLOW_CLICKHOUSE_DSN or embedded chdb)")
+@click.option("--database", default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.pass_context
+def report(ctx: click.Context, day: str, out_dir: Optional[Path], strategy: str, low_conf: float, llm: bool,
+           dsn: Optional[str], database: Optional[str], data_dir: Optional[Path]) -> None:
+    """Write a daily summary (markdown + PNG charts): trades, wins, losses, best and worst trade,
+    low-confidence entries, vetoes, kill-switch events, model quality."""
+    from datetime import date
+
+    from dataflows.report import LlmConfig, write_report
+    from sinks.clickhouse import Store, StoreError
+
+    try:
+        the_day = date.fromisoformat(day)
+    except ValueError:
+        raise click.BadParameter(f"{day!r} is not a day (YYYY-MM-DD)", param_hint="--day") from None
+    settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
+    try:
+        llm_cfg = LlmConfig.from_env() if llm else None
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        store = Store(settings.dsn(), settings.clickhouse_database)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        path = write_report(store, the_day, out_dir or settings.data_dir / "reports", strategy=strategy,
+                            llm=llm_cfg, low_conf=low_conf)
+    finally:
+        store.close()
+    click.echo(f"wrote {path}")
 
 
 @main.group()

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from operators.bars import TIMEFRAMES, BarConfig
 from operators.decision import StrategyConfig
+from operators.optimizer import OptimizerConfig
 from operators.portfolio import QualityConfig
 from operators.trades import AdmitConfig
 
@@ -73,6 +74,7 @@ class Settings(BaseSettings):
     # decisions (every StrategyConfig field; see operators/decision.py for the list and defaults)
     strategy: dict = Field({}, description="overrides of the production strategy's settings, e.g. {conf_min: 0.6}")
     quality: dict = Field({}, description="data-quality gate: max_late_rate, max_dead_rate, dead_window")
+    optimizer: dict = Field({}, description="live optimizer (OptimizerConfig fields), e.g. {enabled: true}")
 
     # running
     batch_size: int = Field(20_000, gt=0, description="trades per source batch")
@@ -103,6 +105,24 @@ class Settings(BaseSettings):
     def _quality_valid(cls, v: dict) -> dict:
         QualityConfig(**v)
         return v
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer_valid(cls, v: dict) -> dict:
+        known = {f.name for f in dataclasses.fields(OptimizerConfig)}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown optimizer setting(s) {unknown}; known: {sorted(known)}")
+        OptimizerConfig(**_tuples(v))
+        return v
+
+    @model_validator(mode="after")
+    def _search_space_valid(self) -> "Settings":
+        if self.optimizer.get("enabled"):
+            from operators.optimizer import default_space
+
+            default_space(self.overlay_tfs).validate(self.strategy_config(), self.primary_tf, self.overlay_tfs)
+        return self
 
     @field_validator("timeframes")
     @classmethod
@@ -138,6 +158,9 @@ class Settings(BaseSettings):
 
     def quality_config(self) -> QualityConfig:
         return QualityConfig(**self.quality)
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(**{"seed": self.seed, **_tuples(self.optimizer)})
 
     def artifacts(self) -> Path:
         return (self.artifacts_dir or self.data_dir / "artifacts").resolve()

@@ -41,7 +41,6 @@ from operators import labels as L
 from operators import portfolio as P
 from operators import signals as S
 from operators import trades as T
-from operators.decision import Decision
 from operators.events import Event
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -194,12 +193,7 @@ class PortfolioLogic(StatefulBatchLogic):
     def _market(self, item) -> list:
         if isinstance(item, B.Bar):
             return self.p.on_bar(item)
-        now = _wall_ms()
-        out = self.p.on_scored(item, now)
-        for rec in out:
-            if isinstance(rec, Decision) and item.closed_at:
-                rec.latency_ms = float(now - item.closed_at)
-        return out
+        return self.p.on_scored(item, _wall_ms())
 
     def on_eof(self) -> tuple[list, bool]:
         out: list = []
@@ -232,8 +226,11 @@ def build_flow(
     strategy_cfg = settings.strategy_config()
     quality_cfg = settings.quality_config()
 
+    optimizer_cfg = settings.optimizer_config()
+
     def make_portfolio() -> P.Portfolio:
-        return P.Portfolio.create(strategy_cfg, quality_cfg)
+        return P.Portfolio.create(strategy_cfg, quality_cfg, optimizer=optimizer_cfg, primary_tf=settings.primary_tf,
+                                  overlay_tfs=tuple(settings.overlay_tfs))
 
     inbox = ControlInbox(settings.data_dir)
     if ensemble == "auto":

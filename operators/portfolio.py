@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from operators.bars import Bar
-from operators.decision import StrategyConfig
+from operators.decision import Decision, StrategyConfig
 from operators.events import Event
+from operators.optimizer import Optimizer, OptimizerConfig, apply_promotion
 from operators.signals import ScoredRow
 from operators.strategy import StrategyEngine
 
@@ -140,33 +141,63 @@ class Sequencer:
 
 @dataclass
 class Portfolio:
-    """Production strategy (+ variants, later) and the data-quality tracker. Every output record is
-    a Decision, Fill, EquityPoint or RiskEvent of one of the strategies."""
+    """Production strategy, the optimizer's paper variants (when on) and the data-quality tracker.
+    Output records: Decision, Fill, EquityPoint and RiskEvent of every strategy, VariantMetrics on
+    the optimizer's schedule, and a promotion Event when a variant replaces production's config.
+
+    Variants run beside production on the same rows and bars with their own engines (own book,
+    bandit and random generator): production's rows are the same with the optimizer on or off."""
 
     production: StrategyEngine
     quality: DataQuality = field(default_factory=DataQuality)
+    optimizer: Optional[Optimizer] = None
 
     @classmethod
-    def create(cls, cfg: StrategyConfig, quality: QualityConfig = QualityConfig(),
-               strategy_id: str = "ensemble") -> "Portfolio":
+    def create(cls, cfg: StrategyConfig, quality: QualityConfig = QualityConfig(), strategy_id: str = "ensemble",
+               optimizer: Optional[OptimizerConfig] = None, primary_tf: str = "5m",
+               overlay_tfs: tuple = ("15m", "1h")) -> "Portfolio":
+        opt = None
+        if optimizer is not None and optimizer.enabled:
+            opt = Optimizer(optimizer, cfg, strategy_id=strategy_id, primary_tf=primary_tf, overlay_tfs=overlay_tfs)
         return cls(StrategyEngine(cfg, origin="production", strategy_id=strategy_id, variant_id="base"),
-                   DataQuality(quality))
+                   DataQuality(quality), opt)
 
     def engines(self) -> list[StrategyEngine]:
-        return [self.production]
+        return [self.production] + (self.optimizer.engines() if self.optimizer is not None else [])
 
     def on_scored(self, row: ScoredRow, now_ms: int) -> list:
         q = self.quality.verdict(row.instrument, row.start, row.end)
         out: list = []
         for e in self.engines():
-            out.extend(e.on_scored(row, q, now_ms))
-        return out
+            for rec in e.on_scored(row, q, now_ms):
+                if isinstance(rec, Decision) and row.closed_at:
+                    rec.latency_ms = float(now_ms - row.closed_at)
+                out.append(rec)
+        return out + self._optimize(out, row.end)
 
     def on_bar(self, bar: Bar) -> list:
         self.quality.on_bar(bar)
         out: list = []
         for e in self.engines():
             out.extend(e.on_bar(bar))
+        return out + self._optimize(out, None)
+
+    def _optimize(self, records: list, bar_end: Optional[int]) -> list:
+        """Feed the optimizer; at a primary bar boundary, emit metrics when due and apply a promotion."""
+        opt = self.optimizer
+        if opt is None:
+            return []
+        opt.observe(records)
+        if bar_end is None or not opt.metrics_due():
+            return []
+        out: list = list(opt.metrics(bar_end))
+        promo = opt.maybe_promote(bar_end)
+        if promo is not None:
+            swapped = apply_promotion(self.production, promo)
+            if swapped is not None:
+                self.production = swapped
+                out.append(promo.as_event())
+            opt.refill(bar_end)
         return out
 
     def reset_kill_switch(self, ts_ms: int, by: str, strategy: str = "production") -> list:

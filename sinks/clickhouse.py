@@ -28,7 +28,10 @@ class StoreError(RuntimeError):
 
 
 def redact_dsn(dsn: str) -> str:
-    return re.sub(r"//([^:/@]+):([^@]*)@", r"//\1:***@", dsn)
+    """The DSN with its password masked: in the user info (//user:pw@) and in query parameters
+    whose name looks secret (?password=..., &access_token=...)."""
+    dsn = re.sub(r"//([^:/@]+):([^@]*)@", r"//\1:***@", dsn)
+    return re.sub(r"(?i)([?&][^=&#]*(?:password|passwd|secret|token|key)[^=&#]*=)[^&#]*", r"\1***", dsn)
 
 
 class Store:

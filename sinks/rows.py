@@ -16,6 +16,7 @@ from operators.portfolio import BatchQuality
 from operators.risk import RiskEvent
 from operators.events import Event
 from operators.features import AlignedRow
+from operators.optimizer import VARIANT_METRICS_COLUMNS, VariantMetrics
 from operators.labels import Label
 from operators.signals import ModelMetrics, ScoredRow
 from operators.trades import Counter, DeadLetter, LateTrades
@@ -144,6 +145,8 @@ def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
         elif isinstance(rec, RiskEvent):
             ev = rec.as_event()
             add("events", EVENT_COLUMNS, [[getattr(ev, c) for c in EVENT_COLUMNS]])
+        elif isinstance(rec, VariantMetrics):
+            add("variant_metrics", VARIANT_METRICS_COLUMNS, [rec.row()])
         elif isinstance(rec, BatchQuality):
             pass  # only the portfolio's data-quality gate uses it
         elif isinstance(rec, Counter):
