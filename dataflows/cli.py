@@ -362,6 +362,56 @@ def report(ctx: click.Context, day: str, out_dir: Optional[Path], strategy: str,
 
 
 @main.group()
+def optimizer() -> None:
+    """The live optimizer of paper variants (enable with TAPEFLOW_OPTIMIZER='{"enabled": true}')."""
+
+
+@optimizer.command("status")
+@click.option("--strategy", default=None, help="strategy id (default: all)")
+@click.option("--dsn", default=None)
+@click.option("--database", default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.pass_context
+def optimizer_status(ctx: click.Context, strategy: Optional[str], dsn: Optional[str], database: Optional[str],
+                     data_dir: Optional[Path]) -> None:
+    """The live leaderboard from ClickHouse: newest metrics of every variant, then promotions."""
+    import json as _json
+
+    from dataflows.reporting import leaderboard, promotions
+    from sinks.clickhouse import Store, StoreError
+
+    settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
+    try:
+        store = Store(settings.dsn(), settings.clickhouse_database)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        rows, promos = leaderboard(store, strategy), promotions(store)
+    finally:
+        store.close()
+    if not rows:
+        click.echo("no optimizer metrics yet (is the optimizer enabled? TAPEFLOW_OPTIMIZER='{\"enabled\": true}')")
+        return
+
+    def num(v, f):
+        return "-" if v is None else format(v, f)
+
+    t = Table(title="optimizer leaderboard", title_justify="left")
+    for c in ("variant", "status", "runtime h", "trades", "ROI", "win rate", "Sharpe", "Sortino", "max DD", "DSR",
+              "changes"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        name = "production" if r["origin"] == "production" else r["variant_id"]
+        changes = ", ".join(f"{k}={v}" for k, v in _json.loads(r["config"] or "{}").items())
+        t.add_row(name, r["status"], f"{r['runtime_ms'] / 3_600_000:.1f}", f"{r['trades']:,}", f"{r['roi']:.2%}",
+                  num(r["win_rate"], ".1%"), num(r["sharpe"], ".2f"), num(r["sortino"], ".2f"),
+                  f"{r['max_drawdown']:.2%}", num(r["dsr"], ".3f"), changes[:60])
+    out_console.print(t)
+    for p in promos:
+        click.echo(f"promotion at {_cell(p['ts'])}: {_json.loads(p['detail']).get('variant_id')} ({p['reason'][:120]})")
+
+
+@main.group()
 def killswitch() -> None:
     """The drawdown kill switch: it halts a strategy until an operator resets it."""
 

@@ -19,7 +19,7 @@ from typing import Optional
 from operators.bars import Bar
 from operators.decision import Decision, StrategyConfig
 from operators.events import Event
-from operators.optimizer import Optimizer, OptimizerConfig, apply_promotion
+from operators.optimizer import Optimizer, OptimizerConfig, Promotion, apply_promotion
 from operators.signals import ScoredRow
 from operators.strategy import StrategyEngine
 
@@ -151,6 +151,7 @@ class Portfolio:
     production: StrategyEngine
     quality: DataQuality = field(default_factory=DataQuality)
     optimizer: Optional[Optimizer] = None
+    pending: Optional[Promotion] = None  # decided at a bar's end, applied before the next bar's rows
 
     @classmethod
     def create(cls, cfg: StrategyConfig, quality: QualityConfig = QualityConfig(), strategy_id: str = "ensemble",
@@ -166,8 +167,8 @@ class Portfolio:
         return [self.production] + (self.optimizer.engines() if self.optimizer is not None else [])
 
     def on_scored(self, row: ScoredRow, now_ms: int) -> list:
+        out: list = self._swap(row.end)
         q = self.quality.verdict(row.instrument, row.start, row.end)
-        out: list = []
         for e in self.engines():
             for rec in e.on_scored(row, q, now_ms):
                 if isinstance(rec, Decision) and row.closed_at:
@@ -191,13 +192,24 @@ class Portfolio:
         if bar_end is None or not opt.metrics_due():
             return []
         out: list = list(opt.metrics(bar_end))
-        promo = opt.maybe_promote(bar_end)
-        if promo is not None:
-            swapped = apply_promotion(self.production, promo)
-            if swapped is not None:
-                self.production = swapped
-                out.append(promo.as_event())
-            opt.refill(bar_end)
+        if self.pending is None:
+            self.pending = opt.maybe_promote(bar_end)
+        return out
+
+    def _swap(self, row_end: int) -> list:
+        """A promotion decided at the end of bar t switches production before the first row of a
+        later bar: every instrument's bar t is decided under the old config, the next under the new
+        one. Open positions stay (optimizer.apply_promotion: the new config's exits manage them)."""
+        promo = self.pending
+        if promo is None or row_end <= promo.ts:
+            return []
+        self.pending = None
+        out = []
+        swapped = apply_promotion(self.production, promo)
+        if swapped is not None:
+            self.production = swapped
+            out.append(promo.as_event())
+        self.optimizer.refill(promo.ts)
         return out
 
     def reset_kill_switch(self, ts_ms: int, by: str, strategy: str = "production") -> list:

@@ -99,7 +99,7 @@ def run_pipeline(items: list, store: Store, cfg=None, *, pace=None, now_getter=N
 
 def stored(store: Store, table: str, order: str, exclude: tuple = ()) -> pl.DataFrame:
     cols, rows = store.query(f"SELECT * FROM {table} FINAL ORDER BY {order}")
-    df = pl.DataFrame(rows, schema=cols, orient="row") if rows else pl.DataFrame(schema=cols)
+    df = pl.DataFrame(rows, schema=cols, orient="row", infer_schema_length=None) if rows else pl.DataFrame(schema=cols)
     return df.drop([c for c in exclude if c in df.columns])
 
 

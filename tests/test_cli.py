@@ -93,3 +93,16 @@ def test_main_job_trains_on_the_first_part_then_scores_and_trades_the_rest(tmp_p
     assert prod["trades"] == 0 or abs(prod["win_rate"] - trades["w"] / trades["n"]) < 1e-12
     assert {"pnl", "sharpe", "max_drawdown"} <= set(prod)
     assert {r["model"] for r in summary["model_quality"]} >= {"onnx_ensemble", "river_lr", "river_arf"}
+
+
+def test_optimizer_status_prints_the_leaderboard_from_the_store(tmp_path):
+    env = {**__import__("os").environ, "TAPEFLOW_OPTIMIZER": '{"enabled": true, "max_variants": 3, "metrics_every_bars": 6}',
+           "TAPEFLOW_STRATEGY": '{"conf_min": 0.4, "alpha_min": 0.02, "no_trade_conf": 0.35, "require_warm": false}'}
+    tapeflow("run", "--data-dir", str(tmp_path), "--hours", "8", "--rate", "0.5", "--quiet", "--train-split", "0",
+             env=env)
+    out = tapeflow("optimizer", "status", "--data-dir", str(tmp_path)).stdout
+    assert "optimizer leaderboard" in out and "production" in out
+    variants = sql_json(tmp_path, "SELECT DISTINCT variant_id FROM variant_metrics FINAL WHERE origin = 'experimental'")
+    assert len(variants) == 3 and all(v["variant_id"] in out for v in variants)
+    empty = tapeflow("optimizer", "status", "--data-dir", str(tmp_path / "none")).stdout
+    assert "no optimizer metrics yet" in empty
