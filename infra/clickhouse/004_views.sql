@@ -1,7 +1,7 @@
 -- Views over the base tables (read with FINAL: the base tables are ReplacingMergeTree).
 
 -- Each prediction beside the label it was about, once that label matured.
-CREATE VIEW IF NOT EXISTS prediction_outcomes AS
+CREATE OR REPLACE VIEW prediction_outcomes AS
 SELECT
     p.exchange AS exchange, p.symbol AS symbol, p.tf AS tf, p.start AS start, p.end AS end,
     p.model AS model, p.version AS version,
