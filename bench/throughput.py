@@ -25,7 +25,8 @@ def one_run(processes: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="tapeflow-bench-") as d:
         out = Path(d) / "summary.json"
         symbols = ",".join(f"S{i:02d}/USDT:USDT" for i in range(args.symbols))
-        cmd = [sys.executable, "-m", "dataflows.cli", "run", "--quiet", "--data-dir", d, "--symbols", symbols,
+        cmd = [sys.executable, "-m", "dataflows.cli", "run", "--quiet", "--train-split", "0", "--data-dir", d,
+               "--symbols", symbols,
                "--hours", str(args.hours), "--rate", str(args.rate), "--processes", str(processes),
                "--summary-json", str(out)] + (["--no-store"] if args.no_store else [])
         t0 = time.time()

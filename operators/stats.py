@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-from scipy.stats import norm
 
 MINUTES_PER_YEAR = 365 * 24 * 60
 EULER_GAMMA = 0.5772156649015329  # Euler-Mascheroni constant
@@ -216,6 +215,8 @@ def psr(sr: float, sr_star: float, n: int, skew: float = 0.0, kurt: float = 3.0)
     diff = sr - sr_star
     if not den > 0:
         return 1.0 if diff > 0 else 0.0 if diff < 0 else 0.5
+    from scipy.stats import norm  # lazy: scipy.stats costs ~1 s to import
+
     return float(norm.cdf(diff * math.sqrt(n - 1) / math.sqrt(den)))
 
 
@@ -232,6 +233,8 @@ def expected_max_sharpe(n_trials: int, var_sr: float) -> float:
     if n_trials is None or n_trials <= 1 or var_sr is None or not var_sr > 0:
         return 0.0
     n = float(n_trials)
+    from scipy.stats import norm
+
     z = (1.0 - EULER_GAMMA) * norm.ppf(1.0 - 1.0 / n) + EULER_GAMMA * norm.ppf(1.0 - 1.0 / (n * math.e))
     return float(math.sqrt(var_sr) * z)
 
