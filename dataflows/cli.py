@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import click
 from rich.console import Console
@@ -34,6 +35,21 @@ def _settings(ctx: click.Context, **overrides) -> Settings:
         raise click.ClickException(str(err)) from None
     register_settings_secrets(settings)
     return settings
+
+
+@contextmanager
+def _store(settings: Settings) -> Iterator:
+    """The configured store (schema applied), closed afterwards; a clear error if unusable."""
+    from sinks.clickhouse import Store, StoreError
+
+    try:
+        store = Store(settings.dsn(), settings.clickhouse_database)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _parse_start(text: str) -> int:
@@ -121,7 +137,7 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
     state throughout: the pipeline continues from its recovery snapshot)."""
     from dataflows import runner
     from dataflows.pipeline import build_flow
-    from sinks.clickhouse import ClickHouseSink, Store, StoreError
+    from sinks.clickhouse import ClickHouseSink
 
     settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir,
                          recovery_dir=recovery_dir, batch_size=batch_size, kafka_brokers=brokers,
@@ -150,10 +166,8 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
     pace = None if clock == "event" or (clock == "auto" and not live) else (speed or 1.0)
 
     if not is_peer and not no_store:  # schema first, with a clear error if the store is unusable
-        try:
-            Store(settings.dsn(), settings.clickhouse_database).close()
-        except StoreError as err:
-            raise click.ClickException(str(err)) from None
+        with _store(settings):
+            pass
 
     elapsed = 0.0
     for k, phase_end in enumerate(phases):
@@ -245,10 +259,8 @@ def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int,
 def _train(settings: Settings, until_ms: Optional[int] = None, folds: int = 4, quiet: bool = False):
     """Train the ONNX ensemble on the store's features and labels; print the folds."""
     from dataflows.training import train_from_store
-    from sinks.clickhouse import Store
 
-    store = Store(settings.dsn(), settings.clickhouse_database)
-    try:
+    with _store(settings) as store:
         bar = None if quiet else Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.description}"),
                                           TimeElapsedColumn(), console=err_console)
         task = bar.add_task("reading features", total=folds) if bar else None
@@ -261,8 +273,6 @@ def _train(settings: Settings, until_ms: Optional[int] = None, folds: int = 4, q
         finally:
             if bar:
                 bar.stop()
-    finally:
-        store.close()
     t = Table(title=f"ONNX ensemble {manifest.version}", title_justify="left")
     for c in ("fold", "train rows", "valid rows", "log loss", "Brier", "accuracy"):
         t.add_column(c, justify="right")
@@ -275,13 +285,9 @@ def _train(settings: Settings, until_ms: Optional[int] = None, folds: int = 4, q
 
 def _print_model_quality(settings: Settings, since_ms: Optional[int]) -> list[dict]:
     from dataflows.training import model_quality
-    from sinks.clickhouse import Store
 
-    store = Store(settings.dsn(), settings.clickhouse_database)
-    try:
+    with _store(settings) as store:
         rows = model_quality(store, since_ms)
-    finally:
-        store.close()
     if not rows:
         return rows
     title = "model quality" + (" on the scored part (after training)" if since_ms else "")
@@ -297,13 +303,9 @@ def _print_model_quality(settings: Settings, since_ms: Optional[int]) -> list[di
 
 def _print_strategies(settings: Settings) -> list[dict]:
     from dataflows.reporting import strategy_summary
-    from sinks.clickhouse import Store
 
-    store = Store(settings.dsn(), settings.clickhouse_database)
-    try:
+    with _store(settings) as store:
         rows = strategy_summary(store, settings.strategy_config().initial_equity)
-    finally:
-        store.close()
     if not rows:
         return rows
     t = Table(title="strategies (paper)", title_justify="left")
@@ -338,7 +340,6 @@ def report(ctx: click.Context, day: str, out_dir: Optional[Path], strategy: str,
     from datetime import date
 
     from dataflows.report import LlmConfig, write_report
-    from sinks.clickhouse import Store, StoreError
 
     try:
         the_day = date.fromisoformat(day)
@@ -349,15 +350,9 @@ def report(ctx: click.Context, day: str, out_dir: Optional[Path], strategy: str,
         llm_cfg = LlmConfig.from_env() if llm else None
     except ValueError as err:
         raise click.ClickException(str(err)) from None
-    try:
-        store = Store(settings.dsn(), settings.clickhouse_database)
-    except StoreError as err:
-        raise click.ClickException(str(err)) from None
-    try:
+    with _store(settings) as store:
         path = write_report(store, the_day, out_dir or settings.data_dir / "reports", strategy=strategy,
                             llm=llm_cfg, low_conf=low_conf)
-    finally:
-        store.close()
     click.echo(f"wrote {path}")
 
 
@@ -378,17 +373,10 @@ def optimizer_status(ctx: click.Context, strategy: Optional[str], dsn: Optional[
     import json as _json
 
     from dataflows.reporting import leaderboard, promotions
-    from sinks.clickhouse import Store, StoreError
 
     settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
-    try:
-        store = Store(settings.dsn(), settings.clickhouse_database)
-    except StoreError as err:
-        raise click.ClickException(str(err)) from None
-    try:
+    with _store(settings) as store:
         rows, promos = leaderboard(store, strategy), promotions(store)
-    finally:
-        store.close()
     if not rows:
         click.echo("no optimizer metrics yet (is the optimizer enabled? TAPEFLOW_OPTIMIZER='{\"enabled\": true}')")
         return
@@ -442,20 +430,13 @@ def killswitch_status(ctx: click.Context, data_dir: Optional[Path]) -> None:
     """Last kill-switch event per strategy, and requests not yet applied."""
     from dataflows.control import pending
     from dataflows.reporting import kill_switch_status
-    from sinks.clickhouse import Store, StoreError
 
     settings = _settings(ctx, data_dir=data_dir)
     waiting = pending(settings.data_dir)
     if waiting:
         click.echo(f"{len(waiting)} reset request(s) waiting for the pipeline: {', '.join(p.name for p in waiting)}")
-    try:
-        store = Store(settings.dsn(), settings.clickhouse_database)
-    except StoreError as err:
-        raise click.ClickException(str(err)) from None
-    try:
+    with _store(settings) as store:
         rows = kill_switch_status(store)
-    finally:
-        store.close()
     if not rows:
         click.echo("no kill switch has tripped")
     for r in rows:
@@ -718,19 +699,12 @@ def health(ctx: click.Context, kafka: bool, clickhouse: bool, timeout: float) ->
 def sql(ctx: click.Context, query: str, dsn: Optional[str], database: Optional[str], data_dir: Optional[Path],
         fmt: str) -> None:
     """Run QUERY against the configured store and print the result."""
-    from sinks.clickhouse import Store, StoreError
-
     settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
-    try:
-        store = Store(settings.dsn(), settings.clickhouse_database)
-    except StoreError as err:
-        raise click.ClickException(str(err)) from None
-    try:
-        cols, rows = store.query(query)
-    except Exception as err:  # noqa: BLE001 - show the server's message, not a traceback
-        raise click.ClickException(f"query failed: {str(err).strip().splitlines()[0]}") from None
-    finally:
-        store.close()
+    with _store(settings) as store:
+        try:
+            cols, rows = store.query(query)
+        except Exception as err:  # noqa: BLE001 - show the server's message, not a traceback
+            raise click.ClickException(f"query failed: {str(err).strip().splitlines()[0]}") from None
     _print_rows(cols, rows, fmt)
 
 

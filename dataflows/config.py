@@ -90,30 +90,16 @@ class Settings(BaseSettings):
     kafka_partitions: int = Field(6, gt=0, description="partitions when tapeflow creates the topic")
     kafka_batch_size: int = Field(10_000, gt=0, description="messages per Kafka poll")
 
-    @field_validator("strategy")
+    @field_validator("strategy", "quality", "optimizer")
     @classmethod
-    def _strategy_valid(cls, v: dict) -> dict:
-        known = {f.name for f in dataclasses.fields(StrategyConfig)}
+    def _dataclass_fields_valid(cls, v: dict, info) -> dict:
+        """Each of these settings is a dataclass's fields: unknown names and bad values fail here."""
+        target = {"strategy": StrategyConfig, "quality": QualityConfig, "optimizer": OptimizerConfig}[info.field_name]
+        known = {f.name for f in dataclasses.fields(target)}
         unknown = sorted(set(v) - known)
         if unknown:
-            raise ValueError(f"unknown strategy setting(s) {unknown}; known: {sorted(known)}")
-        StrategyConfig(**_tuples(v))  # raises ValueError naming the field
-        return v
-
-    @field_validator("quality")
-    @classmethod
-    def _quality_valid(cls, v: dict) -> dict:
-        QualityConfig(**v)
-        return v
-
-    @field_validator("optimizer")
-    @classmethod
-    def _optimizer_valid(cls, v: dict) -> dict:
-        known = {f.name for f in dataclasses.fields(OptimizerConfig)}
-        unknown = sorted(set(v) - known)
-        if unknown:
-            raise ValueError(f"unknown optimizer setting(s) {unknown}; known: {sorted(known)}")
-        OptimizerConfig(**_tuples(v))
+            raise ValueError(f"unknown {info.field_name} setting(s) {unknown}; known: {sorted(known)}")
+        target(**_tuples(v))  # raises ValueError naming the field
         return v
 
     @model_validator(mode="after")

@@ -2,11 +2,10 @@
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import msgspec
 import polars as pl
-import pytest
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource
 

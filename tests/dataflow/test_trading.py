@@ -1,7 +1,6 @@
 """The portfolio stage in the whole pipeline: the data-quality gate fed by an in-band data-gap
 event, decisions tagged and one per scored row, fills only at a later 1m bar's open."""
 
-import msgspec
 import polars as pl
 
 from operators.events import Event, encode_in_band

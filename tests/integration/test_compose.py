@@ -13,7 +13,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.integration.test_kafka_pipeline import sql

@@ -1,8 +1,6 @@
 """ccxt -> ingest dataflow -> Kafka -> pipeline, with scripted venues (no network) and a real broker."""
 
 import json
-import subprocess
-import sys
 import uuid
 from collections import Counter
 

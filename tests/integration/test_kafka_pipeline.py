@@ -14,7 +14,6 @@ import time
 import uuid
 
 import msgspec
-import polars as pl
 from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.kafka import TradeProducer, ensure_topic, tape_messages
