@@ -15,15 +15,13 @@ The broker shares the 2 cores with the consumer. Rates include start-up; medians
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec  # noqa: E402
 import polars as pl  # noqa: E402
@@ -31,6 +29,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition  # noqa: E402
 
 from dataflows.kafka import TradeProducer, ensure_topic, tape_messages  # noqa: E402
 from operators import synthetic as syn  # noqa: E402
+from common import run_summary  # noqa: E402
 from tests.broker import tansu  # noqa: E402
 
 
@@ -96,16 +95,8 @@ def plain_loop(brokers: str, topic: str, partitions: int) -> tuple[int, int, flo
 
 
 def pipeline(brokers: str, topic: str, processes: int, store: bool) -> dict:
-    with tempfile.TemporaryDirectory(prefix="tapeflow-kbench-") as d:
-        out = Path(d) / "s.json"
-        cmd = [sys.executable, "-m", "dataflows.cli", "run", "--source", "kafka", "--brokers", brokers,
-               "--topic", topic, "--eof", "--quiet", "--processes", str(processes), "--data-dir", d,
-               "--summary-json", str(out)] + ([] if store else ["--no-store"])
-        t0 = time.time()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        res = json.loads(out.read_text())
-        res["wall_s"] = time.time() - t0
-        return res
+    return run_summary(["--source", "kafka", "--brokers", brokers, "--topic", topic, "--eof", "--processes",
+                        str(processes)] + ([] if store else ["--no-store"]))
 
 
 def main() -> None:

@@ -12,28 +12,18 @@ excluded) and peak RSS per process. Medians over --repeat runs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_summary  # noqa: E402
 
 
 def one_run(processes: int, args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory(prefix="tapeflow-bench-") as d:
-        out = Path(d) / "summary.json"
-        symbols = ",".join(f"S{i:02d}/USDT:USDT" for i in range(args.symbols))
-        cmd = [sys.executable, "-m", "dataflows.cli", "run", "--quiet", "--train-split", "0", "--data-dir", d,
-               "--symbols", symbols,
-               "--hours", str(args.hours), "--rate", str(args.rate), "--processes", str(processes),
-               "--summary-json", str(out)] + (["--no-store"] if args.no_store else [])
-        t0 = time.time()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        res = json.loads(out.read_text())
-        res["wall_s"] = time.time() - t0
-        return res
+    symbols = ",".join(f"S{i:02d}/USDT:USDT" for i in range(args.symbols))
+    return run_summary(["--train-split", "0", "--symbols", symbols, "--hours", str(args.hours), "--rate",
+                        str(args.rate), "--processes", str(processes)] + (["--no-store"] if args.no_store else []))
 
 
 def main() -> None:

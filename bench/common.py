@@ -1,0 +1,24 @@
+"""Shared by the benchmark scripts: run `tapeflow run` in a fresh process and read its summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_summary(args: list[str]) -> dict:
+    """`tapeflow run ARGS --quiet --data-dir TMP --summary-json TMP/s.json` -> the summary dict,
+    plus ``wall_s`` (the whole process, start-up included)."""
+    with tempfile.TemporaryDirectory(prefix="tapeflow-bench-") as d:
+        out = Path(d) / "summary.json"
+        cmd = [sys.executable, "-m", "dataflows.cli", "run", *args, "--quiet", "--data-dir", d,
+               "--summary-json", str(out)]
+        t0 = time.time()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        res = json.loads(out.read_text())
+        res["wall_s"] = time.time() - t0
+        return res
