@@ -223,7 +223,7 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
         summary_json.write_text(json.dumps({
             "trades_in": counts.trades_in, "elapsed_s": elapsed, "trades_per_s": counts.trades_in / elapsed,
             "processes": processes, "workers": workers,
-            "peak_rss_mb": [runner.peak_rss_mb(), *counts.peer_rss_mb],
+            "peak_rss_mb": [runner.peak_rss_mb(), *counts.peer_rss_mb.values()],
             "sink": asdict(counts.sink), "model_quality": quality, "strategies": strategies},
             indent=2, default=str))
 
@@ -548,7 +548,7 @@ def _print_summary(total, elapsed: float, settings: Settings, resumed: bool) -> 
         t.add_row(f"bars {tf}", f"{s.bars.get(tf, 0):,}")
     t.add_row("elapsed", f"{elapsed:.2f} s")
     t.add_row("throughput", f"{total.trades_in / elapsed:,.0f} trades/s" if elapsed > 0 else "-")
-    t.add_row("peak RSS", " + ".join(f"{m:,.0f} MB" for m in [peak_rss_mb()] + total.peer_rss_mb))
+    t.add_row("peak RSS", " + ".join(f"{m:,.0f} MB" for m in [peak_rss_mb(), *total.peer_rss_mb.values()]))
     t.add_row("store", f"{settings.clickhouse_database} @ {redact_dsn(settings.dsn())}")
     out_console.print(t)
     accounted = s.trades_in_bars + s.late_trades + dup + s.dead_letters

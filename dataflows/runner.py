@@ -35,12 +35,12 @@ class RunCounts:
     trades_in: int = 0
     sink: SinkStats = field(default_factory=SinkStats)
     peak_rss_mb: float = 0.0  # of this process
-    peer_rss_mb: list = field(default_factory=list)  # of the other processes, when added up
+    peer_rss_mb: dict = field(default_factory=dict)  # process index -> peak (over the run's phases)
 
-    def add(self, other: "RunCounts") -> None:
+    def add(self, other: "RunCounts", proc: int = 0) -> None:
         self.trades_in += other.trades_in
         if other.peak_rss_mb:
-            self.peer_rss_mb.append(other.peak_rss_mb)
+            self.peer_rss_mb[proc] = max(self.peer_rss_mb.get(proc, 0.0), other.peak_rss_mb)
         s, o = self.sink, other.sink
         for mine, theirs in ((s.rows, o.rows), (s.bars, o.bars), (s.counters, o.counters)):
             for k, v in theirs.items():
@@ -123,7 +123,7 @@ def collect_counts(run_dir: Path, processes: int, mine: RunCounts) -> RunCounts:
     for i in range(1, processes):
         f = run_dir / f"proc-{i}.json"
         if f.exists():
-            mine.add(RunCounts.from_json(f.read_text()))
+            mine.add(RunCounts.from_json(f.read_text()), proc=i)
     return mine
 
 
