@@ -182,7 +182,10 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
             sink = ClickHouseSink(settings.dsn(), settings.clickhouse_database, counts.sink,
                                   settings.sink_flush_rows, settings.sink_flush_ms,
                                   health_every_s=settings.health_every_s or None, process=proc_id or 0)
-        flow = build_flow(settings, src, sink, pace=pace, ensemble=None if no_store else "auto")
+        # the first part of a train-then-score run is scored without any ensemble: one left over from
+        # an earlier run on the same data would score it in-sample
+        first_of_split = split_ms is not None and k == 0
+        flow = build_flow(settings, src, sink, pace=pace, ensemble=None if (no_store or first_of_split) else "auto")
         recovery = runner.recovery_config(rec_dir, processes * workers)
         phase_dir = run_dir / f"phase-{k}" if proc_id is None else run_dir
         phase_dir.mkdir(parents=True, exist_ok=True)

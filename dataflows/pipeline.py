@@ -225,7 +225,6 @@ def build_flow(
     ``ensemble``: the ONNX ensemble scorer ("auto": watch ``settings.artifacts()``; None: off)."""
     strategy_cfg = settings.strategy_config()
     quality_cfg = settings.quality_config()
-
     optimizer_cfg = settings.optimizer_config()
 
     def make_portfolio() -> P.Portfolio:
