@@ -14,7 +14,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 PREFIX = "killswitch-reset-"
 
@@ -64,9 +64,3 @@ class ControlInbox:
 def pending(data_dir: Path) -> list[Path]:
     d = control_dir(data_dir)
     return sorted(d.glob(f"{PREFIX}*.json")) if d.is_dir() else []
-
-
-def last_done(data_dir: Path) -> Optional[Path]:
-    d = control_dir(data_dir)
-    done = sorted(d.glob(f"{PREFIX}*.done")) if d.is_dir() else []
-    return done[-1] if done else None

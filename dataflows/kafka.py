@@ -255,12 +255,3 @@ def publish_tape(path, producer: TradeProducer, *, exchange: Optional[str] = Non
             progress(sent, total or 0)
     producer.flush()
     return sent
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.1) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(every_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")

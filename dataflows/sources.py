@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -334,13 +334,3 @@ class ReplaySource(FixedPartitionedSource[FrameBatch, int]):
     def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]):
         idx = int(for_part.split(":", 1)[0])
         return _ReplayPartition(self, Path(self.paths[idx]), for_part, resume_state or 0)
-
-
-def utc_ms(dt: datetime) -> int:
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return int(dt.timestamp() * 1000)
-
-
-def ms_to_dt(ms: int) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=ms)

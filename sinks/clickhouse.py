@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import clickhouse_connect
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
@@ -158,9 +158,3 @@ class ClickHouseSink(FixedPartitionedSink[Any, None]):
         health = HealthMeter(self.health_every_s, self.process) if self.health_every_s else None
         return _Partition(lambda: Store(self.dsn, self.database), self.stats, self.flush_rows, self.flush_ms,
                           health)
-
-
-def store_rows(store: Store, records: Iterable[Any], stats: SinkStats | None = None) -> None:
-    """Write records directly (tools and tests), through the same row functions as the sink."""
-    for table, rows in to_rows(list(records), stats or SinkStats()).items():
-        store.insert(table, rows)

@@ -12,7 +12,6 @@ import json
 from operators.bars import Bar
 from operators.decision import Decision
 from operators.paper import EquityPoint, Fill
-from operators.portfolio import BatchQuality
 from operators.risk import RiskEvent
 from operators.events import Event
 from operators.features import AlignedRow
@@ -147,8 +146,6 @@ def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
             add("events", EVENT_COLUMNS, [[getattr(ev, c) for c in EVENT_COLUMNS]])
         elif isinstance(rec, VariantMetrics):
             add("variant_metrics", VARIANT_METRICS_COLUMNS, [rec.row()])
-        elif isinstance(rec, BatchQuality):
-            pass  # only the portfolio's data-quality gate uses it
         elif isinstance(rec, Counter):
             stats.counters[rec.name] = stats.counters.get(rec.name, 0) + rec.value
         else:
