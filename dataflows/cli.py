@@ -220,8 +220,11 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
                 err_console.print(f"[yellow]no ONNX ensemble trained: {err}[/yellow]")
 
     _print_summary(counts, elapsed, settings, resumed=rec_dir is not None and not split_ms)
-    quality = _print_model_quality(settings, split_ms) if not no_store else []
-    strategies = _print_strategies(settings) if not no_store else []
+    quality, strategies = [], []
+    if not no_store:
+        with _store(settings) as store:  # one open for both read-backs (an open re-applies the schema)
+            quality = _print_model_quality(store, split_ms)
+            strategies = _print_strategies(store, settings.strategy_config().initial_equity)
     if summary_json:
         summary_json.write_text(json.dumps({
             "trades_in": counts.trades_in, "elapsed_s": elapsed, "trades_per_s": counts.trades_in / elapsed,
@@ -286,11 +289,10 @@ def _train(settings: Settings, until_ms: Optional[int] = None, folds: int = 4, q
     return manifest
 
 
-def _print_model_quality(settings: Settings, since_ms: Optional[int]) -> list[dict]:
+def _print_model_quality(store, since_ms: Optional[int]) -> list[dict]:
     from dataflows.training import model_quality
 
-    with _store(settings) as store:
-        rows = model_quality(store, since_ms)
+    rows = model_quality(store, since_ms)
     if not rows:
         return rows
     title = "model quality" + (" on the scored part (after training)" if since_ms else "")
@@ -304,11 +306,10 @@ def _print_model_quality(settings: Settings, since_ms: Optional[int]) -> list[di
     return rows
 
 
-def _print_strategies(settings: Settings) -> list[dict]:
+def _print_strategies(store, initial_equity: float) -> list[dict]:
     from dataflows.reporting import strategy_summary
 
-    with _store(settings) as store:
-        rows = strategy_summary(store, settings.strategy_config().initial_equity)
+    rows = strategy_summary(store, initial_equity)
     if not rows:
         return rows
     t = Table(title="strategies (paper)", title_justify="left")
