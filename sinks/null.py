@@ -6,9 +6,8 @@ from typing import Any
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from operators.bars import Bar
-from operators.trades import Counter, DeadLetter, LateTrades
 from sinks.clickhouse import SinkStats
+from sinks.rows import count
 
 
 class _Counting(StatelessSinkPartition[Any]):
@@ -16,18 +15,8 @@ class _Counting(StatelessSinkPartition[Any]):
         self.stats = stats
 
     def write_batch(self, items: list) -> None:
-        s = self.stats
         for _, rec in items:
-            if isinstance(rec, Bar):
-                s.bars[rec.tf] = s.bars.get(rec.tf, 0) + 1
-                if rec.tf == "1m":
-                    s.trades_in_bars += rec.trades
-            elif isinstance(rec, LateTrades):
-                s.late_trades += rec.trades.height
-            elif isinstance(rec, DeadLetter):
-                s.dead_letters += 1
-            elif isinstance(rec, Counter):
-                s.counters[rec.name] = s.counters.get(rec.name, 0) + rec.value
+            count(self.stats, rec)
 
 
 class NullSink(DynamicSink[Any]):

@@ -100,6 +100,23 @@ def decision_row(d: Decision) -> list:
     return row
 
 
+def count(stats: Any, rec: Any) -> None:
+    """Count a record into ``stats`` (a ``SinkStats``): bars per timeframe, trades in 1m bars,
+    late trades, dead letters, events by kind and named counters."""
+    if isinstance(rec, Bar):
+        stats.bars[rec.tf] = stats.bars.get(rec.tf, 0) + 1
+        if rec.tf == "1m":
+            stats.trades_in_bars += rec.trades
+    elif isinstance(rec, LateTrades):
+        stats.late_trades += rec.trades.height
+    elif isinstance(rec, DeadLetter):
+        stats.dead_letters += 1
+    elif isinstance(rec, Event):
+        stats.counters[f"events.{rec.kind}"] = stats.counters.get(f"events.{rec.kind}", 0) + 1
+    elif isinstance(rec, Counter):
+        stats.counters[rec.name] = stats.counters.get(rec.name, 0) + rec.value
+
+
 def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
     """Group records by table; count what passes in ``stats`` (a ``SinkStats``)."""
     out: dict[str, Rows] = {}
@@ -112,21 +129,15 @@ def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
     for rec in records:
         if isinstance(rec, tuple) and len(rec) == 2 and isinstance(rec[0], str):
             rec = rec[1]  # (key, record)
+        count(stats, rec)
         if isinstance(rec, Bar):
             add("bars", BAR_COLUMNS, [bar_row(rec)])
-            stats.bars[rec.tf] = stats.bars.get(rec.tf, 0) + 1
-            if rec.tf == "1m":
-                stats.trades_in_bars += rec.trades
         elif isinstance(rec, LateTrades):
-            rows = late_rows(rec)
-            add("late_trades", LATE_COLUMNS, rows)
-            stats.late_trades += len(rows)
+            add("late_trades", LATE_COLUMNS, late_rows(rec))
         elif isinstance(rec, DeadLetter):
             add("dead_letters", DEAD_COLUMNS, [dead_row(rec)])
-            stats.dead_letters += 1
         elif isinstance(rec, Event):
             add("events", EVENT_COLUMNS, [[getattr(rec, c) for c in EVENT_COLUMNS]])
-            stats.counters[f"events.{rec.kind}"] = stats.counters.get(f"events.{rec.kind}", 0) + 1
         elif isinstance(rec, AlignedRow):
             add("features", FEATURE_COLUMNS, [feature_row(rec)])
         elif isinstance(rec, Label):
@@ -147,7 +158,7 @@ def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
         elif isinstance(rec, VariantMetrics):
             add("variant_metrics", VARIANT_METRICS_COLUMNS, [rec.row()])
         elif isinstance(rec, Counter):
-            stats.counters[rec.name] = stats.counters.get(rec.name, 0) + rec.value
+            pass  # counted above, stored nowhere
         else:
             raise TypeError(f"no table for record type {type(rec).__name__}")
     return out
