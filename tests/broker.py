@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 from dataflows.kafka import KafkaUnavailable, preflight
+from dataflows.runner import free_ports
 
 
 def tansu_binary() -> Path:
@@ -23,16 +23,10 @@ def tansu_binary() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def tansu(log: Optional[Path] = None, timeout_s: float = 30) -> Iterator[str]:
     """Start a broker, yield its bootstrap address, stop it."""
-    port = free_port()
+    (port,) = free_ports(1)
     url = f"tcp://127.0.0.1:{port}"
     out = open(log, "wb") if log else subprocess.DEVNULL
     proc = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
