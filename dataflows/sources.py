@@ -95,7 +95,7 @@ class _FramePartition(StatefulSourcePartition):
 
     def next_awake(self) -> Optional[datetime]:
         if self.pending is not None:
-            return self.pacer.wall_for(int(_event_ts(self.pending)[0]))
+            return self.pacer.wall_for(int(_event_ts(self.pending.head(1))[0]))  # only the next row
         return None
 
 
