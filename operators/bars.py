@@ -12,6 +12,17 @@ the bar's end is used.
 Roll-ups merge closed 1m bars. Every field merges exactly: sums add, the running-delta
 extremes shift by the delta accumulated before each sub-bar, and volume profiles add bin by
 bin, so a 1h bar equals the bar one would compute from the hour's trades directly.
+
+Volume profiles have bounded cost. A profile is a dense numpy array over at most
+``PROFILE_MAX_BINS`` bins. When a bar's price range would need more bins than that (a crash,
+a spike, or a bad symbol mix putting prices 150 and 60,061 in one instrument), the bar's profile
+uses a bin 10, 100, ... times the instrument's (the smallest such factor that fits), and says so:
+``profile_bin`` is the bin actually used and ``profile_coarse`` is true. A coarse bin is a whole
+number of instrument bins (fine bin i lies in coarse bin i // factor), so a roll-up re-bins the
+finer profiles onto the coarsest grid among its sub-bars, and coarsens further if the merged
+range needs it; the result equals the bar computed directly from the period's trades, which
+picks the same (smallest fitting) factor. The value area is computed with numpy, so neither the
+profile nor POC/VAH/VAL costs more for a wide bar than for an ordinary one.
 """
 
 from __future__ import annotations
@@ -33,12 +44,88 @@ TIMEFRAMES: dict[str, int] = {
     "1d": 86_400_000,
 }
 
+PROFILE_MAX_BINS = 2_000  # a bar's profile never has more bins; wider bars use a coarser bin
+
 
 def tf_ms(tf: str) -> int:
     try:
         return TIMEFRAMES[tf]
     except KeyError:
         raise ValueError(f"unknown timeframe {tf!r}; known: {', '.join(TIMEFRAMES)}") from None
+
+
+class Profile:
+    """A volume profile: ``vols[i]`` is the volume traded in price bin ``lo + i`` (bin index =
+    floor(price / bin)). Dense over at most PROFILE_MAX_BINS bins, so adding two profiles is two
+    slice additions. The array is never modified after construction: bars share profiles
+    instead of copying them."""
+
+    __slots__ = ("lo", "hi", "vols")
+
+    def __init__(self, lo: int, vols: np.ndarray):
+        self.lo = lo = int(lo)
+        self.hi = lo + len(vols) - 1  # last bin
+        self.vols = vols
+
+    @classmethod
+    def from_dict(cls, bins: dict) -> "Profile":
+        lo = min(bins)
+        vols = np.zeros(max(bins) - lo + 1)
+        for k, v in bins.items():
+            vols[k - lo] = v
+        return cls(lo, vols)
+
+    def to_dict(self) -> dict:
+        """bin index -> volume of the non-empty bins."""
+        nz = np.flatnonzero(self.vols)
+        return dict(zip((nz + self.lo).tolist(), self.vols[nz].tolist()))
+
+    def coarsen(self, factor: int) -> "Profile":
+        """The same volume on bins ``factor`` times wider: bin i falls in bin i // factor."""
+        if factor == 1:
+            return self
+        idx = np.arange(self.lo, self.hi + 1) // factor
+        return Profile(idx[0], np.bincount(idx - idx[0], weights=self.vols))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Profile) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable contents: not hashable
+
+    def __repr__(self) -> str:
+        return f"Profile({self.to_dict()})"
+
+
+def _coarsening(lo: int, hi: int) -> int:
+    """The smallest power of ten f such that bins lo..hi, made f times wider, are at most
+    PROFILE_MAX_BINS (1 when they already are). A few iterations at most: O(1) per bar."""
+    f = 1
+    while hi // f - lo // f >= PROFILE_MAX_BINS:
+        f *= 10
+    return f
+
+
+def _scaled_bin(bin_size: float, scale: int) -> float:
+    """``bin_size * scale`` without the binary noise (0.01 * 1000 -> 10.0)."""
+    return bin_size if scale == 1 else round(bin_size * scale, _bin_decimals(bin_size))
+
+
+def add_profiles(a: Profile, a_scale: int, b: Profile, b_scale: int) -> tuple[Profile, int]:
+    """``a + b`` and its scale. Profiles on different grids (scales 10^i, 10^j of the same
+    instrument bin) are re-binned onto the coarser grid, exactly: each finer bin lies in one
+    coarser bin. If the sum then spans more than PROFILE_MAX_BINS it is coarsened further."""
+    scale = max(a_scale, b_scale)
+    lo = min(a.lo // (scale // a_scale), b.lo // (scale // b_scale))
+    hi = max(a.hi // (scale // a_scale), b.hi // (scale // b_scale))
+    if hi - lo >= PROFILE_MAX_BINS:
+        scale *= _coarsening(lo, hi)
+    if scale != a_scale or scale != b_scale:
+        a, b = a.coarsen(scale // a_scale), b.coarsen(scale // b_scale)
+        lo, hi = min(a.lo, b.lo), max(a.hi, b.hi)
+    vols = np.zeros(hi - lo + 1)
+    vols[a.lo - lo:a.hi - lo + 1] = a.vols
+    vols[b.lo - lo:b.hi - lo + 1] += b.vols
+    return Profile(lo, vols), scale
 
 
 class Bar(msgspec.Struct, kw_only=True):
@@ -77,14 +164,21 @@ class Bar(msgspec.Struct, kw_only=True):
     poc: float
     vah: float
     val: float
-    profile_bin: float
-    profile: dict = msgspec.field(default_factory=dict)  # bin index -> volume; for roll-ups, not stored
+    profile_bin: float  # the bin of this bar's profile: the instrument's, times profile_scale
+    profile: Profile | None = None  # for roll-ups and the value area, not stored
+    profile_scale: int = 1  # profile bins are this many instrument bins wide (a power of ten); not stored
     partial: bool = False  # emitted at EOF before its period ended; replaced when the period completes
     closed_at: int = 0  # wall ms when its last 1m window closed (latency accounting; not stored)
 
     @property
     def instrument(self) -> str:
         return f"{self.exchange}:{self.symbol}"
+
+    @property
+    def profile_coarse(self) -> bool:
+        """Stored: the bar's range needed more than PROFILE_MAX_BINS instrument bins, so its
+        profile (and POC/VAH/VAL) uses the coarser ``profile_bin``."""
+        return self.profile_scale > 1
 
 
 @dataclass(frozen=True)
@@ -126,29 +220,32 @@ def _bin_decimals(bin_size: float) -> int:
     return max(0, -math.floor(math.log10(bin_size)) + 1)
 
 
-def value_area(profile: dict, fraction: float) -> tuple[int, int, int]:
+def value_area(profile: Profile, fraction: float) -> tuple[int, int, int]:
     """(poc, vah, val) bin indices. POC = bin with most volume (lowest on ties); the value area
     grows from the POC one bin at a time towards the side with more volume (up on ties) until
-    it holds ``fraction`` of the volume."""
-    lo_i, hi_i = min(profile), max(profile)
-    vols = np.zeros(hi_i - lo_i + 1)
-    for k, v in profile.items():
-        vols[k - lo_i] = v
-    poc = int(np.argmax(vols))
+    it holds ``fraction`` of the volume.
+
+    Vectorised: that expansion compares the next bin above with the next bin below, i.e. it
+    merges the sequences "bins above, going up" and "bins below, going down" by their heads.
+    Such a merge of unsorted sequences takes each bin in the order of its side's running
+    minimum up to it (a big bin waits behind a smaller one nearer the POC), so a stable sort
+    by running minimum, descending, gives the same order (bins above come first in the sorted
+    array, so they win ties as in the loop), and a cumulative sum the stopping point. The sums
+    are the loop's own additions in the loop's order (from the POC's volume on), so the result
+    is identical to the loop's (tests keep the loop as the reference).
+    """
+    vols = profile.vols
+    poc = int(vols.argmax())
     target = fraction * vols.sum()
-    lo = hi = poc
-    inside = vols[poc]
-    n = len(vols)
-    while inside < target and (lo > 0 or hi < n - 1):
-        up = vols[hi + 1] if hi < n - 1 else -1.0
-        down = vols[lo - 1] if lo > 0 else -1.0
-        if up >= down:
-            hi += 1
-            inside += up
-        else:
-            lo -= 1
-            inside += down
-    return poc + lo_i, hi + lo_i, lo + lo_i
+    up, down = vols[poc + 1:], vols[:poc][::-1]
+    seq = np.concatenate((vols[poc:poc + 1], up, down))  # the POC, then the bins above, then below
+    key = np.concatenate(((np.inf,), np.minimum.accumulate(up), np.minimum.accumulate(down)))
+    order = np.argsort(-key, kind="stable")
+    inside = seq[order].cumsum()
+    reached = inside >= target
+    steps = int(reached.argmax()) if reached[-1] else len(order) - 1  # bins added to the POC
+    n_down = int(np.count_nonzero(order[1:steps + 1] > len(up)))
+    return profile.lo + poc, profile.lo + poc + steps - n_down, profile.lo + poc - n_down
 
 
 def _linear_quantile(sorted_values: np.ndarray, q: float) -> float:
@@ -236,10 +333,11 @@ def make_bar(
     signed = np.where(is_buy, notional, -notional)
 
     bins = np.floor(price / bin_size + 1e-9).astype(np.int64)
+    scale = _coarsening(int(bins.min()), int(bins.max()))
+    if scale > 1:
+        bins //= scale
     first_bin = int(bins.min())
-    vols = np.bincount(bins - first_bin, weights=amount)
-    nz = np.flatnonzero(vols)
-    profile = dict(zip((nz + first_bin).tolist(), vols[nz].tolist()))
+    profile = Profile(first_bin, np.bincount(bins - first_bin, weights=amount))
     return _finish(
         exchange=exchange, symbol=symbol, tf=_tf_name(length_ms), start=start, end=start + length_ms,
         open=float(price[0]), high=float(price.max()), low=float(price.min()), close=float(price[-1]),
@@ -250,8 +348,8 @@ def make_bar(
         parent_orders=len(notional), pro_orders=int(pro.sum()), amateur_orders=int(amateur.sum()),
         pros_gross=float(notional[pro].sum()), pros_net=float(signed[pro].sum()),
         amateurs_gross=float(notional[amateur].sum()), amateurs_net=float(signed[amateur].sum()),
-        pro_threshold=hi, amateur_threshold=lo, profile_bin=bin_size, profile=profile,
-        va_fraction=cfg.value_area,
+        pro_threshold=hi, amateur_threshold=lo, profile_bin=_scaled_bin(bin_size, scale), profile=profile,
+        profile_scale=scale, va_fraction=cfg.value_area,
     )
 
 
@@ -290,12 +388,14 @@ _ADDITIVE = ("volume", "notional", "trades", "buy_volume", "sell_volume", "paren
 def merge(acc: Bar, bar: Bar, tf: str, start: int, end: int, value_area_fraction: float | None) -> Bar:
     """``acc`` (earlier sub-bars of a period) followed by ``bar`` -> the period's bar so far.
     With ``value_area_fraction=None`` POC/VAH/VAL are left for ``with_value_area`` (roll-ups
-    compute them once, when the period is emitted)."""
-    if bar.profile_bin != acc.profile_bin:
-        raise ValueError(f"profile bin changed inside {acc.instrument} {tf} bar at {start}")
-    profile = dict(acc.profile)
-    for k, v in bar.profile.items():
-        profile[k] = profile.get(k, 0.0) + v
+    compute them once, when the period is emitted). Profiles on different bins (a coarse
+    sub-bar) are re-binned onto the coarser one (see ``add_profiles``)."""
+    base = acc.profile_bin / acc.profile_scale
+    if not math.isclose(base, bar.profile_bin / bar.profile_scale, rel_tol=1e-9):
+        raise ValueError(f"instrument profile bin changed inside {acc.instrument} {tf} bar at {start}")
+    profile, scale = add_profiles(acc.profile, acc.profile_scale, bar.profile, bar.profile_scale)
+    profile_bin = (acc.profile_bin if scale == acc.profile_scale else
+                   bar.profile_bin if scale == bar.profile_scale else _scaled_bin(base, scale))
     return _finish(
         exchange=acc.exchange, symbol=acc.symbol, tf=tf, start=start, end=end,
         open=acc.open, high=max(acc.high, bar.high), low=min(acc.low, bar.low), close=bar.close,
@@ -305,13 +405,14 @@ def merge(acc: Bar, bar: Bar, tf: str, start: int, end: int, value_area_fraction
         largest_trade=max(acc.largest_trade, bar.largest_trade),
         largest_notional=max(acc.largest_notional, bar.largest_notional),
         pro_threshold=bar.pro_threshold, amateur_threshold=bar.amateur_threshold,
-        profile_bin=acc.profile_bin, profile=profile, va_fraction=value_area_fraction,
+        profile_bin=profile_bin, profile=profile, profile_scale=scale, va_fraction=value_area_fraction,
     )
 
 
 def as_period(bar: Bar, tf: str, start: int, end: int) -> Bar:
-    """A 1m bar relabelled as the first sub-bar of a higher-timeframe period."""
-    return msgspec.structs.replace(bar, tf=tf, start=start, end=end, profile=dict(bar.profile))
+    """A 1m bar relabelled as the first sub-bar of a higher-timeframe period (profiles are
+    never modified, so the period shares the minute's)."""
+    return msgspec.structs.replace(bar, tf=tf, start=start, end=end)
 
 
 class BarGroup(msgspec.Struct, frozen=True):

@@ -25,7 +25,7 @@ BAR_COLUMNS = [
     "vwap", "trades", "buy_volume", "sell_volume", "delta", "min_delta", "max_delta", "largest_trade",
     "largest_notional", "parent_orders", "pro_orders", "amateur_orders", "pros_gross", "pros_net",
     "amateurs_gross", "amateurs_net", "s_top", "s_bot", "s_mood", "pro_threshold", "amateur_threshold",
-    "poc", "vah", "val", "profile_bin", "partial",
+    "poc", "vah", "val", "profile_bin", "profile_coarse", "partial",
 ]
 LATE_COLUMNS = ["exchange", "symbol", "id", "ts", "price", "amount", "side", "trader", "recv_ts", "seq",
                 "watermark", "reason"]
@@ -109,8 +109,12 @@ def count(stats: Any, rec: Any) -> None:
             stats.trades_in_bars += rec.trades
     elif isinstance(rec, LateTrades):
         stats.late_trades += rec.trades.height
+        key = f"late.{rec.reason}"
+        stats.counters[key] = stats.counters.get(key, 0) + rec.trades.height
     elif isinstance(rec, DeadLetter):
         stats.dead_letters += 1
+        key = f"dead.{rec.reason}"
+        stats.counters[key] = stats.counters.get(key, 0) + 1
     elif isinstance(rec, Event):
         stats.counters[f"events.{rec.kind}"] = stats.counters.get(f"events.{rec.kind}", 0) + 1
     elif isinstance(rec, Counter):

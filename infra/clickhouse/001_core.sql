@@ -40,10 +40,14 @@ CREATE TABLE IF NOT EXISTS bars
     vah               Float64,
     val               Float64,
     profile_bin       Float64,
+    profile_coarse    UInt8,  -- 1: range too wide for the bin cap, profile_bin is 10^k x the instrument bin
     partial           UInt8   -- 1: emitted at end of input before the period ended
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (exchange, symbol, tf, start);
+
+-- stores created before profile_coarse existed
+ALTER TABLE bars ADD COLUMN IF NOT EXISTS profile_coarse UInt8 DEFAULT 0 AFTER profile_bin;
 
 CREATE TABLE IF NOT EXISTS late_trades
 (

@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 
 from operators.bars import (
-    TIMEFRAMES, Bar, BarConfig, BarState, RollupState, close_until, default_bin, make_bar, merge, rollup, tf_ms,
-    value_area,
+    PROFILE_MAX_BINS, TIMEFRAMES, Bar, BarConfig, BarState, Profile, RollupState, add_profiles, close_until,
+    default_bin, make_bar, merge, rollup, tf_ms, value_area,
 )
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00Z
@@ -207,35 +207,91 @@ def test_pro_address_list_makes_a_small_order_pro():
 # volume profile and value area
 
 
+def va(bins: dict, fraction: float) -> tuple[int, int, int]:
+    """value_area of a {bin index: volume} profile."""
+    return value_area(Profile.from_dict(bins), fraction)
+
+
+def reference_value_area(profile: dict, fraction: float) -> tuple[int, int, int]:
+    """The value area as one bin-at-a-time loop (the implementation before it was vectorised):
+    the reference the numpy version must match exactly."""
+    lo_i, hi_i = min(profile), max(profile)
+    vols = np.zeros(hi_i - lo_i + 1)
+    for k, v in profile.items():
+        vols[k - lo_i] = v
+    poc = int(np.argmax(vols))
+    target = fraction * vols.sum()
+    lo = hi = poc
+    inside = vols[poc]
+    n = len(vols)
+    while inside < target and (lo > 0 or hi < n - 1):
+        up = vols[hi + 1] if hi < n - 1 else -1.0
+        down = vols[lo - 1] if lo > 0 else -1.0
+        if up >= down:
+            hi += 1
+            inside += up
+        else:
+            lo -= 1
+            inside += down
+    return poc + lo_i, hi + lo_i, lo + lo_i
+
+
 def test_value_area_grows_towards_the_larger_side():
     # total 17, target 0.7 * 17 = 11.9; POC bin 2 (10); up 3 > down 2 -> add bin 3 -> 13 >= 11.9
-    assert value_area({0: 1, 1: 2, 2: 10, 3: 3, 4: 1}, 0.7) == (2, 3, 2)
+    assert va({0: 1, 1: 2, 2: 10, 3: 3, 4: 1}, 0.7) == (2, 3, 2)
     # mirror image: grows down
-    assert value_area({0: 1, 1: 3, 2: 10, 3: 2, 4: 1}, 0.7) == (2, 2, 1)
+    assert va({0: 1, 1: 3, 2: 10, 3: 2, 4: 1}, 0.7) == (2, 2, 1)
     # total 20, target 14: 6 -> add 5 (bin 13, larger than bin 11's 4) = 11 -> add 4 (bin 11 vs 1 above) = 15
-    assert value_area({10: 1, 11: 4, 12: 6, 13: 5, 14: 1, 15: 3}, 0.7) == (12, 13, 11)
+    assert va({10: 1, 11: 4, 12: 6, 13: 5, 14: 1, 15: 3}, 0.7) == (12, 13, 11)
 
 
 def test_value_area_ties():
     # POC tie: the lowest bin wins
-    assert value_area({5: 4, 6: 1, 7: 4}, 0.3)[0] == 5
+    assert va({5: 4, 6: 1, 7: 4}, 0.3)[0] == 5
     # expansion tie: up wins. total 18, target 12.6: 10 -> (3 up vs 3 down) up -> 13
-    assert value_area({0: 1, 1: 3, 2: 10, 3: 3, 4: 1}, 0.7) == (2, 3, 2)
+    assert va({0: 1, 1: 3, 2: 10, 3: 3, 4: 1}, 0.7) == (2, 3, 2)
 
 
 def test_value_area_across_gaps_and_edges():
     # missing bins count as empty; at the top edge it can only grow down
-    assert value_area({0: 2, 3: 1, 4: 8}, 0.9) == (4, 4, 0)  # 8 -> +1 (bin 3) = 9 -> +0 -> +0 -> +2 = 11 >= 9.9
-    assert value_area({7: 5}, 0.7) == (7, 7, 7)
+    assert va({0: 2, 3: 1, 4: 8}, 0.9) == (4, 4, 0)  # 8 -> +1 (bin 3) = 9 -> +0 -> +0 -> +2 = 11 >= 9.9
+    assert va({7: 5}, 0.7) == (7, 7, 7)
     # the whole profile when fraction is 1
-    assert value_area({1: 1, 2: 1, 3: 5, 4: 1}, 1.0) == (3, 4, 1)
+    assert va({1: 1, 2: 1, 3: 5, 4: 1}, 1.0) == (3, 4, 1)
+
+
+def test_value_area_equals_the_reference_loop_on_random_profiles():
+    rng = np.random.default_rng(17)
+    checked = 0
+    for trial in range(3_000):
+        n = int(rng.integers(1, 60 if trial % 2 else 400))
+        if trial % 3 == 0:  # few distinct values: many ties, between sides and within one
+            vols = rng.integers(0, 4, n).astype(float)
+        else:  # real-valued volumes with gaps
+            vols = rng.exponential(1.0, n) * (rng.random(n) < 0.8)
+        profile = {int(k) - 50: float(vols[k]) for k in np.flatnonzero(vols)}
+        if not profile:
+            continue
+        fraction = float(rng.choice([0.3, 0.5, 0.68, 0.7, 0.9, 1.0, rng.random()]))
+        assert va(profile, fraction) == reference_value_area(profile, fraction), (profile, fraction)
+        checked += 1
+    assert checked > 2_500
+
+
+def test_ordinary_bars_have_the_reference_value_area():
+    # the bars of the roll-up tests, all three fractions: POC/VAH/VAL exactly as the loop gives them
+    st = BarState()
+    for m, f in enumerate(five_minutes(seed=11, minutes=30)):
+        b = make_bar(f, "x", SYM, T0 + m * MIN, MIN, st, CFG)
+        assert b.profile_scale == 1 and len(b.profile.vols) <= PROFILE_MAX_BINS
+        assert (b.poc, b.vah, b.val) == reference_value_area(b.profile.to_dict(), CFG.value_area)
 
 
 def test_bar_profile_poc_vah_val_by_hand():
     b = bar_of(tape(MINUTE))
     # bins of 1.0: 98:1  99:4  100:2+3=5  101:1+2=3  102:0.5  103:1; total 14.5, target 10.15
-    assert b.profile == {98: 1.0, 99: 4.0, 100: 5.0, 101: 3.0, 102: 0.5, 103: 1.0}
-    assert b.profile_bin == 1.0
+    assert b.profile.to_dict() == {98: 1.0, 99: 4.0, 100: 5.0, 101: 3.0, 102: 0.5, 103: 1.0}
+    assert b.profile_bin == 1.0 and not b.profile_coarse
     # POC 100 (5); down 4 > up 3 -> 9; up 3 > down 1 -> 12 >= 10.15
     assert (b.poc, b.vah, b.val) == (100.0, 101.0, 99.0)
 
@@ -249,7 +305,7 @@ def test_default_bin_is_a_power_of_ten_near_the_given_bps():
     st = BarState()
     b = make_bar(tape([(1, 1, 3_000.0, 1.0, True), (2, 2, 3_001.5, 1.0, True)]), "x", "E", T0, MIN, st, BarConfig())
     assert b.profile_bin == 1.0 and st.profile_bin == 1.0
-    assert b.profile == {3000: 1.0, 3001: 1.0}
+    assert b.profile.to_dict() == {3000: 1.0, 3001: 1.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,18 +378,111 @@ def test_merge_of_two_hand_bars():
     assert (m.open, m.high, m.low, m.close) == (10.0, 12.0, 9.0, 9.0)
     assert (m.volume, m.notional, m.trades) == (8.0, 20.0 + 12.0 + 44.0 + 9.0, 4)
     assert m.vwap == pytest.approx(85.0 / 8.0)
-    assert m.profile == {9: 1.0, 10: 2.0, 11: 4.0, 12: 1.0}
+    assert m.profile.to_dict() == {9: 1.0, 10: 2.0, 11: 4.0, 12: 1.0}
     # POC 11 (4); total 8, target 5.6: down (2) vs up (1) -> down: 6 >= 5.6
     assert (m.poc, m.vah, m.val) == (11.0, 11.0, 10.0)
     assert (m.tf, m.start, m.end) == ("5m", T0, T0 + 5 * MIN)
     # the inputs are not modified
-    assert a.profile == {10: 2.0, 12: 1.0} and a.tf == "1m"
+    assert a.profile.to_dict() == {10: 2.0, 12: 1.0} and a.tf == "1m"
 
 
 def test_merge_refuses_different_profile_bins():
     a = bar_of(tape([(1, 1, 10.0, 1.0, True)]))
     b = bar_of(tape([(1, 2, 10.0, 1.0, True)], start=T0 + MIN), start=T0 + MIN,
                cfg=BarConfig(profile_bins=((SYM, 0.5),)))
+    with pytest.raises(ValueError, match="profile bin"):
+        merge(a, b, "5m", T0, T0 + 5 * MIN, 0.7)
+
+
+def test_a_wide_bar_coarsens_and_says_so():
+    # a bad symbol mix: prices 150 and 60,061 in one instrument. Its bin is 2 bps of 150 -> 0.01,
+    # so the bar would span bins 15,000 .. 6,006,100. Bins 10^3 wider still span 15 .. 6,006
+    # (5,992 > 2,000); 10^4 wider: 1 .. 600 -> profile_bin 0.01 x 10^4 = 100.
+    st = BarState()
+    b = make_bar(tape([(1, 1, 150.0, 3.0, True), (2, 2, 60_061.0, 1.0, False), (3, 3, 151.0, 1.0, True)]),
+                 "x", "MIX", T0, MIN, st, BarConfig())
+    assert st.profile_bin == 0.01  # the instrument's bin stays the fine one
+    assert (b.profile_bin, b.profile_scale, b.profile_coarse) == (100.0, 10_000, True)
+    assert b.profile.to_dict() == {1: 4.0, 600: 1.0} and len(b.profile.vols) == 600
+    # POC bin 1 (4 of 5 = 0.8 >= 0.7): 100.0 for all three
+    assert (b.poc, b.vah, b.val) == (100.0, 100.0, 100.0)
+    # the next ordinary minute of the same instrument uses the fine bin again
+    b2 = make_bar(tape([(1, 4, 150.0, 1.0, True), (2, 5, 150.25, 1.0, True)], start=T0 + MIN),
+                  "x", "MIX", T0 + MIN, MIN, st, BarConfig())
+    assert (b2.profile_bin, b2.profile_scale, b2.profile_coarse) == (0.01, 1, False)
+
+
+def test_the_coarsening_starts_just_above_the_bin_cap():
+    # 1-unit bins: 1000 .. 2999 is exactly PROFILE_MAX_BINS bins; one more bin coarsens by 10
+    fits = bar_of(tape([(1, 1, 1_000.0, 1.0, True), (2, 2, 2_999.5, 1.0, True)]))
+    assert PROFILE_MAX_BINS == 2_000 and len(fits.profile.vols) == 2_000
+    assert (fits.profile_bin, fits.profile_coarse) == (1.0, False)
+    wide = bar_of(tape([(1, 1, 1_000.0, 1.0, True), (2, 2, 3_000.0, 2.0, True)]))
+    assert (wide.profile_bin, wide.profile_scale, wide.profile_coarse) == (10.0, 10, True)
+    assert wide.profile.to_dict() == {100: 1.0, 300: 2.0}
+    # POC bin 300 holds 2 of 3 < 0.7: the value area grows down through the empty bins to bin 100
+    assert (wide.poc, wide.vah, wide.val) == (3_000.0, 3_000.0, 1_000.0)
+
+
+def test_add_profiles_rebins_the_finer_onto_the_coarser_grid():
+    fine = Profile.from_dict({95: 1.0, 104: 2.0, 111: 3.0})  # 1-unit bins
+    coarse = Profile.from_dict({9: 5.0, 12: 0.5})  # 10-unit bins
+    # fine bin 95 -> 9, 104 -> 10, 111 -> 11
+    got, scale = add_profiles(fine, 1, coarse, 10)
+    assert scale == 10 and got.to_dict() == {9: 6.0, 10: 2.0, 11: 3.0, 12: 0.5}
+    assert add_profiles(coarse, 10, fine, 1)[0] == got
+    # two fine profiles whose union spans more than the cap: bins 0 .. 2500 -> 10x wider, 0 .. 250
+    got, scale = add_profiles(Profile.from_dict({0: 1.0, 5: 1.0}), 1, Profile.from_dict({2_500: 4.0}), 1)
+    assert scale == 10 and got.to_dict() == {0: 2.0, 250: 4.0}
+    # the inputs are not modified
+    assert fine.to_dict() == {95: 1.0, 104: 2.0, 111: 3.0} and coarse.to_dict() == {9: 5.0, 12: 0.5}
+
+
+def rollup_vs_direct(frames):
+    """The 5m roll-up of per-minute bars, and the bar made directly from all the trades."""
+    st, rs = BarState(), RollupState()
+    ones, out = [], []
+    for m, f in enumerate(frames):
+        ones.append(make_bar(f, "x", SYM, T0 + m * MIN, MIN, st, CFG))
+        out.extend(rollup(rs, ones[-1], ["5m"], CFG.value_area))
+    (five,) = out
+    return ones, five, make_bar(pl.concat(frames), "x", SYM, T0, 5 * MIN, BarState(), CFG)
+
+
+COARSE_FIELDS = EXACT_FIELDS + ["profile_scale", "profile_coarse"]
+
+
+def test_rollup_of_coarse_and_fine_minutes_equals_the_direct_bar():
+    frames = five_minutes(seed=3)
+    # prices are 94 .. 106; minute 2 also trades at 4,000.5: bins 94 .. 4,000 are more than 2,000,
+    # so that minute uses 10-unit bins
+    frames[2] = pl.concat([frames[2], tape([(59_000, 900, 4_000.5, 0.75, True)], start=T0 + 2 * MIN)])
+    ones, five, ref = rollup_vs_direct(frames)
+    assert [b.profile_scale for b in ones] == [1, 1, 10, 1, 1]
+    assert (ref.profile_bin, ref.profile_scale, ref.profile_coarse) == (10.0, 10, True)
+    for f in COARSE_FIELDS:
+        assert getattr(five, f) == getattr(ref, f), f
+    assert five.profile.to_dict()[400] == 0.75 and five.vah >= five.poc >= five.val
+
+
+def test_a_rollup_coarsens_when_its_merged_range_exceeds_the_cap():
+    frames = five_minutes(seed=4)
+    # prices are 94 .. 106; minute 1 also trades at 1.5 (bins 1 .. 106), minute 3 at 2,050 (bins
+    # 94 .. 2,050: 1,957): each fits, but the five minutes span bins 1 .. 2,050: 10-unit bins 0 .. 205
+    frames[1] = pl.concat([frames[1], tape([(59_000, 900, 1.5, 0.5, True)], start=T0 + MIN)])
+    frames[3] = pl.concat([frames[3], tape([(59_000, 901, 2_050.0, 0.25, False)], start=T0 + 3 * MIN)])
+    ones, five, ref = rollup_vs_direct(frames)
+    assert [b.profile_scale for b in ones] == [1, 1, 1, 1, 1]
+    assert (five.profile_bin, five.profile_scale, five.profile_coarse) == (10.0, 10, True)
+    assert (five.profile.lo, five.profile.hi) == (0, 205)
+    for f in COARSE_FIELDS:
+        assert getattr(five, f) == getattr(ref, f), f
+
+
+def test_merge_with_a_genuinely_different_instrument_bin_still_refuses():
+    a = bar_of(tape([(1, 1, 10.0, 1.0, True)]))  # bin 1
+    b = bar_of(tape([(1, 2, 10.0, 1.0, True)], start=T0 + MIN), start=T0 + MIN,
+               cfg=BarConfig(profile_bins=((SYM, 3.0),)))  # bin 3: not a power of ten of 1
     with pytest.raises(ValueError, match="profile bin"):
         merge(a, b, "5m", T0, T0 + 5 * MIN, 0.7)
 
