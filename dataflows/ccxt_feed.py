@@ -6,9 +6,15 @@
    ``watch_trades(symbol)`` task per symbol;
 2. each batch is normalised (``operators.ingest.normalise``) and de-duplicated against the
    instrument's recent ids;
-3. on a network error the stream waits (``Backoff``: exponential, full jitter, reset after the next
-   successful batch) and calls watch again, which makes ccxt reconnect;
-4. backfill over REST ``fetch_trades``:
+3. on a network error (``load_markets`` or the stream) the feed waits (``Backoff``: exponential,
+   full jitter, reset after the next success) and tries again, which makes ccxt reconnect. An
+   outage is a ``FeedDown`` event once, when it starts, and a ``FeedUp`` when it ends; while it
+   lasts, a WARNING status line appears whenever the backoff grows, then once a minute
+   (``OutageTracker``), so a venue that stays down is visible without flooding the log;
+   ``last_error`` keeps the latest failure for the caller's final word;
+4. a symbol the venue does not list (checked as soon as markets are loaded) is
+   ``UnknownSymbolError``: a user mistake ends the feed instead of retrying forever;
+5. backfill over REST ``fetch_trades``:
    - venues with sequential ids (``SEQUENTIAL_IDS``): a hole in the ids -- inside a stream or
      across a reconnect -- is a ``Gap``; it is reported (``GapEvent``), and exactly the missing
      ids are fetched and delivered before the trade that revealed the hole;
@@ -20,8 +26,8 @@
 
 Output goes through two callbacks (plain functions or coroutines): ``on_trades(list[Trade])``
 with the trades of one instrument in (ts, id) order, and ``on_event(event)`` for ``GapEvent``,
-``DataGapEvent``, ``RejectedTrade`` and ``Reconnecting``. Sleep and clock are injectable, so
-tests drive the whole loop with a scripted fake exchange and no waiting.
+``DataGapEvent``, ``RejectedTrade``, ``FeedDown`` and ``FeedUp``. Sleep, clock and backoff are
+injectable, so tests drive the whole loop with a scripted fake exchange and no waiting.
 
 Rate limits are ccxt's job (``enableRateLimit``). API keys come only from the environment
 (``TAPEFLOW_<EXCHANGE>_API_KEY`` etc., see ``credential_env_names``) and are never logged.
@@ -30,6 +36,7 @@ Rate limits are ccxt's job (``enableRateLimit``). API keys come only from the en
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import json
 import logging
@@ -52,9 +59,10 @@ from operators.ingest import (
     Gap,
     GapEvent,
     IdGapTracker,
-    Reconnecting,
+    OutageTracker,
     RecentIds,
     RejectedTrade,
+    error_line,
     id_span,
     instrument_key,
     merge_backfill,
@@ -81,6 +89,59 @@ _CREDENTIALS: Mapping[str, str] = MappingProxyType({
 })
 
 
+class FeedError(RuntimeError):
+    """A live feed cannot do its job and retrying will not help (a user mistake such as an
+    unknown symbol, a feed that failed for good, or a ``--duration`` run that received nothing).
+    The message is meant for the user as is: one line per problem, naming what to fix."""
+
+
+class UnknownSymbolError(FeedError):
+    """A requested symbol is not among the venue's markets."""
+
+
+class UnknownExchangeError(FeedError, ValueError):
+    """The exchange id is not a ccxt.pro exchange (a ValueError too: it is a bad argument)."""
+
+
+def check_exchange_id(exchange_id: str) -> None:
+    """Raise ``UnknownExchangeError`` naming the closest valid ids unless ``exchange_id`` is a
+    ccxt.pro exchange (the live feed needs websockets; a REST-only ccxt id is named as such)."""
+    import ccxt.pro as ccxtpro
+
+    pro = list(ccxtpro.exchanges)
+    if exchange_id in pro:
+        return
+    close = difflib.get_close_matches(exchange_id.lower(), pro, n=3, cutoff=0.6)
+    hint = f"closest: {', '.join(close)}" if close else "e.g. binanceusdm, bybit, okx, kucoinfutures, hyperliquid"
+    if exchange_id in ccxt.exchanges:
+        raise UnknownExchangeError(f"ccxt has {exchange_id!r} only over REST; live feeds need a ccxt.pro "
+                                   f"(websocket) exchange ({hint})")
+    raise UnknownExchangeError(f"unknown exchange {exchange_id!r} (not a ccxt.pro or ccxt id); {hint}")
+
+
+def unknown_symbols(exchange_id: str, symbols: Sequence[str], markets: Mapping[str, Any],
+                    markets_by_id: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """One line per symbol the venue does not list, with close matches from its markets (a venue
+    id such as ``BTCUSDT`` is matched to its unified symbol, case is ignored)."""
+    upper = {str(m).upper(): str(m) for m in markets}
+    problems = []
+    for sym in symbols:
+        if sym in markets:
+            continue
+        hints: list[str] = []
+        for m in (markets_by_id or {}).get(sym) or []:
+            if isinstance(m, dict) and m.get("symbol") in markets:
+                hints.append(m["symbol"])
+        if sym.upper() in upper:  # only the case differs: that is the one
+            hints.append(upper[sym.upper()])
+        else:
+            hints += [upper[u] for u in difflib.get_close_matches(sym.upper(), upper, n=3, cutoff=0.6)]
+        hints = list(dict.fromkeys(hints))[:3]
+        why = f"close matches: {', '.join(hints)}" if hints else f"no close match among its {len(markets)} markets"
+        problems.append(f"{exchange_id} does not list {sym!r}; {why}")
+    return problems
+
+
 def credential_env_names(exchange_id: str) -> dict[str, str]:
     """``{"TAPEFLOW_OKX_API_KEY": "apiKey", ...}``: the variables ``make_exchange`` reads."""
     prefix = f"TAPEFLOW_{exchange_id.upper()}_"
@@ -93,10 +154,8 @@ def make_exchange(exchange_id: str, env: Optional[Mapping[str, str]] = None, opt
     (``await exchange.close()``)."""
     import ccxt.pro as ccxtpro
 
-    cls = getattr(ccxtpro, exchange_id, None)
-    if cls is None or not isinstance(cls, type):
-        raise ValueError(f"ccxt.pro has no exchange {exchange_id!r}; use a ccxt id such as "
-                         f"binanceusdm, bybit, okx, kucoinfutures, hyperliquid")
+    check_exchange_id(exchange_id)
+    cls = getattr(ccxtpro, exchange_id)
     env = os.environ if env is None else env
     config: dict[str, Any] = {"enableRateLimit": True, "newUpdates": True}
     if options:
@@ -156,7 +215,8 @@ class CcxtFeed:
 
     ``exchange`` needs ``id``, ``has``, ``markets``, ``load_markets()``, ``watch_trades`` or
     ``watch_trades_for_symbols``, and ``fetch_trades`` -- a ccxt.pro exchange or a test double.
-    ``backoff_factory(i)`` makes the backoff of stream loop ``i`` (the REST retries use one more).
+    ``backoff_factory(i)`` makes the backoff of stream loop ``i`` (``load_markets`` uses -2, the
+    REST retries -1). ``status_every_s``: how often a capped retry loop repeats its status line.
     """
 
     def __init__(
@@ -174,6 +234,7 @@ class CcxtFeed:
         fetch_retries: int = 3,
         max_backfill_pages: int = 20,
         recent_ids: int = 100_000,
+        status_every_s: float = 60.0,
     ):
         if not symbols:
             raise ValueError("CcxtFeed needs at least one symbol")
@@ -196,11 +257,15 @@ class CcxtFeed:
                       for s in self.symbols}
         self._rest_backoff = backoff_factory(-1)
         self.backoffs: list[Backoff] = []  # one per stream loop, once running
+        self._status_every_ms = int(status_every_s * 1000)
+        self.outages: list[OutageTracker] = []  # load_markets, then one per stream loop
+        self.last_error: Optional[str] = None  # the latest failure, with stage and attempt
 
     # -- top level -----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stream until ``stop`` is set. Network errors reconnect; other errors propagate."""
+        """Stream until ``stop`` is set. Network errors reconnect; an unknown symbol raises
+        ``UnknownSymbolError`` once markets are loaded; other errors propagate."""
         if not await self._load_markets(stop):
             return
         if self.exchange.has.get("watchTradesForSymbols"):
@@ -208,7 +273,8 @@ class CcxtFeed:
         else:
             groups = [[s] for s in self.symbols]
         self.backoffs = [self._backoff_factory(i) for i in range(len(groups))]
-        tasks = [asyncio.ensure_future(self._stream(g, b, stop)) for g, b in zip(groups, self.backoffs)]
+        tasks = [asyncio.ensure_future(self._stream(g, b, self._tracker(g, "stream"), stop))
+                 for g, b in zip(groups, self.backoffs)]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -216,29 +282,46 @@ class CcxtFeed:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _tracker(self, symbols: list[str], stage: str) -> OutageTracker:
+        t = OutageTracker(self.exchange_id, tuple(symbols), stage, self._status_every_ms)
+        self.outages.append(t)
+        return t
+
     async def _load_markets(self, stop: asyncio.Event) -> bool:
-        backoff = self._backoff_factory(-2)
+        backoff, outage = self._backoff_factory(-2), self._tracker(self.symbols, "load_markets")
         while not stop.is_set():
             try:
-                await self._until_stopped(self.exchange.load_markets(), stop)
-                return not stop.is_set()
+                markets = await self._until_stopped(self.exchange.load_markets(), stop)
             except RETRYABLE_ERRORS as err:
-                delay = backoff.next_delay()
-                log.warning("%s: load_markets failed (%s); retrying in %.1fs", self.exchange_id,
-                            type(err).__name__, delay)
-                await self._until_stopped(self._sleep(delay), stop)
+                await self._failed(outage, backoff, err, stop)
+                continue
+            if markets is _STOPPED:
+                return False
+            await self._recovered(outage)
+            if not isinstance(markets, dict) or not markets:
+                markets = getattr(self.exchange, "markets", None) or {}
+            problems = unknown_symbols(self.exchange_id, self.symbols, markets,
+                                       getattr(self.exchange, "markets_by_id", None))
+            if problems:
+                raise UnknownSymbolError("\n".join(problems))
+            return True
         return False
 
-    async def _stream(self, symbols: list[str], backoff: Backoff, stop: asyncio.Event) -> None:
+    async def _stream(self, symbols: list[str], backoff: Backoff, outage: OutageTracker,
+                      stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 batch = await self._until_stopped(self._watch(symbols), stop)
             except RETRYABLE_ERRORS as err:
-                await self._disconnected(symbols, backoff, err, stop)
+                self.stats.disconnects += 1
+                for s in symbols:
+                    self._inst[s].reconnected = True
+                await self._failed(outage, backoff, err, stop)
                 continue
             if batch is _STOPPED:
                 return
             backoff.reset()
+            await self._recovered(outage)
             await self._handle_batch(symbols, batch or [])
 
     def _watch(self, symbols: list[str]) -> Awaitable[list]:
@@ -246,17 +329,29 @@ class CcxtFeed:
             return self.exchange.watch_trades_for_symbols(symbols, None, None, dict(self.watch_params))
         return self.exchange.watch_trades(symbols[0], None, None, dict(self.watch_params))
 
-    async def _disconnected(self, symbols: list[str], backoff: Backoff, err: BaseException,
-                            stop: asyncio.Event) -> None:
-        self.stats.disconnects += 1
-        for s in symbols:
-            self._inst[s].reconnected = True
+    async def _failed(self, outage: OutageTracker, backoff: Backoff, err: BaseException,
+                      stop: asyncio.Event) -> None:
+        """One failed attempt: ``FeedDown`` if it opens an outage, a status line if the backoff
+        grew (or a minute passed), then wait before the next attempt."""
+        error, now = error_line(err), self._clock()
+        down = outage.failed(error, now)
+        if down is not None:
+            await _call(self.on_event, down)
+        ceiling = backoff.ceiling()
         delay = backoff.next_delay()
-        error = f"{type(err).__name__}: {err}"[:300]
-        log.warning("%s %s: stream failed (%s); reconnect attempt %d in %.2fs", self.exchange_id,
-                    ",".join(symbols), error, backoff.attempt, delay)
-        await _call(self.on_event, Reconnecting(self.exchange_id, tuple(symbols), backoff.attempt, delay, error))
+        self.last_error = f"{error} ({outage.stage}, attempt {outage.attempts})"
+        if outage.should_log(ceiling, now):
+            log.warning("%s %s: unreachable (%s), retry %d in %.3g s (%s down for %.0f s)", self.exchange_id,
+                        ",".join(outage.symbols), error, outage.attempts, delay, outage.stage,
+                        (now - (outage.since_ms or now)) / 1000)
         await self._until_stopped(self._sleep(delay), stop)
+
+    async def _recovered(self, outage: OutageTracker) -> None:
+        up = outage.succeeded(self._clock())
+        if up is not None:
+            log.warning("%s %s: %s back after %d failed attempt(s) over %.1f s", self.exchange_id,
+                        ",".join(up.symbols), up.stage, up.attempts, up.down_ms / 1000)
+            await _call(self.on_event, up)
 
     @staticmethod
     async def _until_stopped(aw: Awaitable, stop: asyncio.Event) -> Any:

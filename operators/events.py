@@ -16,12 +16,12 @@ from typing import Optional, Union
 
 import msgspec
 
-from operators.ingest import DataGapEvent, GapEvent, Reconnecting, RejectedTrade, reason_code
+from operators.ingest import DataGapEvent, FeedDown, FeedUp, GapEvent, RejectedTrade, reason_code
 from operators.trades import DeadLetter
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
-    kind: str  # id_gap | data_gap | reconnect | ... (later: kill_switch, promotion, model_swap)
+    kind: str  # id_gap | data_gap | feed_down | reconnect | ... (later: kill_switch, promotion, model_swap)
     ts: int  # when it was observed (ms)
     exchange: str = ""
     symbol: str = ""
@@ -67,10 +67,16 @@ def from_ingest(obj: object, now_ms: int, source: str) -> Union[Event, DeadLette
         ex, sym = _split(obj.instrument)
         return Event(kind="data_gap", ts=now_ms, exchange=ex, symbol=sym, from_ts=obj.from_ts, to_ts=obj.to_ts,
                      reason=obj.reason, detail=obj.detail, source=source)
-    if isinstance(obj, Reconnecting):
+    if isinstance(obj, FeedDown):  # once per outage: the first failed attempt
+        return Event(kind="feed_down", ts=now_ms, exchange=obj.exchange, symbol=",".join(obj.symbols),
+                     reason=obj.error[:300],
+                     detail=json.dumps({"stage": obj.stage, "attempt": obj.attempt}), source=source)
+    if isinstance(obj, FeedUp):  # the end of that outage
         return Event(kind="reconnect", ts=now_ms, exchange=obj.exchange, symbol=",".join(obj.symbols),
-                     reason=obj.error[:300], detail=json.dumps({"attempt": obj.attempt, "delay_s": obj.delay_s}),
-                     source=source)
+                     from_ts=now_ms - obj.down_ms, to_ts=now_ms,
+                     reason=f"back after {obj.attempts} failed attempt(s)",
+                     detail=json.dumps({"stage": obj.stage, "attempts": obj.attempts, "down_ms": obj.down_ms,
+                                        "last_error": obj.error[:300]}), source=source)
     if isinstance(obj, RejectedTrade):
         return DeadLetter(source, obj.instrument, payload_offset(obj.payload), obj.payload,
                           reason_code(obj.reason), obj.reason, now_ms)

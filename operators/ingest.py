@@ -298,14 +298,41 @@ class RejectedTrade:
 
 
 @dataclass(frozen=True)
-class Reconnecting:
-    """The stream for ``symbols`` failed; the feed waits ``delay_s`` before attempt ``attempt``."""
+class FeedDown:
+    """``exchange`` cannot be reached for ``symbols``: ``stage`` (``load_markets`` or ``stream``)
+    failed with ``error`` (``"ErrorType: first line"``). Emitted once, when an outage starts
+    (``attempt`` is the failed attempt that opened it), not once per retry."""
 
     exchange: str
     symbols: tuple[str, ...]
-    attempt: int
-    delay_s: float
+    stage: str
     error: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class FeedUp:
+    """The outage ``FeedDown`` announced is over: ``stage`` succeeded again after ``attempts``
+    failed attempts over ``down_ms``; ``error`` is the last one seen."""
+
+    exchange: str
+    symbols: tuple[str, ...]
+    stage: str
+    attempts: int
+    down_ms: int
+    error: str
+
+
+def error_line(err: BaseException, limit: int = 300) -> str:
+    """``"ErrorType: first line of the message"`` -- what an event or a status line shows (ccxt
+    errors can carry whole HTTP bodies on the following lines).
+
+    >>> error_line(ConnectionError("refused\\n<html>...</html>"))
+    'ConnectionError: refused'
+    """
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text[:limit]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +417,69 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+@dataclass
+class OutageTracker:
+    """Up/down state of one connection step (``load_markets``, or one stream loop): turns a run of
+    failed attempts into one ``FeedDown`` (at the first failure) and one ``FeedUp`` (at the next
+    success), and decides which retries deserve a status line, so a venue that stays down for
+    hours is visible without flooding the log: a line whenever the backoff ceiling grows, then
+    one every ``status_every_ms`` while it is capped.
+
+    >>> t = OutageTracker("okx", ("BTC/USDT:USDT",), "stream", status_every_ms=60_000)
+    >>> t.failed("NetworkError: closed", 1_000)
+    FeedDown(exchange='okx', symbols=('BTC/USDT:USDT',), stage='stream', error='NetworkError: closed', attempt=1)
+    >>> t.failed("NetworkError: closed", 2_000) is None, t.attempts
+    (True, 2)
+    >>> [t.should_log(c, now) for c, now in [(1.0, 0), (2.0, 10), (2.0, 20), (2.0, 60_011)]]
+    [True, True, False, True]
+    >>> t.succeeded(5_000)
+    FeedUp(exchange='okx', symbols=('BTC/USDT:USDT',), stage='stream', attempts=2, down_ms=4000, error='NetworkError: closed')
+    >>> t.succeeded(6_000) is None
+    True
+    """
+
+    exchange: str
+    symbols: tuple[str, ...]
+    stage: str
+    status_every_ms: int = 60_000
+    attempts: int = 0  # failed attempts in the current outage (0: up)
+    since_ms: Optional[int] = None  # when the current outage started
+    last_error: str = ""  # kept after recovery: what went wrong last
+    _logged_ceiling: float = 0.0
+    _logged_ms: Optional[int] = None
+
+    @property
+    def down(self) -> bool:
+        return self.attempts > 0
+
+    def failed(self, error: str, now_ms: int) -> Optional[FeedDown]:
+        """Record a failed attempt; the ``FeedDown`` to emit if it opens an outage, else None."""
+        self.attempts += 1
+        self.last_error = error
+        if self.attempts > 1:
+            return None
+        self.since_ms = now_ms
+        self._logged_ceiling, self._logged_ms = 0.0, None
+        return FeedDown(self.exchange, self.symbols, self.stage, error, self.attempts)
+
+    def succeeded(self, now_ms: int) -> Optional[FeedUp]:
+        """Record a success; the ``FeedUp`` to emit if it ends an outage, else None."""
+        if not self.down:
+            return None
+        up = FeedUp(self.exchange, self.symbols, self.stage, self.attempts,
+                    max(0, now_ms - (self.since_ms or now_ms)), self.last_error)
+        self.attempts, self.since_ms = 0, None
+        return up
+
+    def should_log(self, ceiling: float, now_ms: int) -> bool:
+        """Whether the retry about to wait under backoff ``ceiling`` gets a status line."""
+        if ceiling > self._logged_ceiling or self._logged_ms is None \
+                or now_ms - self._logged_ms >= self.status_every_ms:
+            self._logged_ceiling, self._logged_ms = max(ceiling, self._logged_ceiling), now_ms
+            return True
+        return False
 
 
 class RecentIds:

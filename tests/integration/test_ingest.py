@@ -43,7 +43,8 @@ def test_ingest_backfills_a_dropped_stretch_and_reports_an_unfillable_gap(kafka_
     assert all(k == f"{m['exchange']}:{m['symbol']}" for k, m in msgs if "event" not in m)
     events = [m for _, m in msgs if "event" in m]
     kinds = Counter(m["event"] for m in events)
-    assert kinds["id_gap"] == 1 and kinds["data_gap"] == 1 and kinds["reconnect"] == 2
+    # one outage per venue: announced once, and once more when it is over
+    assert kinds["id_gap"] == 1 and kinds["data_gap"] == 1 and kinds["feed_down"] == 2 and kinds["reconnect"] == 2
     gap = next(m for m in events if m["event"] == "data_gap")
     assert gap["symbol"] == "ETH/USDT:USDT" and gap["exchange"] == "bybit"
     assert gap["from_ts"] == ETH_TAPE[49]["timestamp"] and gap["to_ts"] <= ETH_TAPE[200]["timestamp"]
@@ -69,3 +70,62 @@ def test_ingest_backfills_a_dropped_stretch_and_reports_an_unfillable_gap(kafka_
     cli(*args)
     q = "SELECT symbol, tf, start, trades, volume, close FROM bars FINAL ORDER BY symbol, tf, start"
     assert sql(tmp_path / "replayed", q) == sql(tmp_path / "store", q)
+
+
+# -- live feeds tell the truth: outages, silent runs, unknown venues and symbols -------------------
+
+CCXT_RUN = ("run", "--source", "ccxt", "--quiet")
+
+
+def test_run_against_an_unreachable_venue_stores_feed_down_and_fails_with_the_reason(tmp_path):
+    res = cli(*CCXT_RUN, "--feeds", "binanceusdm:BTC/USDT:USDT", "--duration", "1.5",
+              "--exchange-factory", "tests.integration.fake_venues:unreachable", "--data-dir", str(tmp_path),
+              check=False)
+    assert res.returncode != 0
+    assert ("no trades received from binanceusdm in 1.5 s: last error: ExchangeNotAvailable: binanceusdm GET "
+            "https://example.invalid/exchangeInfo (load_markets, attempt ") in res.stderr
+    status = [ln for ln in res.stderr.splitlines() if "unreachable (ExchangeNotAvailable" in ln]
+    # dozens of retries in 1.5 s at a 0.1 s cap, but a status line only while the backoff grows
+    assert 1 <= len(status) <= 4, res.stderr
+    ev = sql(tmp_path, "SELECT kind, exchange, symbol, reason, detail FROM events FINAL ORDER BY ts")
+    assert [(e["kind"], e["exchange"], e["symbol"]) for e in ev] == [("feed_down", "binanceusdm", "BTC/USDT:USDT")]
+    assert ev[0]["reason"] == "ExchangeNotAvailable: binanceusdm GET https://example.invalid/exchangeInfo"
+    assert json.loads(ev[0]["detail"]) == {"stage": "load_markets", "attempt": 1}
+
+
+def test_run_against_a_venue_that_fails_twice_then_recovers(tmp_path):
+    cli(*CCXT_RUN, "--feeds", "binanceusdm:BTC/USDT:USDT", "--duration", "2",
+        "--exchange-factory", "tests.integration.fake_venues:flaky", "--data-dir", str(tmp_path))
+    ev = sql(tmp_path, "SELECT kind, reason, (SELECT sum(trades) FROM bars FINAL WHERE tf = '1m') AS bar_trades "
+                       "FROM events FINAL ORDER BY ts, kind")
+    assert [e["kind"] for e in ev] == ["feed_down", "reconnect"]  # one outage, and its end
+    assert ev[1]["reason"] == "back after 2 failed attempt(s)"
+    assert ev[0]["bar_trades"] == len(BTC_TAPE)  # and then every trade flowed
+
+
+def test_unknown_symbol_ends_an_endless_run_with_one_line(tmp_path):
+    # no --duration: only the error can end this run (a retry loop would run into cli()'s timeout)
+    res = cli(*CCXT_RUN, "--feeds", "binanceusdm:BTC/USDT;bybit:ETH/USDT:USDT", "--data-dir", str(tmp_path),
+              "--exchange-factory", "tests.integration.fake_venues:make", check=False)
+    assert res.returncode != 0
+    assert "binanceusdm does not list 'BTC/USDT'; close matches: BTC/USDT:USDT" in res.stderr
+
+
+def test_unknown_exchange_id_is_an_error_before_the_dataflow_starts(tmp_path):
+    res = cli(*CCXT_RUN, "--feeds", "binanceusdn:BTC/USDT:USDT", "--duration", "30", "--data-dir", str(tmp_path),
+              "--exchange-factory", "tests.integration.fake_venues:make", check=False)
+    assert res.returncode == 2
+    assert "unknown exchange 'binanceusdn'" in res.stderr and "closest: binanceusdm" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_ingest_from_an_unreachable_venue_sends_feed_down_and_fails(kafka_broker):
+    topic = f"trades-{uuid.uuid4().hex[:8]}"
+    res = cli("ingest", "--feeds", "bybit:BTC/USDT:USDT", "--brokers", kafka_broker, "--topic", topic,
+              "--partitions", "1", "--duration", "1", "--exchange-factory", "tests.integration.fake_venues:unreachable",
+              check=False)
+    assert res.returncode != 0
+    assert "no trades received from bybit in 1 s: last error: ExchangeNotAvailable: bybit GET" in res.stderr
+    msgs = read_topic(kafka_broker, topic)
+    assert [(k, m["event"], m["reason"]) for k, m in msgs] == [
+        ("bybit:BTC/USDT:USDT", "feed_down", "ExchangeNotAvailable: bybit GET https://example.invalid/exchangeInfo")]

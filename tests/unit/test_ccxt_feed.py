@@ -2,22 +2,36 @@
 
 The fake's watch methods return scripted batches (or raise the scripted error); its fetch_trades
 serves the full "true tape" the way the venues do (forward from ``since``/``fromId``, or only the
-most recent trades). When every script is used up it sets the stop event, so each run ends
-deterministically, without sleeping and without a network.
+most recent trades); its load_markets can be scripted to fail. When every script is used up it
+sets the stop event, so each run ends deterministically, without sleeping and without a network.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import logging
+import threading
+import time
 import uuid
 from collections import Counter, deque
 
 import ccxt
 import pytest
 
-from dataflows.ccxt_feed import CcxtFeed, credential_env_names, make_exchange
-from operators.ingest import Backoff, DataGapEvent, GapEvent, Reconnecting, RejectedTrade
+from dataflows.ccxt_feed import (
+    CcxtFeed,
+    FeedError,
+    UnknownExchangeError,
+    UnknownSymbolError,
+    check_exchange_id,
+    credential_env_names,
+    make_exchange,
+    unknown_symbols,
+)
+from dataflows.ccxt_source import CcxtSource, FeedOutcome
+from operators.events import Event
+from operators.ingest import Backoff, DataGapEvent, FeedDown, FeedUp, GapEvent, RejectedTrade
 
 T0 = 1_718_870_400_000
 NOW = T0 + 3_600_000
@@ -55,7 +69,7 @@ class MaxRng:
 
 class FakeExchange:
     def __init__(self, exchange_id, tapes, scripts, *, multi=True, recent_only=None, history_from_ts=None,
-                 fetch_failures=0):
+                 fetch_failures=0, load_failures=0, load_error=None):
         self.id = exchange_id
         self.has = {"watchTradesForSymbols": multi, "watchTrades": True, "fetchTrades": True}
         self.markets = {s: market(s) for s in tapes}
@@ -64,12 +78,19 @@ class FakeExchange:
         self.recent_only = recent_only  # REST sees only the newest N trades (bybit/okx/kucoin style)
         self.history_from_ts = history_from_ts  # REST history starts here
         self.fetch_failures = fetch_failures  # first N fetches raise NetworkError (-1: all)
+        self.load_failures = load_failures  # first N load_markets raise load_error (-1: all)
+        self.load_error = load_error or ccxt.ExchangeNotAvailable(
+            f"{exchange_id} GET https://example.invalid/exchangeInfo\n<html>502 Bad Gateway</html>")
         self.calls = []
         self.stop: asyncio.Event | None = None
         self._done = set()
 
     async def load_markets(self):
         self.calls.append(("load_markets",))
+        await asyncio.sleep(0)
+        if self.load_failures:
+            self.load_failures -= 1
+            raise copy.copy(self.load_error)
         return self.markets
 
     async def watch_trades_for_symbols(self, symbols, since=None, limit=None, params={}):
@@ -116,20 +137,25 @@ class FakeExchange:
         return [c for c in self.calls if c[0] == "fetch_trades"]
 
 
-def run_feed(fake, symbols, **kw):
-    """Run the feed until the fake's scripts are used up. Returns (feed, batches, events, sleeps)."""
+def run_feed(fake, symbols, *, max_sleeps=None, clock=lambda: NOW, **kw):
+    """Run the feed until the fake's scripts are used up (or it has waited ``max_sleeps`` times).
+    Returns (feed, batches, events, sleeps)."""
     batches, events, sleeps = [], [], []
+    stop = None
 
     async def sleep(delay):
         sleeps.append(delay)
+        if max_sleeps is not None and len(sleeps) >= max_sleeps:
+            stop.set()
         await asyncio.sleep(0)
 
     async def main():
+        nonlocal stop
         stop = asyncio.Event()
         fake.stop = stop
         kw.setdefault("backoff_factory", lambda i: Backoff(base=0.5, cap=8.0, seed=i))
         feed = CcxtFeed(fake, symbols, lambda ts: batches.append(list(ts)), events.append,
-                        sleep=sleep, clock=lambda: NOW, **kw)
+                        sleep=sleep, clock=clock, **kw)
         await asyncio.wait_for(feed.run(stop), timeout=5)
         return feed
 
@@ -174,7 +200,9 @@ def test_disconnect_dropping_trades_is_backfilled_exactly_once():
         ts = [t.ts for t in delivered(batches, sym)]
         assert ts == sorted(ts)
     assert of_type(events, DataGapEvent) == []
-    assert [type(e) for e in events] == [Reconnecting]
+    assert [type(e) for e in events] == [FeedDown, FeedUp]  # one outage: down, then back
+    assert (events[0].stage, events[0].error, events[0].attempt) == ("stream", "NetworkError: socket closed", 1)
+    assert (events[1].stage, events[1].attempts) == ("stream", 1)
     assert feed.stats.disconnects == 1 and len(sleeps) == 1
     assert feed.stats.backfilled == 15 + 15  # btc 10..24, eth 5..19
     assert feed.stats.trades == 60 and feed.stats.duplicates > 0
@@ -219,7 +247,7 @@ def test_id_gap_inside_stream_is_detected_counted_and_filled():
     assert (gaps[0].from_ts, gaps[0].to_ts) == (by_id[10]["timestamp"], by_id[14]["timestamp"])
     assert feed.stats.gaps_detected == 2 and feed.stats.gaps_filled == 2
     assert feed.gaps.gaps(f"binanceusdm:{BTC}") == 2
-    assert of_type(events, DataGapEvent) == [] and of_type(events, Reconnecting) == []
+    assert of_type(events, DataGapEvent) == [] and of_type(events, FeedDown) == []
     assert feed.stats.backfilled == 4
 
 
@@ -319,9 +347,11 @@ def test_backoff_delays_grow_are_capped_and_reset_after_success():
         fake, [BTC], backoff_factory=lambda i: Backoff(base=1.0, cap=4.0, rng=MaxRng()))
 
     assert sleeps == [1.0, 2.0, 4.0, 4.0, 4.0, 1.0, 2.0]
-    rec = of_type(events, Reconnecting)
-    assert [(e.attempt, e.delay_s) for e in rec] == list(zip([1, 2, 3, 4, 5, 1, 2], sleeps))
-    assert rec[0].error == "NetworkError: a" and rec[0].symbols == (BTC,)
+    # two outages: one FeedDown each (not one per retry), each closed by a FeedUp
+    assert [type(e) for e in events] == [FeedDown, FeedUp, FeedDown, FeedUp]
+    assert [(e.error, e.attempt) for e in of_type(events, FeedDown)] == [("NetworkError: a", 1), ("NetworkError: f", 1)]
+    assert [(e.attempts, e.error) for e in of_type(events, FeedUp)] == [(5, "NetworkError: e"), (2, "NetworkError: g")]
+    assert events[0].symbols == (BTC,)
     assert feed.stats.disconnects == 7
     assert [t.id for t in delivered(batches)] == [str(i) for i in range(1, 10)]
     assert fake.fetches() == []  # ids stayed contiguous: nothing to backfill
@@ -365,8 +395,143 @@ def test_per_symbol_watch_trades_when_the_exchange_lacks_the_multi_method():
     assert_exactly_once(delivered(batches, BTC), btc)
     assert_exactly_once(delivered(batches, ETH), eth)
     # only the ETH loop reconnected
-    assert [e.symbols for e in of_type(events, Reconnecting)] == [(ETH,)]
+    assert [e.symbols for e in of_type(events, FeedDown)] == [(ETH,)]
     assert len(feed.backoffs) == 2
+
+
+# -- (f) outages, unknown venues and symbols ----------------------------------------------------
+
+def feed_log(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "dataflows.ccxt_feed" and r.levelno == logging.WARNING]
+
+
+def test_unreachable_venue_is_one_feed_down_and_a_status_line_when_the_backoff_grows(caplog):
+    fake = FakeExchange("binanceusdm", {BTC: tape(BTC, 3)}, {"*": []}, load_failures=-1)
+    ticks = iter(range(10_000))
+    caplog.set_level(logging.WARNING, logger="dataflows.ccxt_feed")
+    feed, batches, events, sleeps = run_feed(
+        fake, [BTC], max_sleeps=12, clock=lambda: NOW + 20_000 * next(ticks),  # 20 s per attempt
+        backoff_factory=lambda i: Backoff(base=1.0, cap=4.0, rng=MaxRng()), status_every_s=60)
+
+    assert len(sleeps) == 12 and batches == []
+    (down,) = events  # once per outage, not per retry; never back up
+    assert down == FeedDown("binanceusdm", (BTC,), "load_markets",
+                            "ExchangeNotAvailable: binanceusdm GET https://example.invalid/exchangeInfo", 1)
+    assert not any(c[0].startswith("watch") for c in fake.calls)
+    assert feed.last_error == ("ExchangeNotAvailable: binanceusdm GET https://example.invalid/exchangeInfo "
+                               "(load_markets, attempt 12)")
+    lines = [m for m in feed_log(caplog) if "unreachable" in m]
+    # ceilings 1, 2, 4 s: a line each time it grows; capped: one a minute (attempts 6, 9, 12 at 20 s each)
+    assert [int(m.split("retry ")[1].split()[0]) for m in lines] == [1, 2, 3, 6, 9, 12]
+    assert lines[2].startswith("binanceusdm BTC/USDT:USDT: unreachable (ExchangeNotAvailable: binanceusdm GET")
+    assert "retry 3 in 4 s" in lines[2] and "<html>" not in lines[2]
+
+
+def test_venue_failing_twice_then_recovering_is_one_feed_down_and_trades_flow(caplog):
+    btc = tape(BTC, 20)
+    fake = FakeExchange("binanceusdm", {BTC: btc}, {"*": [btc[0:10], btc[10:20]]},
+                        load_failures=2, load_error=ConnectionError("connection refused"))
+    caplog.set_level(logging.WARNING, logger="dataflows.ccxt_feed")
+    feed, batches, events, sleeps = run_feed(fake, [BTC])
+
+    assert [type(e) for e in events] == [FeedDown, FeedUp]
+    assert (events[0].stage, events[0].error) == ("load_markets", "ConnectionError: connection refused")
+    assert (events[1].stage, events[1].attempts) == ("load_markets", 2)
+    assert len(sleeps) == 2
+    assert [t.id for t in delivered(batches)] == [str(i) for i in range(1, 21)]
+    assert any("back after 2 failed attempt(s)" in m for m in feed_log(caplog))
+
+
+def test_unknown_symbol_is_an_error_as_soon_as_markets_are_loaded():
+    fake = FakeExchange("binanceusdm", {BTC: tape(BTC, 3), ETH: tape(ETH, 3)}, {"*": [tape(BTC, 3)]})
+    with pytest.raises(UnknownSymbolError) as exc:
+        run_feed(fake, ["BTC/USDT", ETH])
+    assert str(exc.value) == "binanceusdm does not list 'BTC/USDT'; close matches: BTC/USDT:USDT"
+    assert isinstance(exc.value, FeedError)
+    assert [c[0] for c in fake.calls] == ["load_markets"]  # no stream, no retry
+
+
+def test_unknown_symbols_suggests_venue_ids_case_and_says_when_nothing_is_close():
+    markets = {BTC: market(BTC), ETH: market(ETH)}
+    by_id = {"BTCUSDT": [market(BTC)]}
+    assert unknown_symbols("x", [BTC, "BTCUSDT", "eth/usdt:usdt", "DOGE/JPY"], markets, by_id) == [
+        "x does not list 'BTCUSDT'; close matches: BTC/USDT:USDT",
+        "x does not list 'eth/usdt:usdt'; close matches: ETH/USDT:USDT",
+        "x does not list 'DOGE/JPY'; no close match among its 2 markets",
+    ]
+
+
+def test_unknown_exchange_id_names_the_closest_ids_before_anything_runs():
+    check_exchange_id("binanceusdm")
+    with pytest.raises(UnknownExchangeError, match="unknown exchange 'binanceusdn'.*closest: binanceusdm"):
+        check_exchange_id("binanceusdn")
+    with pytest.raises(UnknownExchangeError, match="'bitflyer' only over REST"):
+        check_exchange_id("bitflyer")  # ccxt has it, ccxt.pro (websockets) does not
+    with pytest.raises(ValueError, match="binanceusdm"):  # the CLI turns this ValueError into a usage error
+        CcxtSource({"binanceusdn": [BTC]}, factory_path="tests.integration.fake_venues:make")
+
+
+def _source_with(outcomes, duration_s):
+    src = CcxtSource({ex: [BTC] for ex in outcomes}, factory_path="tests.integration.fake_venues:make",
+                     duration_s=duration_s)
+    src.outcomes.update(outcomes)
+    return src
+
+
+def test_check_fails_a_duration_run_that_received_nothing_and_says_why():
+    down = FeedOutcome(0, None, "ExchangeNotAvailable: x (load_markets, attempt 9)")
+    with pytest.raises(FeedError) as exc:
+        _source_with({"binanceusdm": down, "bybit": FeedOutcome(12)}, 20).check()
+    assert str(exc.value) == ("no trades received from binanceusdm in 20 s: last error: "
+                              "ExchangeNotAvailable: x (load_markets, attempt 9)")
+    with pytest.raises(FeedError, match=r"^no trades received from okx in 2.5 s \(no error seen, but the venue sent none\)$"):
+        _source_with({"okx": FeedOutcome()}, 2.5).check()
+    _source_with({"okx": FeedOutcome(), "bybit": FeedOutcome(3)}, 20).check()  # quiet next to a working feed
+    _source_with({"okx": FeedOutcome(0, None, "NetworkError: x")}, None).check()  # no duration: the 24/7 service
+    with pytest.raises(FeedError, match="^okx does not list"):  # a fatal error fails any run
+        _source_with({"okx": FeedOutcome(5, "okx does not list 'X'"), "bybit": FeedOutcome(3)}, None).check()
+
+
+def _drain(parts, timeout_s=10):
+    """Poll source partitions the way a bytewax worker does until each ends; their batches."""
+    out, live, deadline = [], list(parts), time.time() + timeout_s
+    while live:
+        assert time.time() < deadline, "partitions did not end"
+        for p in list(live):
+            try:
+                out += p.next_batch()
+            except StopIteration:
+                p.close()
+                live.remove(p)
+        time.sleep(0.005)
+    return out
+
+
+def test_source_turns_an_outage_into_a_feed_down_row_and_a_failed_duration_run():
+    src = CcxtSource({"binanceusdm": [BTC]}, factory_path="tests.integration.fake_venues:unreachable",
+                     duration_s=0.4)
+    batches = _drain([src.build_part("ccxt", "binanceusdm", None)])
+    events = [e for b in batches for e in b.events]
+    assert [e.kind for e in events] == ["feed_down"]
+    assert isinstance(events[0], Event) and (events[0].exchange, events[0].symbol) == ("binanceusdm", BTC)
+    assert events[0].reason.startswith("ExchangeNotAvailable: binanceusdm GET ")
+    assert sum(b.frame.height for b in batches) == 0
+    with pytest.raises(FeedError, match=r"^no trades received from binanceusdm in 0.4 s: last error: "
+                                        r"ExchangeNotAvailable: .* \(load_markets, attempt \d+\)$"):
+        src.check()
+    assert not [t for t in threading.enumerate() if t.name.startswith("ccxt-")]  # feed threads stopped
+
+
+def test_a_fatal_feed_ends_every_partition_of_an_endless_run():
+    src = CcxtSource({"binanceusdm": ["BTC/USDT"], "bybit": [ETH]},  # binanceusdm lists BTC/USDT:USDT only
+                     factory_path="tests.integration.fake_venues:make")
+    parts = [src.build_part("ccxt", ex, None) for ex in src.list_parts()]
+    _drain(parts)  # no duration: only the fatal error can end it
+    with pytest.raises(UnknownSymbolError) as exc:  # the type survives: the CLI can call it a usage error
+        src.check()
+    assert str(exc.value) == "binanceusdm does not list 'BTC/USDT'; close matches: BTC/USDT:USDT"
+    assert src.outcomes["bybit"].fatal is None
 
 
 # -- bad data, bugs, construction ---------------------------------------------------------------
@@ -404,5 +569,5 @@ def test_make_exchange_reads_credentials_from_env_only():
     public = make_exchange("bybit", {})
     assert not public.apiKey and public.enableRateLimit is True
     assert "TAPEFLOW_HYPERLIQUID_PRIVATE_KEY" in credential_env_names("hyperliquid")
-    with pytest.raises(ValueError, match="no exchange"):
+    with pytest.raises(ValueError, match="unknown exchange 'not_an_exchange'"):
         make_exchange("not_an_exchange", {})

@@ -10,12 +10,17 @@ import random
 
 import pytest
 
+from operators.events import from_ingest
 from operators.ingest import (
     SEQUENTIAL_IDS,
     Backoff,
+    FeedDown,
+    FeedUp,
     Gap,
     IdGapTracker,
+    OutageTracker,
     RecentIds,
+    error_line,
     id_span,
     merge_backfill,
     normalise,
@@ -389,3 +394,44 @@ def test_recent_ids_is_bounded_and_pickles():
 def test_nan_safety_of_costs():
     t = normalise("okx", FIXTURES["okx"], MARKETS["okx"], RECV)
     assert math.isfinite(t.cost) and t.cost > 0
+
+
+# -- outages --------------------------------------------------------------------------------------
+
+def test_outage_is_one_feed_down_and_one_feed_up_however_many_retries():
+    t = OutageTracker("bybit", ("BTC/USDT:USDT",), "stream")
+    assert t.succeeded(500) is None and not t.down  # up and staying up: nothing to say
+    downs = [t.failed(f"NetworkError: try {i}", 1_000 + i) for i in range(1, 6)]
+    assert downs[0] == FeedDown("bybit", ("BTC/USDT:USDT",), "stream", "NetworkError: try 1", 1)
+    assert downs[1:] == [None] * 4 and t.down and t.attempts == 5
+    assert t.succeeded(4_001) == FeedUp("bybit", ("BTC/USDT:USDT",), "stream", 5, 3_000, "NetworkError: try 5")
+    assert not t.down and t.last_error == "NetworkError: try 5"
+    assert t.failed("NetworkError: again", 9_000).attempt == 1  # a new outage opens again
+
+
+def test_status_lines_follow_the_backoff_growth_then_one_per_interval():
+    t = OutageTracker("okx", ("X",), "load_markets", status_every_ms=60_000)
+    ceilings = [0.5, 1, 2, 4, 8, 8, 8, 8, 8, 8]
+    times = [i * 25_000 for i in range(len(ceilings))]  # 25 s between retries
+    logged = [i for i, (c, now) in enumerate(zip(ceilings, times)) if t.should_log(c, now)]
+    # growth: 0..4; capped at 100 s: next line at >= 160 s (i=7), then >= 235 s (i=10, past the end)
+    assert logged == [0, 1, 2, 3, 4, 7]
+    t.succeeded(300_000)
+    t.failed("x", 300_001)
+    assert t.should_log(0.5, 300_002)  # a new outage starts its status lines afresh
+
+
+def test_error_line_is_type_and_first_line_bounded():
+    assert error_line(TimeoutError()) == "TimeoutError"
+    assert error_line(ConnectionError("  refused\nbody\nmore")) == "ConnectionError: refused"
+    assert len(error_line(OSError("x" * 1000))) == 300
+
+
+def test_feed_down_and_up_become_events():
+    down = from_ingest(FeedDown("okx", ("A", "B"), "stream", "NetworkError: closed", 1), 5_000, "ccxt:okx")
+    assert (down.kind, down.exchange, down.symbol, down.reason, down.ts) == (
+        "feed_down", "okx", "A,B", "NetworkError: closed", 5_000)
+    assert '"stage": "stream"' in down.detail and '"attempt": 1' in down.detail
+    up = from_ingest(FeedUp("okx", ("A",), "load_markets", 3, 2_500, "NetworkError: closed"), 9_000, "ccxt:okx")
+    assert (up.kind, up.from_ts, up.to_ts, up.reason) == ("reconnect", 6_500, 9_000, "back after 3 failed attempt(s)")
+    assert '"last_error": "NetworkError: closed"' in up.detail
