@@ -6,7 +6,7 @@ Wiring only; the logic lives in ``operators/`` and ``models/``. Read it top to b
     trades_in      batches from a source (Kafka messages, file rows, generator columns)
     decode         one Polars frame of valid trades per batch + dead letters + in-band events
     by_instrument  (instrument, that instrument's trades) — everything after is per instrument
-    admit          drop duplicates, split off late trades, one chunk per 1m window
+    admit          drop duplicates, split off late trades and timestamp outliers, one chunk per 1m window
     window_1m      bytewax event-time tumbling windows over chunks (closes quiet keys on the clock)
     bar_1m         the bar of the closed window, cohorts from the rolling order history
     rollup         5m / 15m / 1h / 4h / 1d from closed 1m bars (a group per closed minute)
@@ -51,18 +51,21 @@ def _ms_dt(ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=ms)
 
 
-def _admit(cfg: T.AdmitConfig):
-    def step(state: Optional[T.AdmitState], trades) -> tuple[T.AdmitState, list]:
-        state = state or T.AdmitState()
-        got = T.admit(state, trades, cfg)
-        out: list[Any] = list(got.chunks)
-        if got.late is not None:
-            out.append(got.late)
-        if got.duplicates:
-            out.append(T.Counter("duplicates", got.duplicates))
-        return state, out
+class AdmitLogic(StatefulLogic):
+    """Per instrument: dedup, lateness and the jump rule (``operators.trades.admit``); at the end of
+    the input, what a held jump becomes (``operators.trades.flush``)."""
 
-    return step
+    def __init__(self, resume: Optional[T.AdmitState], cfg: T.AdmitConfig):
+        self.state, self.cfg = resume or T.AdmitState(), cfg
+
+    def on_item(self, trades) -> tuple[list, bool]:
+        return T.admit(self.state, trades, self.cfg).records(), StatefulLogic.RETAIN
+
+    def on_eof(self) -> tuple[list, bool]:
+        return T.flush(self.state, self.cfg).records(), StatefulLogic.RETAIN
+
+    def snapshot(self) -> T.AdmitState:
+        return copy.deepcopy(self.state)
 
 
 def _bar_1m(cfg: B.BarConfig):
@@ -242,12 +245,13 @@ def build_flow(
 
     flow = Dataflow(flow_id)
     batches = op.input("trades_in", flow, source)
-    decoded = op.map("decode", batches, lambda b: T.decode_batch(b, b.recv_ts, max_future))
+    limits = settings.decode_limits()
+    decoded = op.map("decode", batches, lambda b: T.decode_batch(b, b.recv_ts, max_future, limits))
     dead = op.flat_map("dead_letters", decoded, lambda d: d.dead)
     events = op.flat_map("events", decoded, lambda d: d.events)
     batch_quality = op.map("batch_quality", decoded, lambda d: P.BatchQuality(d.frame.height, len(d.dead)))
     per_instrument = op.flat_map("by_instrument", decoded, lambda d: T.split_instruments(d.frame))
-    admitted = op.stateful_flat_map("admit", per_instrument, _admit(admit_cfg))
+    admitted = op.stateful("admit", per_instrument, lambda resume: AdmitLogic(resume, admit_cfg))
     is_chunk = op.branch("chunks", admitted, lambda kv: isinstance(kv[1], T.Chunk))
 
     clock = PacedEventClock(

@@ -23,9 +23,10 @@ import re
 from collections import deque
 from operator import attrgetter
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
+import numpy as np
 import polars as pl
 
 MINUTE_MS = 60_000
@@ -58,7 +59,21 @@ DEAD_LETTER_REASONS = {
     "non_positive": "price or amount is zero or negative",
     "unknown_side": "side is neither 'buy' nor 'sell'",
     "ts_out_of_range": "ts is more than the allowed time in the future, or before 2010 (seconds instead of ms?)",
+    "too_large": "the message is larger than max_message_bytes (its stored payload is cut)",
+    "field_too_long": "exchange, symbol, id or trader is longer than max_field_chars",
+    "key_mismatch": "the Kafka key is not the trade's own exchange:symbol",
+    "undecodable": "decoding failed in an unforeseen way (the detail says how); never stops the pipeline",
 }
+
+#: Every reason a trade can end in ``late_trades`` instead of a bar.
+LATE_REASONS = {
+    "behind_watermark": "ts below the instrument's newest ts minus the allowed lateness",
+    "window_closed": "its 1m window had already closed (wall-clock watermark on live sources)",
+    "ts_outlier": "ts jumped more than jump_ms away from its instrument's stream and the stream did not follow",
+    "ts_jump_unconfirmed": "ts jumped more than jump_ms ahead and the input ended before the jump was confirmed",
+}
+
+_I64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class Trade(msgspec.Struct, gc=False):
@@ -67,24 +82,34 @@ class Trade(msgspec.Struct, gc=False):
 
     exchange: str
     symbol: str
-    id: Union[str, int]
-    ts: int
+    id: Union[str, _I64]
+    ts: _I64
     price: float
     amount: float
     side: str
     cost: Union[float, None] = None
     trader: Union[str, None] = None
-    recv_ts: Union[int, None] = None
+    recv_ts: Union[_I64, None] = None
 
 
 class RawBatch(msgspec.Struct):
-    """Raw messages as read from a source; ``offsets[i]`` locates ``payloads[i]`` in it."""
+    """Raw messages as read from a source; ``offsets[i]`` locates ``payloads[i]`` in it and
+    ``keys[i]`` is its Kafka key (``exchange:symbol``; None or an empty list: not checked)."""
 
     source: str
     partition: str
     offsets: list[int]
     payloads: list[bytes]
     recv_ts: int
+    keys: list = msgspec.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what one message may hold (settings ``max_message_bytes``, ``max_field_chars``)."""
+
+    max_message_bytes: int = 16_384
+    max_field_chars: int = 128
 
 
 class FrameBatch(msgspec.Struct):
@@ -116,7 +141,6 @@ class Decoded:
     events: list = field(default_factory=list)  # operators.events.Event, in arrival order
 
 
-_BATCH_DECODER = msgspec.json.Decoder(list[Trade])
 _ONE_DECODER = msgspec.json.Decoder(Trade)
 
 
@@ -129,9 +153,11 @@ def _classify_msgspec_error(err: Exception, payload: bytes) -> str:
         return "non_finite"  # 1e999, or Python's json.dumps(float("nan")) -> NaN
     if not isinstance(err, msgspec.ValidationError):
         return "bad_json"
+    if isinstance(err, RecursionError):
+        return "bad_json"  # nested deeper than the decoder's recursion limit
     try:  # typed decoding stops at the first type error; is the rest even JSON?
         msgspec.json.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return "bad_json"
     if text.startswith("Object missing required field") or "got `null`" in text:
         return "missing_field"
@@ -152,19 +178,29 @@ def _trades_to_frame(trades: list[Trade], seqs: list[int], recv_ts: int) -> pl.D
     return frame.with_columns(pl.col("recv_ts").fill_null(recv_ts), pl.Series("seq", seqs, dtype=pl.Int64))
 
 
-def _reason_expr(now_ms: int, max_future_ms: int) -> pl.Expr:
+_TEXT_FIELDS = ("exchange", "symbol", "id", "trader")
+
+
+def _reason_expr(now_ms: int, max_future_ms: int, limits: DecodeLimits) -> pl.Expr:
     """One expression giving each row's dead-letter reason, or null for a good row."""
     missing = pl.lit(False)
     for c in ("exchange", "symbol", "id", "ts", "price", "amount", "side"):
         missing = missing | pl.col(c).is_null()
     for c in ("exchange", "symbol", "id"):
         missing = missing | (pl.col(c).str.len_bytes() == 0)
+    too_long = pl.lit(False)
+    for c in _TEXT_FIELDS:
+        too_long = too_long | (pl.col(c).str.len_chars() > limits.max_field_chars).fill_null(False)
+    key = pl.col("_key")
+    key_mismatch = (key.is_not_null() & (key != pl.concat_str("exchange", pl.lit(":"), "symbol"))).fill_null(False)
     price, amount, ts = pl.col("price"), pl.col("amount"), pl.col("ts")
     return (
         pl.when(pl.col("_wrong_type"))  # first: a failed cast leaves a null behind
         .then(pl.lit("wrong_type"))
         .when(missing)
         .then(pl.lit("missing_field"))
+        .when(too_long)
+        .then(pl.lit("field_too_long"))
         .when(~price.is_finite() | ~amount.is_finite())
         .then(pl.lit("non_finite"))
         .when((price <= 0) | (amount <= 0))
@@ -173,13 +209,22 @@ def _reason_expr(now_ms: int, max_future_ms: int) -> pl.Expr:
         .then(pl.lit("unknown_side"))
         .when((ts > now_ms + max_future_ms) | (ts < MIN_TS_MS))
         .then(pl.lit("ts_out_of_range"))
+        .when(key_mismatch)
+        .then(pl.lit("key_mismatch"))
         .otherwise(pl.lit(None, dtype=pl.String))
         .alias("_reason")
     )
 
 
-def explain(reason: str, row: dict, now_ms: int, max_future_ms: int) -> str:
+def explain(reason: str, row: dict, now_ms: int, max_future_ms: int, limits: DecodeLimits = DecodeLimits()) -> str:
     """A sentence a person can act on, for a row that failed the value checks."""
+    if reason == "field_too_long":
+        long = [f"{c} ({len(row[c])} chars)" for c in _TEXT_FIELDS
+                if isinstance(row.get(c), str) and len(row[c]) > limits.max_field_chars]
+        return f"{', '.join(long)} longer than max_field_chars={limits.max_field_chars}"
+    if reason == "key_mismatch":
+        return (f"Kafka key {row.get('_key')!r} is not the trade's exchange:symbol "
+                f"{row.get('exchange')}:{row.get('symbol')}")
     if reason == "missing_field":
         absent = [c for c in ("exchange", "symbol", "id", "ts", "price", "amount", "side")
                   if row.get(c) is None or row.get(c) == ""]
@@ -200,9 +245,10 @@ def explain(reason: str, row: dict, now_ms: int, max_future_ms: int) -> str:
     return DEAD_LETTER_REASONS.get(reason, reason)
 
 
-def _split_valid(frame: pl.DataFrame, now_ms: int, max_future_ms: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Apply the value rules. ``frame`` has the decoded columns plus ``_wrong_type`` and ``_row``."""
-    checked = frame.with_columns(_reason_expr(now_ms, max_future_ms))
+def _split_valid(frame: pl.DataFrame, now_ms: int, max_future_ms: int,
+                 limits: DecodeLimits) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Apply the value rules. ``frame`` has the decoded columns plus ``_wrong_type``, ``_key`` and ``_row``."""
+    checked = frame.with_columns(_reason_expr(now_ms, max_future_ms, limits))
     bad = checked.filter(pl.col("_reason").is_not_null())
     good = checked.filter(pl.col("_reason").is_null()).select(
         "exchange", "symbol", "id", "ts", "price", "amount",
@@ -211,58 +257,86 @@ def _split_valid(frame: pl.DataFrame, now_ms: int, max_future_ms: int) -> tuple[
     return good, bad
 
 
-def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int) -> Decoded:
+def _decode_one(batch: RawBatch, i: int, limits: DecodeLimits) -> Union[Trade, DeadLetter, Any]:
+    """One message on its own: a Trade, an in-band event, or a dead letter. Never raises: whatever
+    a payload holds (deep nesting, binary, joined or split objects, huge numbers), it ends here."""
+    from operators.events import EVENT_DECODER, decode_in_band  # events import this module
+
+    p = batch.payloads[i]
+
+    def dead(reason: str, detail: str) -> DeadLetter:
+        return DeadLetter(batch.source, batch.partition, batch.offsets[i], _text(p, limits), reason, detail,
+                          batch.recv_ts)
+
+    if len(p) > limits.max_message_bytes:
+        return dead("too_large", f"{len(p):,} bytes > max_message_bytes={limits.max_message_bytes:,}")
+    try:
+        return _ONE_DECODER.decode(p)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as err:
+        try:  # an in-band event (gap, reconnect, refused trade)?
+            return decode_in_band(EVENT_DECODER.decode(p), batch.source, batch.partition, batch.offsets[i],
+                                  batch.recv_ts)
+        except Exception:  # noqa: BLE001 - not an event either: classify the trade error
+            pass
+        try:
+            return dead(_classify_msgspec_error(err, p), str(err)[:500])
+        except Exception as inner:  # noqa: BLE001
+            return dead("undecodable", f"{type(inner).__name__}: {str(inner)[:300]}")
+    except Exception as err:  # noqa: BLE001 - a message must never stop the pipeline
+        return dead("undecodable", f"{type(err).__name__}: {str(err)[:300]}")
+
+
+def _decode_all(payloads: list[bytes], limits: DecodeLimits) -> list[Trade]:
+    """The common case, every message a trade: one C-level pass; raises at the first that is not."""
+    if payloads and max(map(len, payloads)) > limits.max_message_bytes:
+        raise ValueError("a message is too large")
+    return list(map(_ONE_DECODER.decode, payloads))
+
+
+def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int, limits: DecodeLimits) -> Decoded:
+    """Every message is decoded on its own (msgspec, in C): a payload can never borrow bytes from
+    its neighbours (``{A},{B}`` in one message, or one object split over two, is refused), and
+    decoding message by message measured as fast as decoding the joined batch as one array."""
     payloads = batch.payloads
-    trades: list[Trade] | None = None
-    if payloads:
-        try:  # fast path: the whole batch as one JSON array (one payload = one element)
-            trades = _BATCH_DECODER.decode(b"[" + b",".join(payloads) + b"]")
-            if len(trades) != len(payloads):
-                trades = None
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            trades = None
     dead: list[DeadLetter] = []
     events: list = []
-    if trades is not None:
+    try:
+        trades = _decode_all(payloads, limits)
         ok_idx = list(range(len(payloads)))
-    else:
-        from operators.events import EVENT_DECODER, decode_in_band  # events import this module
-
+    except Exception:  # noqa: BLE001 - sort it out message by message
         trades, ok_idx = [], []
-        for i, p in enumerate(payloads):
-            try:
-                trades.append(_ONE_DECODER.decode(p))
+        for i in range(len(payloads)):
+            got = _decode_one(batch, i, limits)
+            if isinstance(got, Trade):
+                trades.append(got)
                 ok_idx.append(i)
-            except (msgspec.DecodeError, msgspec.ValidationError) as err:
-                try:  # an in-band event (gap, reconnect, refused trade)?
-                    ev = decode_in_band(EVENT_DECODER.decode(p), batch.source, batch.partition,
-                                        batch.offsets[i], batch.recv_ts)
-                    (dead if isinstance(ev, DeadLetter) else events).append(ev)
-                    continue
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    pass
-                dead.append(
-                    DeadLetter(batch.source, batch.partition, batch.offsets[i], _text(p),
-                               _classify_msgspec_error(err, p), str(err), batch.recv_ts)
-                )
+            elif isinstance(got, DeadLetter):
+                dead.append(got)
+            else:
+                events.append(got)
     seqs = [batch.offsets[i] for i in ok_idx]
+    keys = batch.keys
+    key_col = (pl.Series("_key", [None if keys[i] is None else bytes(keys[i]).decode("utf-8", "replace")
+                                  for i in ok_idx], dtype=pl.String)
+               if keys else pl.lit(None, dtype=pl.String).alias("_key"))
     frame = _trades_to_frame(trades, seqs, batch.recv_ts).with_columns(
-        pl.lit(False).alias("_wrong_type"), pl.Series("_row", ok_idx, dtype=pl.Int64)
+        pl.lit(False).alias("_wrong_type"), pl.Series("_row", ok_idx, dtype=pl.Int64), key_col
     )
-    good, bad = _split_valid(frame, now_ms, max_future_ms)
+    good, bad = _split_valid(frame, now_ms, max_future_ms, limits)
     for row in bad.iter_rows(named=True):
         i = row["_row"]
         dead.append(
-            DeadLetter(batch.source, batch.partition, batch.offsets[i], _text(payloads[i]),
-                       row["_reason"], explain(row["_reason"], row, now_ms, max_future_ms), batch.recv_ts)
+            DeadLetter(batch.source, batch.partition, batch.offsets[i], _text(payloads[i], limits),
+                       row["_reason"], explain(row["_reason"], row, now_ms, max_future_ms, limits), batch.recv_ts)
         )
+    dead.sort(key=lambda d: d.offset)
     return Decoded(good, dead, events)
 
 
 _NUMERIC = {"ts": pl.Int64, "price": pl.Float64, "amount": pl.Float64, "recv_ts": pl.Int64}
 
 
-def _decode_frame(batch: FrameBatch, now_ms: int, max_future_ms: int) -> Decoded:
+def _decode_frame(batch: FrameBatch, now_ms: int, max_future_ms: int, limits: DecodeLimits) -> Decoded:
     raw: pl.DataFrame = batch.frame
     cols = set(raw.columns)
     need = {"exchange", "symbol", "id", "ts", "price", "amount", "side", "offset"}
@@ -289,11 +363,12 @@ def _decode_frame(batch: FrameBatch, now_ms: int, max_future_ms: int) -> Decoded
     for c in ("exchange", "symbol", "id", "side", "trader"):
         exprs.append(pl.col(c).cast(pl.String) if c in cols else pl.lit(None, dtype=pl.String).alias(c))
     exprs += [pl.col("offset").cast(pl.Int64).alias("seq"), wrong.alias("_wrong_type"),
-              detail.alias("_type_detail"), pl.int_range(pl.len(), dtype=pl.Int64).alias("_row")]
+              detail.alias("_type_detail"), pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
+              pl.lit(None, dtype=pl.String).alias("_key")]
     frame = raw.select(exprs)
     if "recv_ts" in cols:
         frame = frame.with_columns(pl.col("recv_ts").fill_null(batch.recv_ts))
-    good, bad = _split_valid(frame, now_ms, max_future_ms)
+    good, bad = _split_valid(frame, now_ms, max_future_ms, limits)
     dead = []
     if bad.height:
         originals = raw.with_row_index("_row").filter(pl.col("_row").is_in(bad["_row"].to_list()))
@@ -303,22 +378,29 @@ def _decode_frame(batch: FrameBatch, now_ms: int, max_future_ms: int) -> Decoded
             orig.pop("_row")
             dead.append(
                 DeadLetter(batch.source, batch.partition, row["seq"] if row["seq"] is not None else -1,
-                           msgspec.json.encode(orig, enc_hook=str).decode(), row["_reason"],
-                           explain(row["_reason"], row, now_ms, max_future_ms), batch.recv_ts)
+                           _cut(msgspec.json.encode(orig, enc_hook=str).decode(), limits), row["_reason"],
+                           explain(row["_reason"], row, now_ms, max_future_ms, limits), batch.recv_ts)
             )
     live_dead = [e for e in batch.events if isinstance(e, DeadLetter)]
     return Decoded(good, dead + live_dead, [e for e in batch.events if not isinstance(e, DeadLetter)])
 
 
-def _text(payload: bytes) -> str:
-    return payload.decode("utf-8", errors="backslashreplace")
+def _cut(text: str, limits: DecodeLimits) -> str:
+    """A dead letter keeps at most ``max_message_bytes`` characters of its payload (and says so)."""
+    n = limits.max_message_bytes
+    return text if len(text) <= n else f"{text[:n]}... [cut: {len(text):,} characters in all]"
 
 
-def decode_batch(batch: RawBatch | FrameBatch, now_ms: int, max_future_ms: int = DAY_MS) -> Decoded:
+def _text(payload: bytes, limits: DecodeLimits = DecodeLimits()) -> str:
+    return _cut(bytes(payload).decode("utf-8", errors="backslashreplace"), limits)
+
+
+def decode_batch(batch: RawBatch | FrameBatch, now_ms: int, max_future_ms: int = DAY_MS,
+                 limits: DecodeLimits = DecodeLimits()) -> Decoded:
     """Decode and validate a batch: good trades as one frame, every bad one as a dead letter."""
     if isinstance(batch, RawBatch):
-        return _decode_raw(batch, now_ms, max_future_ms)
-    return _decode_frame(batch, now_ms, max_future_ms)
+        return _decode_raw(batch, now_ms, max_future_ms, limits)
+    return _decode_frame(batch, now_ms, max_future_ms, limits)
 
 
 def split_instruments(frame: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
@@ -335,24 +417,32 @@ def split_instruments(frame: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
 
 @dataclass(frozen=True)
 class AdmitConfig:
+    """Admission rules per instrument. ``jump_ms``/``jump_confirm``/``receipt_skew_ms`` make event
+    time robust to a bad timestamp (see ``admit``)."""
+
     lateness_ms: int = 2_000
     dedup_horizon_ms: int = 10 * MINUTE_MS
     dedup_max_ids: int = 500_000
     window_ms: int = MINUTE_MS
+    jump_ms: int = 15 * MINUTE_MS
+    jump_confirm: int = 3
+    receipt_skew_ms: int = 5 * MINUTE_MS
 
 
 @dataclass
 class AdmitState:
-    """Per instrument: the newest event time seen and the ids seen within the dedup horizon."""
+    """Per instrument: the confirmed frontier (newest accepted ts), the ids seen within the dedup
+    horizon, and the trades of a jump that is not confirmed yet (arrival order)."""
 
     max_ts: int | None = None
     seen: set = field(default_factory=set)
-    expiry: deque = field(default_factory=deque)  # (max ts of the group, tuple of the group's ids)
+    expiry: deque = field(default_factory=deque)  # (frontier when the group came, tuple of the group's ids)
     n_seen: int = 0
+    pending: pl.DataFrame | None = None
 
     def __deepcopy__(self, memo: dict) -> "AdmitState":
-        # ids are immutable strings in immutable tuples: copying the containers is enough
-        return AdmitState(self.max_ts, set(self.seen), deque(self.expiry), self.n_seen)
+        # ids are immutable strings in immutable tuples, frames are immutable: copying containers is enough
+        return AdmitState(self.max_ts, set(self.seen), deque(self.expiry), self.n_seen, self.pending)
 
 
 @dataclass(frozen=True)
@@ -371,7 +461,7 @@ class LateTrades:
     exchange: str
     symbol: str
     trades: pl.DataFrame  # TRADE_SCHEMA columns + watermark
-    reason: str  # behind_watermark | window_closed
+    reason: str  # one of LATE_REASONS
 
 
 @dataclass(frozen=True)
@@ -384,17 +474,41 @@ class Counter:
 @dataclass
 class Admitted:
     chunks: list[Chunk]
-    late: LateTrades | None
+    late: LateTrades | None  # behind the watermark
     duplicates: int
+    outliers: LateTrades | None = None  # ts_outlier / ts_jump_unconfirmed
+
+    def records(self) -> list:
+        """What goes downstream: chunks, late and outlier rows, the duplicate count."""
+        out: list[Any] = list(self.chunks)
+        out += [x for x in (self.late, self.outliers) if x is not None]
+        if self.duplicates:
+            out.append(Counter("duplicates", self.duplicates))
+        return out
+
+
+_ON_TIME, _LATE, _OUTLIER = 0, 1, 2
 
 
 def admit(state: AdmitState, trades: pl.DataFrame, cfg: AdmitConfig) -> Admitted:
-    """Drop duplicate ids, separate trades behind the watermark, cut the rest into window chunks.
+    """Drop duplicate ids, separate late trades and timestamp outliers, cut the rest into window chunks.
 
-    ``trades`` is one instrument's slice of a decoded batch, in arrival order. A trade is late when
-    its ts is below the watermark at its arrival: the newest ts seen before it minus the allowed
-    lateness. This is bytewax's EventClock rule applied trade by trade, so where the batches
-    happen to be cut does not change which trades are late. Mutates and keeps ``state``.
+    ``trades`` is one instrument's slice of a decoded batch, in arrival order. Mutates ``state``.
+
+    Lateness: a trade is late when its ts is below the watermark at its arrival, the frontier (the
+    newest accepted ts before it) minus the allowed lateness. This is bytewax's EventClock rule
+    applied trade by trade, so where the batches happen to be cut does not change which trades are late.
+
+    Robust event time: the frontier never leaps on one trade's word. A trade more than ``jump_ms``
+    ahead of the frontier (or the instrument's first trades) opens a *jump*: it and the trades that
+    follow it are held until ``jump_confirm`` trades in a row agree (each no more than ``jump_ms``
+    behind the one before), or one
+    of them lies within ``receipt_skew_ms`` of its own receive time (a live feed saying "now").
+    Then they are admitted in arrival order and the frontier moves. A trade back near the frontier
+    refutes the held ones: they become ``ts_outlier`` rows in ``late_trades``, and no other trade is
+    lost. A trade more than ``receipt_skew_ms`` ahead of its own receive time is a ``ts_outlier`` at
+    once. A real gap (an instrument quiet for an hour) is a jump that the next trades confirm.
+    ``flush`` decides what is still held when the input ends.
     """
     exchange, symbol = trades["exchange"][0], trades["symbol"][0]
     ids = trades["id"].to_list()
@@ -411,11 +525,45 @@ def admit(state: AdmitState, trades: pl.DataFrame, cfg: AdmitConfig) -> Admitted
     if trades.height == 0:
         return Admitted([], None, duplicates)
 
-    prev = state.max_ts if state.max_ts is not None else -(2**62)
-    newest = trades["ts"].max()
-    state.max_ts = max(prev, newest)
-    _remember(state, ids, newest, cfg)
+    if state.pending is None and state.max_ts is not None and not _needs_care(state.max_ts, trades, cfg):
+        got = _admit_steady(state, trades, exchange, symbol, cfg)
+    else:
+        got = _admit_careful(state, trades, exchange, symbol, cfg)
+    _remember(state, ids, state.max_ts if state.max_ts is not None else int(trades["ts"].max()), cfg)
+    got.duplicates = duplicates
+    return got
 
+
+def flush(state: AdmitState, cfg: AdmitConfig) -> Admitted:
+    """At the end of the input: held trades that two or more agree on, or that no earlier trade
+    contradicts (the instrument's only trades), are admitted; a lone trade that jumped ahead of an
+    established stream is a ``ts_jump_unconfirmed`` row (a trailing bad timestamp must not make a bar)."""
+    held, state.pending = state.pending, None
+    if held is None:
+        return Admitted([], None, 0)
+    exchange, symbol = held["exchange"][0], held["symbol"][0]
+    if held.height >= 2 or state.max_ts is None:
+        labels, marks = _classify_run(held["ts"].to_numpy(), state, cfg)
+        return _split(held, labels, marks, exchange, symbol, cfg)
+    mark = state.max_ts if state.max_ts is not None else 0
+    return Admitted([], None, 0, LateTrades(exchange, symbol, held.with_columns(
+        pl.lit(mark, dtype=pl.Int64).alias("watermark")), "ts_jump_unconfirmed"))
+
+
+def _needs_care(prev: int, trades: pl.DataFrame, cfg: AdmitConfig) -> bool:
+    """Does any trade jump ahead of the running frontier, or lie ahead of its own receipt?"""
+    ts = trades["ts"].to_numpy()
+    frontier = np.maximum.accumulate(np.concatenate(([prev], ts[:-1])))
+    if (ts > frontier + cfg.jump_ms).any():
+        return True
+    recv = trades["recv_ts"]
+    return bool(((trades["ts"] - recv) > cfg.receipt_skew_ms).any())
+
+
+def _admit_steady(state: AdmitState, trades: pl.DataFrame, exchange: str, symbol: str, cfg: AdmitConfig) -> Admitted:
+    """No jump anywhere: the lateness rule, vectorised."""
+    prev = state.max_ts
+    state.max_ts = max(prev, trades["ts"].max())
     running_max = pl.col("ts").cum_max().shift(1, fill_value=prev)
     marked = trades.with_columns(
         pl.max_horizontal(running_max, pl.lit(prev)).alias("_prev_max")
@@ -428,7 +576,76 @@ def admit(state: AdmitState, trades: pl.DataFrame, cfg: AdmitConfig) -> Admitted
         late = LateTrades(exchange, symbol, late_df, "behind_watermark")
         marked = marked.filter(~pl.col("_late"))
     on_time = marked.select(CHUNK_COLUMNS)
-    return Admitted(window_chunks(exchange, symbol, on_time, cfg.window_ms), late, duplicates)
+    return Admitted(window_chunks(exchange, symbol, on_time, cfg.window_ms), late, 0)
+
+
+def _admit_careful(state: AdmitState, trades: pl.DataFrame, exchange: str, symbol: str, cfg: AdmitConfig) -> Admitted:
+    """The jump rule, trade by trade (rare: only batches with a jump, a held jump or a stream's start)."""
+    frame = trades if state.pending is None else pl.concat([state.pending, trades], how="vertical")
+    ts = frame["ts"].to_numpy()
+    recv = frame["recv_ts"].to_numpy()
+    labels = np.full(len(ts), _ON_TIME, dtype=np.int8)
+    marks = np.zeros(len(ts), dtype=np.int64)  # the watermark each late / outlier row was judged by
+    run: list[int] = []
+
+    def frontier_mark() -> int:
+        return state.max_ts if state.max_ts is not None else 0
+
+    def refute() -> None:
+        for j in run:
+            labels[j], marks[j] = _OUTLIER, frontier_mark()
+        run.clear()
+
+    def accept(j: int) -> None:
+        f = state.max_ts
+        if f is not None and ts[j] < f - cfg.lateness_ms:
+            labels[j], marks[j] = _LATE, f - cfg.lateness_ms
+        state.max_ts = int(ts[j]) if f is None else max(f, int(ts[j]))
+
+    for i in range(len(ts)):
+        t = int(ts[i])
+        if t - recv[i] > cfg.receipt_skew_ms:  # ahead of its own receipt: a clock that is wrong
+            labels[i], marks[i] = _OUTLIER, frontier_mark()
+            continue
+        if state.max_ts is not None and t <= state.max_ts + cfg.jump_ms:
+            refute()  # back near the frontier: whatever jumped ahead was wrong
+            accept(i)
+            continue
+        if run and t < int(ts[run[-1]]) - cfg.jump_ms:
+            refute()  # far behind the held ones: they do not form one stream with it
+        run.append(i)
+        if len(run) >= cfg.jump_confirm or abs(t - recv[i]) <= cfg.receipt_skew_ms:
+            for j in run:
+                accept(j)
+            run.clear()
+    state.pending = frame[run] if run else None
+    keep = np.ones(len(ts), dtype=bool)
+    keep[run] = False
+    return _split(frame.filter(pl.Series(keep)), labels[keep], marks[keep], exchange, symbol, cfg)
+
+
+def _classify_run(ts: np.ndarray, state: AdmitState, cfg: AdmitConfig) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.full(len(ts), _ON_TIME, dtype=np.int8)
+    marks = np.zeros(len(ts), dtype=np.int64)
+    for j, t in enumerate(ts.tolist()):
+        f = state.max_ts
+        if f is not None and t < f - cfg.lateness_ms:
+            labels[j], marks[j] = _LATE, f - cfg.lateness_ms
+        state.max_ts = t if f is None else max(f, t)
+    return labels, marks
+
+
+def _split(frame: pl.DataFrame, labels: np.ndarray, marks: np.ndarray, exchange: str, symbol: str,
+           cfg: AdmitConfig) -> Admitted:
+    tagged = frame.with_columns(pl.Series("_label", labels), pl.Series("watermark", marks, dtype=pl.Int64))
+
+    def rows(label: int, reason: str) -> LateTrades | None:
+        part = tagged.filter(pl.col("_label") == label)
+        return LateTrades(exchange, symbol, part.drop("_label"), reason) if part.height else None
+
+    on_time = tagged.filter(pl.col("_label") == _ON_TIME).select(CHUNK_COLUMNS)
+    return Admitted(window_chunks(exchange, symbol, on_time, cfg.window_ms), rows(_LATE, "behind_watermark"), 0,
+                    rows(_OUTLIER, "ts_outlier"))
 
 
 def window_chunks(exchange: str, symbol: str, trades: pl.DataFrame, window_ms: int) -> list[Chunk]:
@@ -449,7 +666,7 @@ def _remember(state: AdmitState, ids: list[str], newest: int, cfg: AdmitConfig) 
     state.seen.update(ids)
     state.expiry.append((newest, tuple(ids)))
     state.n_seen += len(ids)
-    horizon_start = state.max_ts - cfg.dedup_horizon_ms
+    horizon_start = (state.max_ts if state.max_ts is not None else newest) - cfg.dedup_horizon_ms
     while state.expiry and (state.expiry[0][0] < horizon_start or state.n_seen > cfg.dedup_max_ids):
         if len(state.expiry) == 1 and state.expiry[0][0] >= horizon_start:
             break  # never forget the group we just added

@@ -28,25 +28,30 @@ def trade(id, ts, price=100.0, amount=1.0, side="buy", symbol="A/USDT:USDT", exc
 
 
 def raw_batches(messages: Iterable, size: int = 1000, start_offset: int = 0, partition: str = "0") -> list:
-    """Messages (dicts are JSON-encoded, bytes pass as they are) -> RawBatches with offsets."""
-    out, batch, offs, off = [], [], [], start_offset
+    """Messages (dicts are JSON-encoded, bytes pass as they are; ``(key, message)`` tuples carry a
+    Kafka key, otherwise the key is None) -> RawBatches with offsets."""
+    out, batch, offs, keys, off = [], [], [], [], start_offset
     for m in messages:
+        key = None
+        if isinstance(m, tuple):
+            key, m = m
         if not isinstance(m, (bytes, bytearray)) and not _is_sentinel(m):
             m = msgspec.json.encode(m)
         if _is_sentinel(m):
             if batch:
-                out.append(RawBatch("test", partition, offs, batch, RECV))
-                batch, offs = [], []
+                out.append(RawBatch("test", partition, offs, batch, RECV, keys))
+                batch, offs, keys = [], [], []
             out.append(m)
             continue
         batch.append(bytes(m))
         offs.append(off)
+        keys.append(key)
         off += 1
         if len(batch) >= size:
-            out.append(RawBatch("test", partition, offs, batch, RECV))
-            batch, offs = [], []
+            out.append(RawBatch("test", partition, offs, batch, RECV, keys))
+            batch, offs, keys = [], [], []
     if batch:
-        out.append(RawBatch("test", partition, offs, batch, RECV))
+        out.append(RawBatch("test", partition, offs, batch, RECV, keys))
     return out
 
 

@@ -86,19 +86,19 @@ def expected_good_frame() -> pl.DataFrame:
 class _Boom:
     """Stands in for a msgspec decoder that must not be used."""
 
-    def decode(self, _):
+    def decode(self, *_):
         raise AssertionError("this decoder must not be called")
 
 
 class _AlwaysFails:
     """A batch decoder that always fails, which forces the per-message fallback."""
 
-    def decode(self, _):
+    def decode(self, *_):
         raise msgspec.DecodeError("forced fallback")
 
 
 def test_fast_path_decodes_the_whole_batch_in_one_go(monkeypatch):
-    monkeypatch.setattr(T, "_ONE_DECODER", _Boom())  # the per-message path must not be needed
+    monkeypatch.setattr(T, "_decode_one", _Boom().decode)  # the per-message fallback must not be needed
     d = decode_batch(raw(GOOD, GOOD_OFFSETS), now_ms=NOW)
     assert d.dead == []
     assert_frame_equal(d.frame, expected_good_frame())
@@ -106,7 +106,7 @@ def test_fast_path_decodes_the_whole_batch_in_one_go(monkeypatch):
 
 def test_fallback_gives_the_same_frame_as_the_fast_path(monkeypatch):
     fast = decode_batch(raw(GOOD, GOOD_OFFSETS), now_ms=NOW)
-    monkeypatch.setattr(T, "_BATCH_DECODER", _AlwaysFails())
+    monkeypatch.setattr(T, "_decode_all", _AlwaysFails().decode)
     slow = decode_batch(raw(GOOD, GOOD_OFFSETS), now_ms=NOW)
     assert slow.dead == []
     assert_frame_equal(slow.frame, fast.frame)
@@ -124,7 +124,7 @@ def test_one_bad_message_forces_the_fallback_and_good_rows_are_unchanged():
 def test_int_id_becomes_a_string_on_both_paths(monkeypatch):
     batch = raw([msg(id=1234567890123), msg(id="7", ts=T0 + 1)])
     assert decode_batch(batch, now_ms=NOW).frame["id"].to_list() == ["1234567890123", "7"]
-    monkeypatch.setattr(T, "_BATCH_DECODER", _AlwaysFails())
+    monkeypatch.setattr(T, "_decode_all", _AlwaysFails().decode)
     assert decode_batch(batch, now_ms=NOW).frame["id"].to_list() == ["1234567890123", "7"]
 
 
@@ -380,6 +380,13 @@ def trades_frame(items, exchange="x", symbol="A/USDT:USDT") -> pl.DataFrame:
     )
 
 
+def established() -> AdmitState:
+    """An instrument whose event time is already established at T0. (A new stream's first trades are
+    held until ``jump_confirm`` of them agree: tested with the jump rule below; the dedup and lateness
+    tests are about what happens after that.)"""
+    return AdmitState(max_ts=T0)
+
+
 def admitted_ids(adm) -> list[str]:
     return [i for c in adm.chunks for i in c.trades["id"].to_list()]
 
@@ -394,7 +401,7 @@ def test_duplicates_within_a_batch_are_dropped_and_counted():
 
 
 def test_duplicates_across_batches_are_dropped_and_counted():
-    st, cfg = AdmitState(), AdmitConfig()
+    st, cfg = established(), AdmitConfig()
     a = admit(st, trades_frame([("1", T0 + 1), ("2", T0 + 2)]), cfg)
     b = admit(st, trades_frame([("2", T0 + 2), ("3", T0 + 3), ("1", T0 + 1)]), cfg)
     c = admit(st, trades_frame([("3", T0 + 3)]), cfg)  # only duplicates: nothing out but the count
@@ -410,7 +417,7 @@ def test_same_id_on_another_instrument_is_not_a_duplicate():
     parts = split_instruments(frame)
     assert [k for k, _ in parts] == ["x:A/USDT:USDT", "x:B/USDT:USDT", "y:A/USDT:USDT"]
     states = {}
-    got = {k: admit(states.setdefault(k, AdmitState()), p, AdmitConfig()) for k, p in parts}
+    got = {k: admit(states.setdefault(k, established()), p, AdmitConfig()) for k, p in parts}
     assert {k: (admitted_ids(a), a.duplicates) for k, a in got.items()} == {
         "x:A/USDT:USDT": (["1", "2"], 0), "x:B/USDT:USDT": (["1"], 0), "y:A/USDT:USDT": (["1"], 0)}
     # but a repeat on the same instrument is
@@ -466,7 +473,7 @@ def test_lateness_is_per_trade_against_the_newest_earlier_ts():
 
 def test_lateness_carries_across_batches():
     cfg = AdmitConfig(lateness_ms=2_000)
-    st = AdmitState()
+    st = established()
     assert admit(st, trades_frame([("1", T0 + 50_000)]), cfg).late is None
     adm = admit(st, trades_frame([("2", T0 + 47_999), ("3", T0 + 48_000)]), cfg)
     assert adm.late.trades["id"].to_list() == ["2"]
@@ -554,3 +561,178 @@ def test_prices_survive_admission_unchanged():
     prices = [p for c in adm.chunks for p in c.trades["price"].to_list()]
     assert prices == [10.5, 11.25, 9.75]
     assert not any(math.isnan(p) for p in prices)
+
+
+# ---------------------------------------------------------------------------------------------
+# admit: robust event time (the jump rule)
+
+HOUR = 3_600_000
+
+
+def run_admit(items, cfg=AdmitConfig(), size=None, recv=None, end=True):
+    """Admit ``items`` ((id, ts) in arrival order) in batches of ``size``; returns on-time ids,
+    behind-watermark ids, outlier ids and unconfirmed ids, plus the state."""
+    frame = trades_frame(items)
+    # received "now", years after the trades (a replay), unless the test says otherwise
+    recv = recv if recv is not None else [T0 + 3 * 365 * 24 * HOUR] * len(items)
+    frame = frame.with_columns(pl.Series("recv_ts", recv, dtype=pl.Int64))
+    st = AdmitState()
+    on_time, late, outliers, unconfirmed = [], [], [], []
+
+    def take(adm):
+        on_time.extend(admitted_ids(adm))
+        if adm.late is not None:
+            late.extend(adm.late.trades["id"].to_list())
+        if adm.outliers is not None:
+            assert adm.outliers.reason in T.LATE_REASONS
+            (outliers if adm.outliers.reason == "ts_outlier" else unconfirmed).extend(
+                adm.outliers.trades["id"].to_list())
+
+    size = size or frame.height
+    for lo in range(0, frame.height, size):
+        take(admit(st, frame.slice(lo, size), cfg))
+    if end:
+        take(T.flush(st, cfg))
+    return on_time, late, outliers, unconfirmed, st
+
+
+def steady(n, start=T0, step=1_000, prefix="t"):
+    return [(f"{prefix}{i}", start + i * step) for i in range(n)]
+
+
+@pytest.mark.parametrize("ahead", [3 * HOUR, 2 * 365 * 24 * HOUR], ids=["hours", "years"])
+def test_one_trade_stamped_far_ahead_is_an_outlier_and_loses_no_other_trade(ahead):
+    items = steady(200)
+    items.insert(100, ("bad", T0 + 100_000 + ahead))  # mid-stream, like the Binance tape of the issue
+    for size in (1, 7, 64, None):
+        on_time, late, outliers, unconfirmed, st = run_admit(items, size=size)
+        assert outliers == ["bad"] and late == [] and unconfirmed == []
+        assert on_time == [i for i, _ in items if i != "bad"]
+        assert st.max_ts == T0 + 199_000  # the frontier never leapt
+
+
+def test_a_handful_of_bad_timestamps_in_a_row_is_still_refuted():
+    items = steady(50) + [("b1", T0 + 5 * HOUR), ("b2", T0 + 5 * HOUR + 1)] + steady(50, start=T0 + 50_000, prefix="u")
+    on_time, late, outliers, _, _ = run_admit(items)
+    assert outliers == ["b1", "b2"] and late == [] and len(on_time) == 100
+
+
+def test_a_real_gap_is_confirmed_by_the_trades_after_it():
+    # an instrument quiet for an hour, then trading again: nothing is lost, nothing is late
+    items = steady(30) + steady(30, start=T0 + 30_000 + HOUR, prefix="after")
+    for size in (1, 4, None):
+        on_time, late, outliers, unconfirmed, st = run_admit(items, size=size)
+        assert on_time == [i for i, _ in items] and late == outliers == unconfirmed == []
+        assert st.max_ts == items[-1][1]
+
+
+def test_a_sparse_stream_with_gaps_longer_than_jump_ms_loses_nothing_but_a_lone_last_trade():
+    # every gap is 20 min (> jump_ms 15 min): each jump is held until the next trades follow it
+    items = [(f"s{i}", T0 + i * 20 * 60_000) for i in range(10)]
+    on_time, late, outliers, unconfirmed, _ = run_admit(items)
+    assert late == outliers == []
+    assert on_time + unconfirmed == [i for i, _ in items]
+    assert unconfirmed == ["s9"]  # a lone trade after a jump at the very end cannot be told from a bad stamp
+
+
+def test_held_trades_that_two_agree_on_are_admitted_at_the_end():
+    items = steady(10) + [("j1", T0 + 2 * HOUR), ("j2", T0 + 2 * HOUR + 500)]
+    on_time, late, outliers, unconfirmed, _ = run_admit(items)
+    assert on_time == [i for i, _ in items] and late == outliers == unconfirmed == []
+
+
+def test_a_bad_first_trade_does_not_define_the_stream_time():
+    # (one stamped far *before* the rest would be admitted as a bar of its own: documented limit)
+    items = [("first", T0 + 2 * 365 * 24 * HOUR)] + steady(20)
+    on_time, late, outliers, _, st = run_admit(items)
+    assert outliers == ["first"] and late == [] and on_time == [i for i, _ in steady(20)]
+
+
+def test_a_trade_ahead_of_its_own_receipt_is_an_outlier_at_once():
+    items = steady(10) + [("future", T0 + 10_000 + HOUR)] + steady(5, start=T0 + 10_000, prefix="u")
+    recv = [t + 50 for _, t in items]
+    recv[10] = T0 + 10_050  # received at the time of its neighbours, stamped an hour later
+    on_time, late, outliers, _, _ = run_admit(items, recv=recv, end=False)
+    assert outliers == ["future"] and late == [] and len(on_time) == 15
+
+
+def test_on_a_live_feed_a_jump_stamped_near_its_receipt_needs_no_confirmation():
+    # quiet for an hour, then one trade received the moment it happened: admitted at once, not held
+    items = steady(5) + [("live", T0 + 5_000 + HOUR)]
+    recv = [t + 30 for _, t in items]
+    on_time, _, _, _, st = run_admit(items, recv=recv, end=False)
+    assert on_time == [i for i, _ in items] and st.pending is None
+
+
+def test_the_jump_rule_does_not_depend_on_batch_cuts():
+    rng = np.random.default_rng(5)
+    items = steady(400, step=700)
+    for k, j in enumerate(sorted(rng.choice(np.arange(20, 380), 6, replace=False).tolist())):
+        items.insert(j + k, (f"bad{k}", int(T0 + j * 700 + rng.integers(1, 50) * HOUR)))
+    items.insert(200, ("late", T0 + 100_000))
+    results = {size: run_admit(items, size=size)[:4] for size in (1, 2, 5, 33, None)}
+    first = results[None]
+    assert sorted(first[2]) == [f"bad{k}" for k in range(6)] and first[1] == ["late"]
+    assert all(r == first for r in results.values())
+
+
+def test_an_instrument_with_fewer_trades_than_jump_confirm_is_admitted_at_the_end():
+    on_time, late, outliers, unconfirmed, _ = run_admit([("only", T0)])
+    assert on_time == ["only"] and late == outliers == unconfirmed == []
+
+
+class _Explodes:
+    """A decoder failing in a way nobody foresaw (fault seam for ``undecodable``)."""
+
+    def decode(self, *_):
+        raise RuntimeError("decoder exploded")
+
+
+def test_an_unforeseen_decoder_failure_is_a_dead_letter_not_a_crash(monkeypatch):
+    monkeypatch.setattr(T, "_ONE_DECODER", _Explodes())
+    d = decode_batch(raw([msg(id="a")], [9]), now_ms=NOW)
+    assert d.frame.height == 0
+    assert [(x.offset, x.reason) for x in d.dead] == [(9, "undecodable")]
+    assert "RuntimeError: decoder exploded" in d.dead[0].detail
+
+
+@pytest.mark.parametrize("payload,reason", [
+    (b"[" * 5_000, "bad_json"),  # 5,000 unclosed arrays (was a RecursionError that stopped the run)
+    (b'{"a":' * 3_000, "bad_json"),  # nested deeper than any decoder goes (was a RecursionError)
+    (b"\x00\x01\x02\xff" * 100, "bad_json"),  # binary
+    (enc(msg(id="a")) + b"," + enc(msg(id="b")), "bad_json"),  # two objects joined in one message
+    (enc(msg(id="a"))[:40], "bad_json"),  # the first half of an object split over two messages
+    (enc(msg(id="a"))[40:], "bad_json"),  # ... and its second half
+    (enc(msg(id="a", ts=10**30)), "wrong_type"),  # an integer no int64 holds
+    (enc(msg(id="a" * 200)), "field_too_long"),
+    (enc(msg(symbol="S" * 100_000)), "too_large"),  # 100,000-character symbol: larger than the message bound
+])
+def test_malformed_messages_are_each_one_dead_letter(payload, reason):
+    d = decode_batch(raw([msg(id="g1", ts=T0 + 1), payload, msg(id="g2", ts=T0 + 2)], [1, 2, 3]), now_ms=NOW)
+    assert d.frame["id"].to_list() == ["g1", "g2"]
+    assert [(x.offset, x.reason) for x in d.dead] == [(2, reason)]
+    assert len(d.dead[0].payload) <= T.DecodeLimits().max_message_bytes + 100
+
+
+def test_a_split_object_cannot_borrow_the_comma_of_a_joined_neighbour():
+    # with naive batch joining, "{A},{B}" + "{C" + "D}" decodes to 3 trades for 3 messages
+    a, b = enc(msg(id="a")), enc(msg(id="b"))
+    c = enc(msg(id="c"))
+    cut = c.index(b',"id"')
+    d = decode_batch(raw([a + b"," + b, c[:cut], c[cut + 1:]], [1, 2, 3]), now_ms=NOW)
+    assert d.frame.height == 0 and [x.reason for x in d.dead] == ["bad_json"] * 3
+
+
+def test_the_kafka_key_must_name_the_trades_own_instrument():
+    batch = raw([msg(id="1"), msg(id="2"), msg(id="3")], [1, 2, 3])
+    batch.keys = [b"x:A/USDT:USDT", b"x:BTC/USDT:USDT", None]  # None: no key, nothing to check
+    d = decode_batch(batch, now_ms=NOW)
+    assert d.frame["id"].to_list() == ["1", "3"]
+    assert [(x.offset, x.reason) for x in d.dead] == [(2, "key_mismatch")]
+    assert "x:BTC/USDT:USDT" in d.dead[0].detail and "x:A/USDT:USDT" in d.dead[0].detail
+
+
+def test_message_limits_are_settings():
+    limits = T.DecodeLimits(max_message_bytes=100_000, max_field_chars=2_000)
+    d = decode_batch(raw([msg(id="a" * 1_500)], [1]), now_ms=NOW, limits=limits)
+    assert d.frame.height == 1 and d.dead == []
