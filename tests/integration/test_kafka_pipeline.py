@@ -14,6 +14,7 @@ import time
 import uuid
 
 import msgspec
+import polars as pl
 from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.kafka import TradeProducer, ensure_topic, tape_messages
@@ -70,10 +71,21 @@ def topic_contents(brokers, topic, partitions):
     return out
 
 
+def _ties_in_id_order(tape: pl.DataFrame) -> pl.DataFrame:
+    """Jittered arrival, but trades of one instrument with the same ts arrive in id order (as an
+    exchange sends them): a file replay orders ties by id, Kafka keeps arrival order, so only
+    then can their bars be compared. Each (symbol, ts) group keeps its arrival slots."""
+    pos = tape.with_row_index("_pos")
+    slots = pos.sort("symbol", "ts", "_pos").select("_pos")
+    rows = pos.sort("symbol", "ts", pl.col("id").cast(pl.Int64)).drop("_pos")
+    return pl.concat([slots, rows], how="horizontal").sort("_pos").drop("_pos").with_columns(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("offset"))
+
+
 def test_kafka_two_processes_count_every_trade_and_match_the_file_replay(kafka_broker, tmp_path):
     topic = f"trades-{uuid.uuid4().hex[:8]}"
     ensure_topic(kafka_broker, topic, 3)
-    tape = synthetic_tape(SYMBOLS, minutes=90, rate=1.0, jitter_ms=500)
+    tape = _ties_in_id_order(synthetic_tape(SYMBOLS, minutes=90, rate=1.0, jitter_ms=500))
     bad = publish(kafka_broker, topic, tape, bad_every=997)
     assert len(bad) == len(BAD)
 

@@ -203,12 +203,14 @@ def test_replay_ccxt_csv_with_index_and_date_columns(tmp_path):
     check(decoded(batches), CCXT_EXPECTED)
 
 
-def test_replay_symbol_and_exchange_options_override_the_file(tmp_path):
+def test_replay_symbol_and_exchange_options_fill_but_never_override_the_file(tmp_path):
     p = tmp_path / "eth.csv"
     p.write_text(CCXT_CSV)
-    s = ReplaySource([p], exchange="bybit", symbol="ETH/USDC:USDC")
+    s = ReplaySource([p], exchange="bybit", symbol="ETH/USDT:USDT")  # equal to the file's symbol: fine
     d = decoded(drain(s.build_part(STEP, "0:eth.csv", None)))
-    assert set(d["symbol"]) == {"ETH/USDC:USDC"} and set(d["exchange"]) == {"bybit"}
+    assert set(d["symbol"]) == {"ETH/USDT:USDT"} and set(d["exchange"]) == {"bybit"}
+    with pytest.raises(ReplayFormatError, match="ETH/USDT:USDT"):  # conflicting: an error, not a rename
+        ReplaySource([p], exchange="bybit", symbol="ETH/USDC:USDC").check()
 
 
 @pytest.mark.parametrize("k", range(5))
