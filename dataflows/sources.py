@@ -577,8 +577,35 @@ def _sort_tape(frame: pl.DataFrame) -> pl.DataFrame:
     ids = frame["id"].drop_nulls()
     numeric = ids.len() > 0 and ids.str.strip_chars().cast(pl.Int64, strict=False).null_count() == 0
     id_key = pl.col("id").str.strip_chars().cast(pl.Int64, strict=False) if numeric else pl.col("id")
-    return frame.sort([pl.col("_ms"), bad_text, pl.col("_k"), id_key, pl.col("price"), pl.col("amount"),
-                       pl.col("side"), pl.col("_file"), pl.col("_row")], nulls_last=True)
+    frame = _sequence_time(frame, id_key) if numeric else frame.with_columns(pl.col("_ms").alias("_place"))
+    return frame.sort([pl.col("_place"), bad_text, pl.col("_k"), id_key, pl.col("price"), pl.col("amount"),
+                       pl.col("side"), pl.col("_file"), pl.col("_row")], nulls_last=True).drop("_place")
+
+
+SEQUENCE_WINDOW = 5  # trades: a lone bad timestamp is out-voted by its neighbours in the exchange's sequence
+SEQUENCE_MAX_DISORDER = 0.01  # share of backward steps (> 2 s) above which ids are not a time sequence
+
+
+def _sequence_time(frame: pl.DataFrame, id_key: pl.Expr) -> pl.DataFrame:
+    """Where an instrument's ids are the exchange's trade sequence (integers whose order agrees
+    with time), each trade is placed at the median ts of its ``SEQUENCE_WINDOW`` neighbours in id
+    order (column ``_place``), not at its own ts. For clean data that is its own ts (the centred
+    median of a sorted window is its middle); a trade stamped hours or years off stays where the
+    exchange put it, so downstream the jump rule sees it among its neighbours and makes it a
+    ``ts_outlier`` instead of it landing, silently, in a bar hours away. Instruments whose ids
+    do not follow time (more than 1% of steps, and more than 2, go back by more than 2 s) are
+    placed by ts."""
+    inst = ["exchange", "symbol"]
+    by_id = frame.with_row_index("_pos").sort([*inst, id_key], nulls_last=True)
+    back = (pl.col("_ms") < pl.col("_ms").shift(1) - 2_000).over(inst)
+    median = pl.col("_ms").rolling_median(SEQUENCE_WINDOW, center=True, min_samples=1).over(inst)
+    by_id = by_id.with_columns(back.fill_null(False).alias("_back"), median.alias("_median"))
+    allowed = pl.max_horizontal(pl.len() * SEQUENCE_MAX_DISORDER, pl.lit(2.0))  # a lone outlier is one step back
+    sequenced = by_id.with_columns((pl.col("_back").sum() <= allowed).over(inst).alias("_sequenced"))
+    placed = sequenced.with_columns(
+        pl.when(pl.col("_sequenced") & pl.col("_ms").is_not_null()).then(pl.col("_median").round(0).cast(pl.Int64))
+        .otherwise(pl.col("_ms")).alias("_place"))
+    return placed.sort("_pos").drop("_pos", "_back", "_median", "_sequenced")
 
 
 def _tick_sides(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, int]]:
@@ -633,17 +660,17 @@ def load_tape(paths, exchange: Optional[str] = None, symbol: Optional[str] = Non
     keep += [c for c in ("trader", "recv_ts") if c in frame.columns]
     frame = frame.select(*keep, pl.int_range(pl.len(), dtype=pl.Int64).alias("offset"))
 
-    events, now = [], now_ms()
+    events = []  # event time (the file's first trade), not wall time: a rerun writes the same rows
     for i, f in enumerate(files):
         ex, sym = f.exchange, f.symbol
         detail = {"file": f.path, "rows": f.rows, "out_of_order": f.out_of_order, "reversed": f.reversed}
         if f.out_of_order:
-            events.append(Event(kind="replay_sorted", ts=now, exchange=ex, symbol=sym, from_ts=f.first_ts,
+            events.append(Event(kind="replay_sorted", ts=f.first_ts or 0, exchange=ex, symbol=sym, from_ts=f.first_ts,
                                 to_ts=f.last_ts, reason=f"{f.out_of_order} of {f.rows} rows out of time order in "
                                 f"{Path(f.path).name}; replayed sorted by (ts, id)",
                                 detail=json.dumps(detail), source="replay"))
         if f.side_inferred:
-            events.append(Event(kind="replay_side_inferred", ts=now, exchange=ex, symbol=sym, from_ts=f.first_ts,
+            events.append(Event(kind="replay_side_inferred", ts=f.first_ts or 0, exchange=ex, symbol=sym, from_ts=f.first_ts,
                                 to_ts=f.last_ts, reason=f"{Path(f.path).name} has no side column; sides inferred "
                                 "by the tick rule", source="replay",
                                 detail=json.dumps({**detail, "ids_derived": f.ids_derived,

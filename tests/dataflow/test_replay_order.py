@@ -179,3 +179,37 @@ def _drain(src: ReplaySource) -> list:
             out.extend(part.next_batch())
         except StopIteration:
             return out
+
+
+HOUR_MS = 3_600_000
+
+
+@pytest.mark.parametrize("ahead_ms", [3 * HOUR_MS, 2 * 365 * 24 * HOUR_MS], ids=["hours-ahead", "years-ahead"])
+def test_a_trade_stamped_far_ahead_loses_no_other_trade_and_is_accounted_for(fresh_store, tmp_path, ahead_ms):
+    """Acceptance of the robust event time: one trade per instrument stamped hours (or years) ahead,
+    in the middle of a file. No other trade is lost to lateness; each outlier is a late row with
+    its reason; trades in bars + late + dead letters = rows of the file; the other bars are exactly
+    the bars of the clean file."""
+    tape = synthetic_tape(["BTC/USDT:USDT", "SOL/USDT:USDT", "ETH/USDT:USDT"], minutes=40, rate=0.5)
+    ccxt = tape.select("symbol", pl.col("ts").alias("timestamp"), "id", "side", "price", "amount")
+    bad_ids = []
+    for sym in ccxt["symbol"].unique(maintain_order=True).to_list():
+        mine = ccxt.with_row_index("_i").filter(pl.col("symbol") == sym)
+        victim = mine["_i"][mine.height // 2]
+        bad_ids.append((sym, ccxt["id"][victim]))  # ids are per instrument
+        ccxt = ccxt.with_columns(pl.when(pl.int_range(pl.len()) == victim).then(pl.col("timestamp") + ahead_ms)
+                                 .otherwise(pl.col("timestamp")).alias("timestamp"))
+    bad_path, clean_path = tmp_path / "bad.csv", tmp_path / "clean.csv"
+    ccxt.write_csv(bad_path)
+    bad_keys = [f"{sym}|{i}" for sym, i in bad_ids]
+    ccxt.filter(~pl.concat_str("symbol", pl.lit("|"), "id").is_in(bad_keys)).write_csv(clean_path)
+
+    bad_store, clean_store = fresh_store(), fresh_store()
+    stats = replay(bad_store, [bad_path], exchange="x")
+    replay(clean_store, [clean_path], exchange="x")
+    late = stored(bad_store, "late_trades", "id")
+    assert sorted(zip(late["symbol"].to_list(), late["id"].to_list())) == sorted(bad_ids)
+    assert set(late["reason"].to_list()) == {"ts_outlier"}
+    assert stats.trades_in_bars + stats.late_trades + stats.dead_letters == ccxt.height
+    assert stats.trades_in_bars == ccxt.height - len(bad_ids)
+    assert stored_bars(bad_store).equals(stored_bars(clean_store))

@@ -80,6 +80,28 @@ def test_reversed_shuffled_and_split_files_release_the_same_trades_as_the_sorted
         assert got.drop("recv_ts").equals(want.drop("recv_ts")), [f.name for f in files]
 
 
+def test_a_lone_bad_timestamp_keeps_its_place_in_the_exchange_sequence(tmp_path):
+    # integer ids that follow time are the exchange's sequence: the trade stamped an hour off is
+    # released among its id-neighbours (where the jump rule downstream refutes it), not an hour later
+    t = trades(60)
+    bad = t.with_columns(pl.when(pl.col("id") == "35").then(pl.col("timestamp") + 3_600_000)
+                         .otherwise(pl.col("timestamp")).alias("timestamp"))
+    p = tmp_path / "t.csv"
+    bad.reverse().write_csv(p)
+    got, dead = decoded(drain(ReplaySource([p], exchange="x")))
+    assert dead == [] and got["id"].to_list() == t["id"].to_list()
+
+
+def test_ids_that_do_not_follow_time_are_not_taken_for_a_sequence(tmp_path):
+    t = trades(60)
+    rng = np.random.default_rng(3)
+    scrambled = t.with_columns(pl.Series("id", [str(i) for i in rng.permutation(1000)[:60] + 1]))
+    p = tmp_path / "t.csv"
+    scrambled.reverse().write_csv(p)
+    got, _ = decoded(drain(ReplaySource([p], exchange="x")))
+    assert got["ts"].to_list() == sorted(t["timestamp"].to_list())  # time order, ids only break ties
+
+
 def test_a_gzipped_csv_reads_like_the_plain_one(tmp_path):
     import gzip
 
