@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict
 import sys
@@ -26,26 +28,66 @@ log = logging.getLogger("tapeflow")
 DEFAULT_SYMBOLS = "BTC/USDT:USDT,ETH/USDT:USDT,SOL/USDT:USDT"
 
 
+class Failure(click.ClickException):
+    """A one-line error with its exit code: 2 for a user's mistake (usage, settings, input), 1 for
+    a failure. click prints it as ``Error: <message>``."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _warn_unknown_env(ctx: click.Context) -> None:
+    """One line per ``TAPEFLOW_*`` variable nothing reads (a misspelt setting would be ignored
+    silently), with the closest valid name. Not repeated by the peers of a local cluster."""
+    from dataflows.config import unknown_env_vars
+
+    if ctx.params.get("proc_id") and ctx.params.get("run_dir"):
+        return
+    for name, close in unknown_env_vars():
+        hint = f" (did you mean {close}?)" if close else ""
+        err_console.print(f"[yellow]warning: {name} is not a tapeflow setting and is ignored{hint}[/yellow]",
+                          highlight=False, soft_wrap=True)
+
+
 def _settings(ctx: click.Context, **overrides) -> Settings:
     from dataflows.logs import register_settings_secrets
 
+    _warn_unknown_env(ctx)
     try:
-        settings = load_settings(ctx.obj.get("config"), **overrides)
+        settings = load_settings(ctx.find_root().obj.get("config"), **overrides)
     except ConfigError as err:
-        raise click.ClickException(str(err)) from None
+        raise Failure(str(err), 2) from None
     register_settings_secrets(settings)
     return settings
 
 
+def _embedded_path(dsn: str) -> Optional[Path]:
+    """The directory of an embedded (chdb://) store, None for a server DSN."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(dsn)
+    return Path(parts.path) if parts.scheme == "chdb" else None
+
+
 @contextmanager
-def _store(settings: Settings) -> Iterator:
-    """The configured store (schema applied), closed afterwards; a clear error if unusable."""
+def _store(settings: Settings, must_exist: bool = False) -> Iterator:
+    """The configured store (schema applied), closed afterwards; a clear error if unusable.
+
+    ``must_exist``: for commands that read (sql, report, train, status...): an embedded store
+    that does not exist is refused, instead of being created empty and read as zeros (a misspelt
+    --data-dir would otherwise look like an empty pipeline)."""
     from sinks.clickhouse import Store, StoreError
 
+    path = _embedded_path(settings.dsn())
+    if must_exist and path is not None and not path.exists():
+        raise Failure(f"no tapeflow store at {path}: check --data-dir (now {settings.data_dir}) or "
+                      "TAPEFLOW_DATA_DIR / --dsn, or run `tapeflow run` first to create it", 2)
     try:
-        store = Store(settings.dsn(), settings.clickhouse_database)
+        store = Store(settings.dsn(), settings.clickhouse_database, retry_s=settings.store_retry_s)
     except StoreError as err:
-        raise click.ClickException(str(err)) from None
+        hint = "" if path is not None else " Check --dsn / TAPEFLOW_CLICKHOUSE_DSN and that the server is up."
+        raise Failure(f"{err}{hint}") from None
     try:
         yield store
     finally:
@@ -62,18 +104,50 @@ def _parse_start(text: str) -> int:
     return int(dt.timestamp() * 1000)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The ``tapeflow`` group: whatever a command raises becomes one or two lines and an exit code
+    (``dataflows.errors.describe``: the original exception out of bytewax's wrappers; 2 for a
+    user's mistake, 1 for a failure, 130 for Ctrl-C, 0 for SIGTERM); ``--debug`` adds the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - the one place every error is reported
+            from dataflows import errors
+
+            message, code = errors.describe(err)
+            if ctx.params.get("debug"):
+                traceback.print_exception(err, file=sys.stderr)
+            if errors.interrupt(err) is None:
+                raise Failure(message, code) from None
+            runner = sys.modules.get("dataflows.runner")
+            if runner is not None:  # an interrupt outside the run loop: no peer outlives us
+                runner.stop_peers(runner._children)
+            err_console.print(message, highlight=False, soft_wrap=True)
+            raise click.exceptions.Exit(code) from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML file with settings (overrides TAPEFLOW_* environment variables).")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.option("--debug", is_flag=True,
+              help="Tracebacks for errors, DEBUG logs (librdkafka's too) and native (Rust) output as it is.")
 @click.pass_context
-def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
+def main(ctx: click.Context, config: Optional[Path], verbose: bool, debug: bool) -> None:
     """tapeflow: exchange trades -> multi-timeframe bars and order-flow -> ClickHouse."""
-    from dataflows.logs import setup_logging
+    from dataflows.logs import filter_native_stderr, quiet_libraries, setup_logging
 
-    setup_logging(logging.INFO if verbose else logging.WARNING, json=True)
+    if not debug:
+        filter_native_stderr()  # bytewax's Rust panic reports: the error itself is reported in one line
+        if not verbose:
+            quiet_libraries()  # retry warnings that repeat the error that follows them
+    setup_logging(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING, json=True)
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
+    ctx.obj["debug"] = debug
 
 
 @main.command()
@@ -81,18 +155,22 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
               show_default=True)
 @click.option("--feeds", default=None,
               help="ccxt: 'exchange:SYM,SYM;exchange2:SYM' e.g. 'binanceusdm:BTC/USDT:USDT,ETH/USDT:USDT'")
-@click.option("--duration", type=float, default=None, help="ccxt: stop after this many seconds")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="ccxt: stop after this many seconds")
 @click.option("--exchange-factory", default=None, help="ccxt: module:callable making exchange objects")
 @click.option("--symbols", default=DEFAULT_SYMBOLS, show_default=True, help="synthetic: comma-separated symbols")
-@click.option("--hours", type=float, default=48.0, show_default=True, help="synthetic: hours of event time")
+@click.option("--hours", type=click.FloatRange(min=0, min_open=True), default=48.0, show_default=True,
+              help="synthetic: hours of event time")
 @click.option("--start", "start", default="2024-01-01T00:00Z", show_default=True, help="synthetic: first minute (UTC)")
-@click.option("--seed", type=int, default=7, show_default=True, help="synthetic: random seed")
-@click.option("--rate", type=float, default=None, help="synthetic: parent orders/s per symbol (default: per symbol)")
+@click.option("--seed", type=click.IntRange(min=0), default=7, show_default=True, help="synthetic: random seed")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="synthetic: parent orders/s per symbol (default: per symbol)")
 @click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="replay: tape file (ccxt CSV, Parquet, Binance CSV); repeatable")
 @click.option("--exchange", default=None, help="replay: exchange id when the file has no exchange column")
 @click.option("--symbol", default=None, help="replay: symbol when the file has no symbol column")
-@click.option("--speed", type=float, default=None, help="release trades at SPEED x real time (default: full speed)")
+@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="release trades at SPEED x real time (default: full speed)")
 @click.option("--brokers", default=None, help="kafka: bootstrap servers (default TAPEFLOW_KAFKA_BROKERS)")
 @click.option("--topic", default=None, help="kafka: trade topic (default trades)")
 @click.option("--eof", is_flag=True, help="kafka: stop at the end of the topic instead of waiting for more")
@@ -103,24 +181,29 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool) -> None:
 @click.option("--dsn", default=None, help="ClickHouse DSN (default: TAPEFLOW_CLICKHOUSE_DSN or embedded chdb)")
 @click.option("--database", default=None, help="ClickHouse database (default: tapeflow)")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--processes", type=int, default=1, show_default=True, help="bytewax processes on this machine")
-@click.option("--workers", type=int, default=1, show_default=True, help="bytewax worker threads per process")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="bytewax processes on this machine")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="bytewax worker threads per process")
 @click.option("--recovery-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="bytewax recovery directory: resume where a stopped run left off")
-@click.option("--batch-size", type=int, default=None, help="trades per source batch")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="trades per source batch")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--no-store", is_flag=True, help="discard the output, only count it (benchmarks)")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the summary as JSON to this file")
-@click.option("--proc-id", type=int, default=None,
+@click.option("--proc-id", type=click.IntRange(min=0), default=None,
               help="this process's index in a multi-machine cluster (with --addresses)")
 @click.option("--addresses", default=None,
               help="multi-machine cluster: 'host:port;host:port;...' of every process, same order everywhere")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, hidden=True)
-@click.option("--train-split", type=float, default=0.5, show_default=True,
+@click.option("--train-split", type=click.FloatRange(min=0, max=1, max_open=True), default=0.5, show_default=True,
               help="synthetic: run this share of the hours, train the ONNX ensemble on it, then score the "
                    "rest with it (0: no training)")
 @click.option("--phase-end-ms", type=int, default=None, hidden=True)
+@click.option("--model", default=None,
+              help="serve this ONNX ensemble: a version in <data_dir>/artifacts or a version folder's path "
+                   "(default: the newest trained on this store, for its instruments)")
 @click.pass_context
 def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optional[float],
         exchange_factory: Optional[str], symbols: str, hours: float, start: str, seed: int,
@@ -129,7 +212,7 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
         dsn: Optional[str], database: Optional[str], data_dir: Optional[Path], processes: int, workers: int,
         recovery_dir: Optional[Path], batch_size: Optional[int], quiet: bool, no_store: bool,
         summary_json: Optional[Path], proc_id: Optional[int], addresses: Optional[str], run_dir: Optional[Path],
-        train_split: float, phase_end_ms: Optional[int]) -> None:
+        train_split: float, phase_end_ms: Optional[int], model: Optional[str]) -> None:
     """Run the pipeline into ClickHouse and print a summary.
 
     On synthetic data (the default) this is the whole job: the first part of the hours runs, the
@@ -141,12 +224,16 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
 
     settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir,
                          recovery_dir=recovery_dir, batch_size=batch_size, kafka_brokers=brokers,
-                         kafka_topic=topic)
-    if processes < 1 or workers < 1:
-        raise click.BadParameter("--processes and --workers must be >= 1")
-    if not 0 <= train_split < 1:
-        raise click.BadParameter("--train-split must be in [0, 1)")
+                         kafka_topic=topic, model=model)
+    _check_cluster_options(proc_id, addresses)
+    if summary_json is not None:  # an output path that cannot be written fails now, not after the run
+        try:
+            summary_json.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise click.BadParameter(f"cannot create its directory {summary_json.parent}: {err.strerror}",
+                                     param_hint="--summary-json") from None
     is_peer = proc_id is not None and proc_id > 0
+    runner.install_stop_handlers(announce=not is_peer)  # Ctrl-C and SIGTERM stop the run with a summary (_stopped)
     run_dir = run_dir or settings.data_dir / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -158,6 +245,10 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
         split_ms = split_ms if t0 < split_ms < end_ms else None
     phases = [phase_end_ms] if phase_end_ms else ([split_ms, end_ms] if split_ms else [end_ms])
     rec_dir = settings.recovery_dir or (run_dir / "recovery" if split_ms else None)
+    if rec_dir is not None:  # refuse a recovery directory that holds another source's state
+        runner.claim_recovery_dir(rec_dir, _source_fingerprint(
+            source, settings, symbols=symbols, t0=t0, hours=hours, seed=seed, rate=rate, files=files,
+            exchange=exchange, symbol=symbol, feeds=feeds))
 
     counts = runner.RunCounts()
     progress_ui = None if (quiet or is_peer) else _progress_ui(counts)
@@ -181,7 +272,8 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
         else:
             sink = ClickHouseSink(settings.dsn(), settings.clickhouse_database, counts.sink,
                                   settings.sink_flush_rows, settings.sink_flush_ms,
-                                  health_every_s=settings.health_every_s or None, process=proc_id or 0)
+                                  health_every_s=settings.health_every_s or None, process=proc_id or 0,
+                                  retry_s=settings.store_retry_s)
         # the first part of a train-then-score run is scored without any ensemble: one left over from
         # an earlier run on the same data would score it in-sample
         first_of_split = split_ms is not None and k == 0
@@ -195,15 +287,33 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
             argv = [a for a in sys.argv[1:]] + (["--phase-end-ms", str(phase_end)] if source == "synthetic" else [])
             addr_list, peers = runner.spawn_peers(argv, processes, phase_dir)
         t_start = time.time()
+        stop: Optional[BaseException] = None
         try:
             if progress_ui:
                 progress_ui.start()
             runner.execute(flow, epoch_interval_s=settings.epoch_interval_s, recovery=recovery,
                            addresses=addr_list, proc_id=proc_id or 0, workers=workers)
+        except BaseException as err:  # noqa: BLE001 - a stop is reported below, anything else at the top
+            if not _is_stop(err):
+                runner.stop_peers(peers, timeout_s=10)  # no peer is left waiting for this process
+                raise
+            stop = err
         finally:
             if progress_ui:
                 progress_ui.stop()
         elapsed += time.time() - t_start
+        if stop is not None:
+            if is_peer:  # what it did, for process 0's summary
+                counts.peak_rss_mb = runner.peak_rss_mb()
+                (phase_dir / f"proc-{proc_id}.json").write_text(counts.to_json())
+            else:
+                runner.stop_peers(peers)
+                if processes > 1:
+                    runner.collect_counts(phase_dir, processes, counts)
+            _stopped(ctx, stop, counts, elapsed, settings, is_peer=is_peer,
+                     resumable=settings.recovery_dir is not None, main_job=split_ms is not None)
+        if source == "ccxt":
+            src.check()  # FeedError: a feed failed for good, or a --duration run received nothing
         if is_peer:
             counts.peak_rss_mb = runner.peak_rss_mb()
             (phase_dir / f"proc-{proc_id}.json").write_text(counts.to_json())
@@ -219,7 +329,10 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
             except ValueError as err:  # too little data for the folds: say so and go on without
                 err_console.print(f"[yellow]no ONNX ensemble trained: {err}[/yellow]")
 
-    _print_summary(counts, elapsed, settings, resumed=rec_dir is not None and not split_ms)
+    _print_summary(counts, elapsed, settings, resumed=rec_dir is not None and not split_ms,
+                   replay=src.describe() if source == "replay" else None)
+    if counts.sink.store_error:  # the sink's last flush failed as it closed: say so, never exit 0
+        raise Failure(f"the store did not take the last rows: {counts.sink.store_error}", 1)
     quality, strategies = [], []
     if not no_store:
         with _store(settings) as store:  # one open for both read-backs (an open re-applies the schema)
@@ -232,6 +345,72 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
             "peak_rss_mb": [runner.peak_rss_mb(), *counts.peer_rss_mb.values()],
             "sink": asdict(counts.sink), "model_quality": quality, "strategies": strategies},
             indent=2, default=str))
+
+
+def _check_cluster_options(proc_id: Optional[int], addresses: Optional[str]) -> None:
+    """--proc-id and --addresses join a multi-machine cluster: both or neither (--processes starts a
+    local cluster whose peers get both)."""
+    if proc_id is None and addresses:
+        raise click.UsageError("--addresses needs --proc-id (this process's index in the list)")
+    if proc_id is not None:
+        if not addresses:
+            raise click.UsageError("--proc-id needs --addresses 'host:port;host:port;...' (every process, same order)")
+        n = len([a for a in addresses.split(";") if a.strip()])
+        if proc_id >= n:
+            raise click.BadParameter(f"{proc_id} is not an index into the {n} --addresses", param_hint="--proc-id")
+
+
+def _source_fingerprint(source: str, settings: Settings, *, symbols: str, t0: int, hours: float, seed: int,
+                        rate: Optional[float], files, exchange, symbol, feeds) -> dict:
+    """What a recovery directory belongs to (dataflows.runner.claim_recovery_dir), from the run's
+    options: the same input resumes, any other is refused."""
+    from dataflows import runner
+
+    if source == "synthetic":
+        return runner.source_fingerprint(source, symbols=[s.strip() for s in symbols.split(",") if s.strip()],
+                                         start_ms=t0, hours=hours, seed=seed, rate=rate)
+    if source == "replay":
+        return runner.source_fingerprint(source, files=list(files), exchange=exchange, symbol=symbol)
+    if source == "kafka":
+        return runner.source_fingerprint(source, brokers=settings.kafka_brokers, topic=settings.kafka_topic)
+    return runner.source_fingerprint(source, feeds=feeds)
+
+
+def _is_stop(err: BaseException) -> bool:
+    """Ctrl-C or SIGTERM, or any error once a stop is under way (a peer that stopped first)."""
+    from dataflows import errors, runner
+
+    return errors.interrupt(err) is not None or runner.stop_requested() is not None
+
+
+def _stopped(ctx: click.Context, err: BaseException, counts, elapsed: float, settings: Settings,
+             *, is_peer: bool, resumable: bool, main_job: bool) -> None:
+    """After Ctrl-C or SIGTERM (the peers have stopped): print what was done and how to go on,
+    exit 130 (Ctrl-C) or 0 (SIGTERM: a requested stop, e.g. ``docker compose stop``)."""
+    import signal
+
+    from dataflows import errors, runner
+
+    sigterm = runner.stop_requested() == signal.SIGTERM or isinstance(errors.interrupt(err), runner.Stopped)
+    code = errors.STOPPED if sigterm else errors.INTERRUPTED
+    if is_peer:
+        ctx.exit(code)
+    _print_summary(counts, elapsed, settings, resumed=True, title="tapeflow run (stopped before the end)")
+    what = "stopped (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
+    if resumable:
+        args = sys.argv[1:]
+        if not any(a == "--recovery-dir" or a.startswith("--recovery-dir=") for a in args):
+            args = [*args, "--recovery-dir", str(settings.recovery_dir)]
+        err_console.print(f"{what}. Its state is in {settings.recovery_dir}; resume from the last snapshot "
+                          f"(taken every {settings.epoch_interval_s:g} s) with:\n  tapeflow {shlex.join(args)}",
+                          highlight=False, soft_wrap=True, markup=False)
+    elif main_job:
+        err_console.print(f"{what}. The main job keeps its recovery state for its own phases only: a rerun starts "
+                          "over (add --recovery-dir DIR to make it resumable).", highlight=False, soft_wrap=True)
+    else:
+        err_console.print(f"{what}. A rerun starts over; run with --recovery-dir DIR to be able to resume where "
+                          "it stopped.", highlight=False, soft_wrap=True)
+    ctx.exit(code)
 
 
 def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int, end_ms: int, seed: int,
@@ -248,8 +427,12 @@ def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int,
     if source == "replay":
         if not files:
             raise click.UsageError("--source replay needs at least one --file")
-        return ReplaySource(list(files), exchange=exchange, symbol=symbol, batch_size=settings.batch_size,
-                            speed=speed, progress=progress)
+        src = ReplaySource(list(files), exchange=exchange, symbol=symbol, batch_size=settings.batch_size,
+                           speed=speed, progress=progress)
+        check = getattr(src, "check", None)
+        if callable(check):  # every file problem now, as one line, not from inside the dataflow
+            check()
+        return src
     if source == "ccxt":
         return _ccxt_source(feeds, duration, exchange_factory, settings.batch_size, progress)
     from dataflows.kafka import KafkaBatchSource, KafkaUnavailable, preflight
@@ -266,7 +449,7 @@ def _train(settings: Settings, until_ms: Optional[int] = None, folds: int = 4, q
     """Train the ONNX ensemble on the store's features and labels; print the folds."""
     from dataflows.training import train_from_store
 
-    with _store(settings) as store:
+    with _store(settings, must_exist=True) as store:
         bar = None if quiet else Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.description}"),
                                           TimeElapsedColumn(), console=err_console)
         task = bar.add_task("reading features", total=folds) if bar else None
@@ -329,7 +512,7 @@ def _print_strategies(store, initial_equity: float) -> list[dict]:
               help="directory for the markdown and charts (default: <data_dir>/reports)")
 @click.option("--strategy", default="production", show_default=True,
               help="whose trades: an origin (production | experimental) or a strategy id")
-@click.option("--low-conf", type=float, default=0.6, show_default=True,
+@click.option("--low-conf", type=click.FloatRange(0, 1), default=0.6, show_default=True,
               help="entries whose decision's best model confidence is below this are listed as low-confidence")
 @click.option("--llm/--no-llm", default=True, show_default=True,
               help="add an LLM summary when TAPEFLOW_LLM_BASE_URL and TAPEFLOW_LLM_MODEL are set (sends aggregates only)")
@@ -354,7 +537,7 @@ def report(ctx: click.Context, day: str, out_dir: Optional[Path], strategy: str,
         llm_cfg = LlmConfig.from_env() if llm else None
     except ValueError as err:
         raise click.ClickException(str(err)) from None
-    with _store(settings) as store:
+    with _store(settings, must_exist=True) as store:
         path = write_report(store, the_day, out_dir or settings.data_dir / "reports", strategy=strategy,
                             llm=llm_cfg, low_conf=low_conf)
     click.echo(f"wrote {path}")
@@ -379,7 +562,7 @@ def optimizer_status(ctx: click.Context, strategy: Optional[str], dsn: Optional[
     from dataflows.reporting import leaderboard, promotions
 
     settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
-    with _store(settings) as store:
+    with _store(settings, must_exist=True) as store:
         rows, promos = leaderboard(store, strategy), promotions(store)
     if not rows:
         click.echo("no optimizer metrics yet (is the optimizer enabled? TAPEFLOW_OPTIMIZER='{\"enabled\": true}')")
@@ -439,7 +622,7 @@ def killswitch_status(ctx: click.Context, data_dir: Optional[Path]) -> None:
     waiting = pending(settings.data_dir)
     if waiting:
         click.echo(f"{len(waiting)} reset request(s) waiting for the pipeline: {', '.join(p.name for p in waiting)}")
-    with _store(settings) as store:
+    with _store(settings, must_exist=True) as store:
         rows = kill_switch_status(store)
     if not rows:
         click.echo("no kill switch has tripped")
@@ -449,7 +632,8 @@ def killswitch_status(ctx: click.Context, data_dir: Optional[Path]) -> None:
 
 
 @main.command()
-@click.option("--folds", type=int, default=4, show_default=True, help="walk-forward folds (= ensemble members)")
+@click.option("--folds", type=click.IntRange(min=2), default=4, show_default=True,
+              help="walk-forward folds (= ensemble members)")
 @click.option("--dsn", default=None)
 @click.option("--database", default=None)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
@@ -505,9 +689,11 @@ def ingest(ctx: click.Context, feeds: str, brokers: Optional[str], topic_name: O
         raise click.ClickException(str(err)) from None
     src = _ccxt_source(feeds, duration, exchange_factory, settings.batch_size)
     flow = build_ingest_flow(src, KafkaTapeSink(settings.kafka_brokers, settings.kafka_topic),
-                             ParquetTapeSink(record_dir) if record_dir else None)
+                             ParquetTapeSink(record_dir) if record_dir else None,
+                             heartbeat_dir=settings.data_dir / "heartbeat")
     log.info("ingesting %s into %s on %s", feeds, settings.kafka_topic, settings.kafka_brokers)
     execute(flow, epoch_interval_s=settings.epoch_interval_s, recovery=None)
+    src.check()  # FeedError: a feed failed for good, or a --duration run received nothing
 
 
 class _progress_ui:
@@ -534,18 +720,22 @@ class _progress_ui:
         self.bar.stop()
 
 
-def _print_summary(total, elapsed: float, settings: Settings, resumed: bool) -> None:
+def _print_summary(total, elapsed: float, settings: Settings, resumed: bool, title: str = "tapeflow run",
+                   replay: Optional[dict] = None) -> None:
     from dataflows.runner import peak_rss_mb
     from sinks.clickhouse import redact_dsn
 
     s = total.sink
     dup = s.counters.get("duplicates", 0)
-    t = Table(title="tapeflow run", show_header=False, title_justify="left")
+    t = Table(title=title, show_header=False, title_justify="left")
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
     t.add_row("trades in", f"{total.trades_in:,}")
     t.add_row("  into 1m bars", f"{s.trades_in_bars:,}")
     t.add_row("  late (late_trades)", f"{s.late_trades:,}")
+    outliers = s.counters.get("late.ts_outlier", 0) + s.counters.get("late.ts_jump_unconfirmed", 0)
+    if outliers:
+        t.add_row("    of which timestamp outliers", f"{outliers:,}")
     t.add_row("  duplicates dropped", f"{dup:,}")
     t.add_row("  dead letters", f"{s.dead_letters:,}")
     for tf in settings.timeframes:
@@ -555,6 +745,8 @@ def _print_summary(total, elapsed: float, settings: Settings, resumed: bool) -> 
     t.add_row("peak RSS", " + ".join(f"{m:,.0f} MB" for m in [peak_rss_mb(), *total.peer_rss_mb.values()]))
     t.add_row("store", f"{settings.clickhouse_database} @ {redact_dsn(settings.dsn())}")
     out_console.print(t)
+    if replay and replay.get("summary"):
+        err_console.print(f"replay: {replay['summary']}")
     accounted = s.trades_in_bars + s.late_trades + dup + s.dead_letters
     if not resumed and accounted != total.trades_in:
         err_console.print(f"[yellow]note: {total.trades_in - accounted:,} trades not accounted for "
@@ -590,7 +782,8 @@ def topic_create(ctx: click.Context, name: Optional[str], partitions: Optional[i
 @click.option("--to", "target", type=click.Choice(["kafka"]), default="kafka", show_default=True)
 @click.option("--exchange", default=None, help="exchange id when the file has no exchange column")
 @click.option("--symbol", default=None, help="symbol when the file has no symbol column")
-@click.option("--speed", type=float, default=None, help="publish at SPEED x real time (default: full speed)")
+@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="publish at SPEED x real time (default: full speed)")
 @click.option("--brokers", default=None)
 @click.option("--topic", "topic_name", default=None)
 @click.option("--partitions", type=int, default=None, help="create the topic with this many partitions if missing")
@@ -636,7 +829,7 @@ def tape() -> None:
 @tape.command("synthetic")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help=".parquet or .csv")
 @click.option("--symbols", default=DEFAULT_SYMBOLS, show_default=True)
-@click.option("--hours", type=float, default=6.0, show_default=True)
+@click.option("--hours", type=click.FloatRange(min=0, min_open=True), default=6.0, show_default=True)
 @click.option("--start", "start", default="2024-01-01T00:00Z", show_default=True)
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--rate", type=float, default=None, help="parent orders/s per symbol")
@@ -662,15 +855,38 @@ def tape_synthetic(out: Path, symbols: str, hours: float, start: str, seed: int,
 
 
 @main.command()
-@click.option("--kafka/--no-kafka", default=True, help="check the Kafka brokers")
-@click.option("--clickhouse/--no-clickhouse", default=True, help="check the ClickHouse store")
-@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.option("--kafka/--no-kafka", default=True, help="check the Kafka brokers answer")
+@click.option("--clickhouse/--no-clickhouse", default=True, help="check the ClickHouse store answers")
+@click.option("--pipeline/--no-pipeline", default=None,
+              help="check the pipeline makes progress: its newest pipeline_health row, and the last move of its "
+                   "watermark, are younger than --max-stall-s (default: on with --clickhouse)")
+@click.option("--ingest/--no-ingest", default=False,
+              help="check the ingest heartbeat (<data_dir>/heartbeat): every venue received a trade within "
+                   "--max-stall-s")
+@click.option("--max-stall-s", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="how long without progress counts as stalled")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="connect timeout (s)")
+@click.option("--brokers", default=None, help="Kafka bootstrap servers (default TAPEFLOW_KAFKA_BROKERS)")
+@click.option("--dsn", default=None, help="ClickHouse DSN (default: TAPEFLOW_CLICKHOUSE_DSN or embedded chdb)")
+@click.option("--database", default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.pass_context
-def health(ctx: click.Context, kafka: bool, clickhouse: bool, timeout: float) -> None:
-    """Exit 0 when the configured Kafka and ClickHouse answer (container health checks)."""
-    from sinks.clickhouse import redact_dsn
+def health(ctx: click.Context, kafka: bool, clickhouse: bool, pipeline: Optional[bool], ingest: bool,
+           max_stall_s: float, timeout: float, brokers: Optional[str], dsn: Optional[str], database: Optional[str],
+           data_dir: Optional[Path]) -> None:
+    """Exit 0 when the services answer AND make progress (container health checks); otherwise exit 1
+    with one line saying what stalled and since when.
 
-    settings = _settings(ctx)
+    Liveness, not reachability: a pipeline whose source went quiet still answers pings, so the
+    check reads its progress (pipeline_health rows and watermark, or the ingest heartbeat file).
+    On the embedded store this only works while no pipeline holds it; use a server DSN."""
+    from dataflows.heartbeat import heartbeat_dir
+    from dataflows.status import embedded_path, embedded_store_in_use, ingest_stalls, pipeline_stalls, wall_ms
+    from sinks.clickhouse import Store, StoreError, redact_dsn
+
+    settings = _settings(ctx, kafka_brokers=brokers, clickhouse_dsn=dsn, clickhouse_database=database,
+                         data_dir=data_dir)
+    pipeline = clickhouse if pipeline is None else pipeline
     problems = []
     if kafka:
         from dataflows.kafka import KafkaUnavailable, preflight
@@ -679,18 +895,94 @@ def health(ctx: click.Context, kafka: bool, clickhouse: bool, timeout: float) ->
             preflight(settings.kafka_brokers, timeout_s=timeout)
         except KafkaUnavailable as err:
             problems.append(str(err))
-    if clickhouse:
+    embedded = embedded_path(settings.dsn())
+    if not (clickhouse or pipeline):
+        pass
+    elif embedded is not None and not embedded.exists():
+        problems.append(f"ClickHouse: no embedded store at {embedded} (check --data-dir / --dsn)")
+    elif embedded_store_in_use(settings.dsn()) is not None:
+        problems.append(f"ClickHouse: the embedded store {embedded} is in use by another process (a running "
+                        "pipeline?) and cannot be checked from here; use a ClickHouse server DSN for live checks")
+    else:
         import clickhouse_connect
 
+        store = None
         try:
-            c = clickhouse_connect.get_client(dsn=settings.dsn(), connect_timeout=timeout)
-            c.query("SELECT 1")
-            c.close()
+            if embedded is not None:
+                store = Store(settings.dsn(), settings.clickhouse_database, apply_schema=False, retry_s=0)
+            else:
+                c = clickhouse_connect.get_client(dsn=settings.dsn(), connect_timeout=timeout)
+                c.query("SELECT 1")
+                c.close()
+                if pipeline:
+                    store = Store(settings.dsn(), settings.clickhouse_database, apply_schema=False, retry_s=0)
+            if pipeline:
+                problems.extend(pipeline_stalls(store, wall_ms(), max_stall_s))
+        except StoreError as err:
+            problems.append(str(err).splitlines()[0])
         except Exception as err:  # noqa: BLE001
             problems.append(f"ClickHouse at {redact_dsn(settings.dsn())}: {str(err).splitlines()[0]}")
+        finally:
+            if store is not None:
+                store.close()
+    if ingest:
+        problems.extend(ingest_stalls(heartbeat_dir(settings.data_dir), wall_ms(), max_stall_s))
     if problems:
         raise click.ClickException("; ".join(problems))
     click.echo("ok")
+
+
+@main.command()
+@click.option("--watch", type=click.FloatRange(min=0.5), default=None, metavar="SECONDS",
+              help="refresh every SECONDS until Ctrl-C (default: print once)")
+@click.option("--max-stall-s", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="liveness bound shown in the pipeline section (as `tapeflow health`)")
+@click.option("--dsn", default=None, help="ClickHouse DSN (default: TAPEFLOW_CLICKHOUSE_DSN or embedded chdb)")
+@click.option("--database", default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.pass_context
+def status(ctx: click.Context, watch: Optional[float], max_stall_s: float, dsn: Optional[str],
+           database: Optional[str], data_dir: Optional[Path]) -> None:
+    """One screen of what matters while it runs: feeds and their last trade, watermark lag,
+    trades/s, equity and open positions, kill switch, models and their calibration, optimizer
+    leaders. Reads the store and the ingest heartbeat (<data_dir>/heartbeat).
+
+    Works against a ClickHouse server while the pipeline runs. The embedded store can be opened
+    by one process only: while `tapeflow run` holds it, status says so and exits 1."""
+    from rich.live import Live
+
+    from dataflows.heartbeat import heartbeat_dir
+    from dataflows.status import embedded_store_in_use, read_status, render
+    from sinks.clickhouse import redact_dsn
+
+    settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
+    name = f"{settings.clickhouse_database} @ {redact_dsn(settings.dsn())}"
+    held = embedded_store_in_use(settings.dsn())
+    if held is not None:
+        raise click.ClickException(
+            f"the embedded store {held} is in use by another process (a running `tapeflow run`?): only one "
+            "process can open it. While the pipeline runs, point status at a ClickHouse server "
+            "(--dsn http://user:pw@host:8123); or run it after the pipeline stops.")
+    with _store(settings, must_exist=True) as store:
+
+        def snapshot():
+            return render(read_status(store, heartbeat_dir(settings.data_dir), settings.data_dir, name,
+                                      max_stall_s=max_stall_s))
+
+        if watch is None:
+            out_console.print(snapshot())
+            return
+        try:
+            if not out_console.is_terminal:  # piped or logged: one full screen per refresh
+                while True:
+                    out_console.print(snapshot())
+                    time.sleep(watch)
+            with Live(snapshot(), console=out_console, auto_refresh=False) as live:
+                while True:
+                    time.sleep(watch)
+                    live.update(snapshot(), refresh=True)
+        except KeyboardInterrupt:  # the way out of --watch: not an error
+            pass
 
 
 @main.command()
@@ -704,7 +996,7 @@ def sql(ctx: click.Context, query: str, dsn: Optional[str], database: Optional[s
         fmt: str) -> None:
     """Run QUERY against the configured store and print the result."""
     settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
-    with _store(settings) as store:
+    with _store(settings, must_exist=True) as store:
         try:
             cols, rows = store.query(query)
         except Exception as err:  # noqa: BLE001 - show the server's message, not a traceback
@@ -738,4 +1030,4 @@ def _print_rows(cols: list[str], rows: list[tuple], fmt: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="tapeflow")

@@ -8,19 +8,24 @@ and only ``.get_secret_value()`` reveals them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import os
+import re
 import tomllib
+import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Mapping, Optional
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from operators.bars import TIMEFRAMES, BarConfig
 from operators.decision import StrategyConfig
 from operators.optimizer import OptimizerConfig
 from operators.portfolio import QualityConfig
-from operators.trades import AdmitConfig
+from operators.trades import AdmitConfig, DecodeLimits
 
 
 def _tuples(d: dict) -> dict:
@@ -31,6 +36,21 @@ def _tuples(d: dict) -> dict:
 
 class ConfigError(ValueError):
     pass
+
+
+ENV_PREFIX = "TAPEFLOW_"
+# TAPEFLOW_* variables that are not Settings fields but are read elsewhere (no "unknown variable"
+# warning for them): the config file path, the report's LLM summary (dataflows/report.py,
+# LlmConfig.from_env) and exchange credentials TAPEFLOW_<EXCHANGE>_<SUFFIX> (dataflows/ccxt_feed.py,
+# credential_env_names; the suffixes are listed here so that checking the environment does not
+# import ccxt).
+OTHER_ENV = ("TAPEFLOW_CONFIG", "TAPEFLOW_LLM_BASE_URL", "TAPEFLOW_LLM_MODEL", "TAPEFLOW_LLM_API_KEY",
+             "TAPEFLOW_LLM_TIMEOUT_S")
+CREDENTIAL_SUFFIXES = ("API_KEY", "SECRET", "PASSWORD", "UID", "WALLET_ADDRESS", "PRIVATE_KEY")
+# what a JSON value of each dict setting looks like (shown when the environment value is not JSON)
+_DICT_EXAMPLES = {"strategy": '{"conf_min": 0.6}', "quality": '{"max_late_rate": 0.05}',
+                  "optimizer": '{"enabled": true}', "profile_bins": '{"BTC/USDT:USDT": 2.0}'}
+DSN_SCHEMES = ("chdb", "http", "https")
 
 
 class Settings(BaseSettings):
@@ -46,6 +66,13 @@ class Settings(BaseSettings):
     dedup_horizon_ms: int = Field(600_000, gt=0, description="how far back duplicate ids are remembered")
     dedup_max_ids: int = Field(500_000, gt=0, description="cap on ids remembered per instrument")
     max_future_ms: int = Field(86_400_000, gt=0, description="trades further ahead of now are dead letters")
+    jump_ms: int = Field(900_000, gt=0, description="a trade further ahead of its instrument's newest ts is held "
+                                                    "until the stream confirms the jump (robust event time)")
+    jump_confirm: int = Field(3, ge=1, description="trades in a row that confirm a jump")
+    receipt_skew_ms: int = Field(300_000, ge=0, description="a trade this far ahead of its own receive time is an "
+                                                            "outlier; one this close to it confirms a jump at once")
+    max_message_bytes: int = Field(16_384, gt=0, description="larger messages are dead letters (too_large)")
+    max_field_chars: int = Field(128, gt=0, description="longer exchange/symbol/id/trader are dead letters")
     timeframes: list[str] = Field(["1m", "5m", "15m", "1h", "4h", "1d"], description="bar timeframes")
 
     # bars
@@ -56,7 +83,7 @@ class Settings(BaseSettings):
     pro_addresses: list[str] = Field([], description="trader addresses always counted as pros")
     value_area: float = Field(0.70, gt=0, le=1)
     profile_bin_bps: float = Field(2.0, gt=0, description="default volume-profile bin, bps of the first price")
-    profile_bins: dict[str, float] = Field({}, description="explicit profile bin per symbol")
+    profile_bins: dict[str, Annotated[float, Field(gt=0)]] = Field({}, description="explicit profile bin per symbol")
 
     # features, labels, models
     primary_tf: str = Field("5m", description="timeframe that is scored and traded")
@@ -69,6 +96,13 @@ class Settings(BaseSettings):
     arf_models: int = Field(10, ge=1, description="trees in River's adaptive random forest")
     artifacts_dir: Optional[Path] = Field(None, description="ONNX ensembles (default <data_dir>/artifacts)")
     onnx_check_s: float = Field(5.0, gt=0, description="how often to look for a newer ensemble")
+    model: Optional[str] = Field(None, description="serve this ONNX ensemble: a version in artifacts_dir or a "
+                                                   "version folder's path (default: the newest trained on this "
+                                                   "store; see models/onnx_ensemble.py)")
+    model_gate_margin: float = Field(0.0, ge=0, description="deployment gate: nats of log loss a trained ensemble must "
+                                                            "beat the class prior and the active model by")
+    model_gate_z: float = Field(1.645, ge=0, description="deployment gate: one-sided z of the paired test against the "
+                                                         "class prior (models/deployment.py)")
     seed: int = Field(7, description="seed of every random choice (models, bandit)")
 
     # decisions (every StrategyConfig field; see operators/decision.py for the list and defaults)
@@ -83,6 +117,8 @@ class Settings(BaseSettings):
     sink_flush_rows: int = Field(5_000, gt=0)
     sink_flush_ms: int = Field(1_000, ge=0)
     health_every_s: float = Field(10.0, ge=0, description="pipeline_health row interval (0: off)")
+    store_retry_s: float = Field(60.0, ge=0, description="how long transient ClickHouse errors are retried before "
+                                                         "the run fails (sinks/clickhouse.py; 0: never)")
 
     # kafka
     kafka_brokers: str = Field("localhost:9092", description="bootstrap servers, comma-separated")
@@ -93,13 +129,44 @@ class Settings(BaseSettings):
     @field_validator("strategy", "quality", "optimizer")
     @classmethod
     def _dataclass_fields_valid(cls, v: dict, info) -> dict:
-        """Each of these settings is a dataclass's fields: unknown names and bad values fail here."""
+        """Each of these settings is a dataclass's fields: unknown names and bad values fail here.
+        Values are type-checked against the dataclass's annotations first, so that a string where a
+        number belongs (``{"conf_min": "high"}``) is named, instead of failing later as a TypeError
+        inside the dataclass's own checks."""
         target = {"strategy": StrategyConfig, "quality": QualityConfig, "optimizer": OptimizerConfig}[info.field_name]
         known = {f.name for f in dataclasses.fields(target)}
         unknown = sorted(set(v) - known)
         if unknown:
-            raise ValueError(f"unknown {info.field_name} setting(s) {unknown}; known: {sorted(known)}")
-        target(**_tuples(v))  # raises ValueError naming the field
+            close = {u: difflib.get_close_matches(u, known, 1) for u in unknown}
+            hints = [f"{u} (did you mean {c[0]}?)" if c else u for u, c in close.items()]
+            listing = "" if all(close.values()) else f"; known: {sorted(known)}"
+            raise ValueError(f"unknown {info.field_name} setting(s) {', '.join(hints)}{listing}")
+        hints = typing.get_type_hints(target)
+        values = _tuples(v)
+        for name, value in values.items():
+            try:
+                TypeAdapter(hints[name]).validate_python(value)
+            except ValidationError as err:
+                raise ValueError(f"{name} = {value!r}: {err.errors()[0]['msg']}") from None
+        try:
+            target(**values)  # its own checks raise ValueError naming the field
+        except TypeError as err:
+            raise ValueError(f"{info.field_name}: {err}") from None
+        return v
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _dsn_scheme(cls, v: Optional[SecretStr]) -> Optional[SecretStr]:
+        """Only chdb:///abs/path and http(s)://... reach a store; anything else would be sent to a
+        server at a guessed address (clickhouse-connect treats an unknown scheme as http)."""
+        if v is None:
+            return v
+        parts = urlsplit(v.get_secret_value())
+        if parts.scheme not in DSN_SCHEMES:
+            raise ValueError(f"unknown DSN scheme {parts.scheme + '://' if parts.scheme else '(none)'}; use "
+                             "chdb:///absolute/path (embedded) or http(s)://user:password@host:8123")
+        if parts.scheme == "chdb" and (parts.netloc or not parts.path.startswith("/")):
+            raise ValueError("an embedded store DSN needs an absolute path: chdb:///absolute/path")
         return v
 
     @model_validator(mode="after")
@@ -152,7 +219,11 @@ class Settings(BaseSettings):
         return (self.artifacts_dir or self.data_dir / "artifacts").resolve()
 
     def admit_config(self) -> AdmitConfig:
-        return AdmitConfig(self.lateness_ms, self.dedup_horizon_ms, self.dedup_max_ids)
+        return AdmitConfig(self.lateness_ms, self.dedup_horizon_ms, self.dedup_max_ids, jump_ms=self.jump_ms,
+                           jump_confirm=self.jump_confirm, receipt_skew_ms=self.receipt_skew_ms)
+
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_message_bytes, self.max_field_chars)
 
     def bar_config(self) -> BarConfig:
         return BarConfig(
@@ -163,18 +234,98 @@ class Settings(BaseSettings):
         )
 
 
+# command-line options whose name differs from their setting's
+_OPTIONS = {"clickhouse_dsn": "--dsn", "clickhouse_database": "--database", "kafka_brokers": "--brokers",
+            "kafka_topic": "--topic", "kafka_partitions": "--partitions"}
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _where(field: str, file_values: Mapping[str, Any], overrides: Mapping[str, Any],
+           config_path: Optional[Path]) -> str:
+    """Where a setting's value came from, as the user would name it."""
+    if field in overrides:
+        return f"{field} ({_OPTIONS.get(field, '--' + field.replace('_', '-'))})"
+    if field in file_values:
+        return f"{field} (in {config_path})"
+    if _env_name(field) in os.environ:
+        return f"{field} ({_env_name(field)})"
+    return field
+
+
+def _not_json(err: SettingsError) -> ConfigError:
+    """pydantic-settings reads list and dict settings from the environment as JSON; say which
+    variable is not JSON and what its right form looks like."""
+    m = re.search(r'field "(\w+)"', str(err))
+    field = m.group(1) if m else None
+    if field is None or field not in Settings.model_fields:
+        return ConfigError(f"invalid tapeflow settings: {err}")
+    name, value = _env_name(field), os.environ.get(_env_name(field), "")
+    annotation = Settings.model_fields[field].annotation
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        example = _DICT_EXAMPLES.get(field, '{"name": "value"}')
+        kind = "a JSON object"
+    else:
+        items = [x.strip().strip("\"'") for x in value.strip("[]").split(",") if x.strip()]
+        example = json.dumps(items or ["..."])
+        kind = "a JSON list"
+    return ConfigError(f"invalid tapeflow settings: {name} must be {kind}, got {value!r}; "
+                       f"e.g. {name}='{example}'")
+
+
 def load_settings(config_file: Optional[Path] = None, **overrides: Any) -> Settings:
-    """Environment < TOML file < overrides (None values are ignored). Raises ``ConfigError``."""
-    values: dict[str, Any] = {}
+    """Environment < TOML file < overrides (None values are ignored). Raises ``ConfigError`` with
+    one line per problem, naming the setting and where its value came from (option, config file,
+    or environment variable)."""
+    file_values: dict[str, Any] = {}
     path = config_file or (Path(os.environ["TAPEFLOW_CONFIG"]) if os.environ.get("TAPEFLOW_CONFIG") else None)
     if path is not None:
         try:
-            values.update(tomllib.loads(Path(path).read_text()))
+            file_values = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"cannot read config file {path}: {err}") from err
-    values.update({k: v for k, v in overrides.items() if v is not None})
+            raise ConfigError(f"cannot read config file {path}: {err}") from None
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**values)
+        return Settings(**{**file_values, **given})
+    except SettingsError as err:
+        raise _not_json(err) from None
     except ValidationError as err:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError("invalid tapeflow settings:\n" + "\n".join(lines)) from None
+        lines = []
+        for e in err.errors():
+            loc = [str(p) for p in e["loc"]]
+            msg = e["msg"].removeprefix("Value error, ")
+            if not loc:  # a model-level check: the message names its settings
+                lines.append(msg)
+            elif loc[0] in Settings.model_fields:
+                got = e.get("input")
+                shown = "" if loc[0] == "clickhouse_dsn" or isinstance(got, (dict, list)) else f" (got {got!r})"
+                lines.append(f"{_where(loc[0], file_values, given, path)}{''.join('.' + p for p in loc[1:])}: "
+                             f"{msg}{shown}")
+            else:
+                lines.append(f"{'.'.join(loc)}: {msg}")
+        if len(lines) == 1:
+            raise ConfigError(f"invalid tapeflow settings: {lines[0]}") from None
+        raise ConfigError("invalid tapeflow settings:\n" + "\n".join(f"  {x}" for x in lines)) from None
+
+
+def unknown_env_vars(environ: Optional[Mapping[str, str]] = None) -> list[tuple[str, Optional[str]]]:
+    """``TAPEFLOW_*`` variables that nothing reads (a misspelt setting is otherwise ignored without a
+    word), each with the closest known name or None. Known: every setting's variable, the other
+    variables in ``OTHER_ENV``, and exchange credentials ``TAPEFLOW_<EXCHANGE>_<CREDENTIAL_SUFFIX>``."""
+    env = os.environ if environ is None else environ
+    known = [_env_name(f) for f in Settings.model_fields] + list(OTHER_ENV)
+    out = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        rest = name[len(ENV_PREFIX):]
+        exchange, _, suffix = rest.partition("_")
+        if exchange and suffix in CREDENTIAL_SUFFIXES:
+            continue
+        candidates = known + ([f"{ENV_PREFIX}{exchange}_{s}" for s in CREDENTIAL_SUFFIXES] if suffix else [])
+        # compared without the shared prefix, which would make any two names look alike
+        close = difflib.get_close_matches(rest, [c[len(ENV_PREFIX):] for c in candidates], 1, cutoff=0.7)
+        out.append((name, ENV_PREFIX + close[0] if close else None))
+    return out

@@ -4,6 +4,7 @@
     kafka     every trade as contract JSON keyed exchange:symbol, events and refused trades in
               band on the same key; idempotent producer, acks=all
     record    (optional) the normalised tape as Parquet files, replayable with --source replay
+    heartbeat <data_dir>/heartbeat/ingest.json: per venue and instrument the newest trade (liveness)
 """
 
 from __future__ import annotations
@@ -85,10 +86,20 @@ class ParquetTapeSink(DynamicSink[FrameBatch]):
         return _ParquetPart(self.directory, self.rows, worker_index)
 
 
-def build_ingest_flow(source: Source, kafka: Any, record: Optional[Any] = None) -> Dataflow:
+def build_ingest_flow(source: Source, kafka: Any, record: Optional[Any] = None,
+                      heartbeat_dir: Optional[Path] = None) -> Dataflow:
+    """``heartbeat_dir``: where the liveness file goes (dataflows/heartbeat.py); default
+    ``<data_dir>/heartbeat`` of the environment's settings (TAPEFLOW_DATA_DIR)."""
+    from dataflows.heartbeat import HeartbeatSink, heartbeat_dir as default_dir
+
+    if heartbeat_dir is None:
+        from dataflows.config import load_settings
+
+        heartbeat_dir = default_dir(load_settings().data_dir)
     flow = Dataflow("tapeflow_ingest")
     batches = op.input("ccxt", flow, source)
     op.output("kafka", batches, kafka)
     if record is not None:
         op.output("record", batches, record)
+    op.output("heartbeat", batches, HeartbeatSink(heartbeat_dir, getattr(source, "symbols", None)))
     return flow

@@ -35,14 +35,21 @@ class KafkaUnavailable(RuntimeError):
 
 
 def _conf(brokers: str, extra: Optional[dict] = None) -> dict:
-    return {"bootstrap.servers": brokers, **(extra or {})}
+    """Client config. librdkafka's own log lines (one per failed connection attempt while a broker
+    is down) go to the ``tapeflow.librdkafka`` logger at DEBUG instead of stderr: ``--debug``
+    shows them, otherwise the caller's one clear error is what the user sees."""
+    from dataflows.logs import librdkafka_logger
+
+    return {"bootstrap.servers": brokers, "logger": librdkafka_logger(), **(extra or {})}
 
 
 def preflight(brokers: str, topic: Optional[str] = None, timeout_s: float = 10.0) -> int:
     """Check the brokers answer (and the topic exists); returns the topic's partition count."""
+    admin = AdminClient(_conf(brokers))
     try:
-        md = AdminClient(_conf(brokers)).list_topics(timeout=timeout_s)
+        md = admin.list_topics(timeout=timeout_s)
     except Exception as err:  # noqa: BLE001 - librdkafka raises KafkaException
+        admin.poll(0)  # hand librdkafka's log lines (why it failed) to the debug log
         raise KafkaUnavailable(f"Kafka brokers {brokers} did not answer within {timeout_s:.0f} s: {err}. "
                                "Check TAPEFLOW_KAFKA_BROKERS and that the broker is up.") from None
     if topic is None:
@@ -98,6 +105,7 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
                 break
         offsets = [m.offset() for m in msgs]
         payloads = [m.value() or b"" for m in msgs]
+        keys = [m.key() for m in msgs]  # checked against each trade's exchange:symbol (key_mismatch)
         if not offsets:
             self.awake = datetime.now(timezone.utc) + self.idle  # nothing waiting: don't spin
             return []
@@ -105,7 +113,7 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
         self.offset = offsets[-1] + 1
         if self.progress:
             self.progress(f"{self.idx}-{self.topic}", 0, 0, len(offsets))
-        return [RawBatch(self.topic, str(self.idx), offsets, payloads, now_ms())]
+        return [RawBatch(self.topic, str(self.idx), offsets, payloads, now_ms(), keys)]
 
     def next_awake(self) -> Optional[datetime]:
         return self.awake
@@ -225,20 +233,30 @@ def tape_messages(frame, exchange_col: str = "exchange", symbol_col: str = "symb
 
 def publish_tape(path, producer: TradeProducer, *, exchange: Optional[str] = None, symbol: Optional[str] = None,
                  speed: Optional[float] = None, batch_size: int = 50_000,
-                 progress: Optional[Callable[[int, int], None]] = None) -> int:
-    """Publish a recorded tape file to Kafka in file order; ``speed`` paces event time (k x real time).
-    Returns the number of messages sent (delivery is confirmed by ``producer.flush``)."""
+                 progress: Optional[Callable[[int, int], None]] = None, tape=None) -> int:
+    """Publish recorded tape file(s) to Kafka in the replay's order; ``speed`` paces event time
+    (k x real time). Returns the number of messages sent (delivery is confirmed by ``producer.flush``).
+
+    ``path`` is one file or a list of files. They are read exactly as ``--source replay`` reads
+    them (``dataflows.sources.load_tape``: whole files, sorted by (ts, id) across all files, time
+    unit converted to ms, Kraken/Binance columns mapped, missing ids derived and sides inferred),
+    so the topic carries the same trades in the same order as a file replay. Pass ``tape`` (a
+    ``load_tape`` result, e.g. from the CLI's check before connecting) to avoid reading twice.
+    """
     import polars as pl
 
-    from dataflows.sources import normalise_tape, open_tape
+    from dataflows.sources import load_tape
 
-    batches, total = open_tape(path, batch_size)
+    if tape is None:
+        tape = load_tape([path] if isinstance(path, (str, bytes)) or hasattr(path, "__fspath__") else list(path),
+                         exchange, symbol)
+    frame, total = tape.frame, tape.frame.height
     sent, t0, ev0 = 0, None, None
-    for rb in batches:
-        frame = normalise_tape(pl.from_arrow(rb), exchange, symbol, path)
-        msgs = tape_messages(frame)
+    for start in range(0, total, batch_size):
+        part = frame.slice(start, batch_size)
+        msgs = tape_messages(part)
         if speed:
-            ts = frame["ts"].cast(pl.Int64, strict=False).to_list()
+            ts = part["ts"].cast(pl.Int64, strict=False).to_list()
             for (k, m), t in zip(msgs, ts):
                 if t is not None:
                     if t0 is None:
@@ -252,6 +270,6 @@ def publish_tape(path, producer: TradeProducer, *, exchange: Optional[str] = Non
             producer.send_many(msgs)
         sent += len(msgs)
         if progress:
-            progress(sent, total or 0)
+            progress(sent, total)
     producer.flush()
     return sent

@@ -1,7 +1,13 @@
 """Pipeline health, measured where every output passes: the sink. Every ``every_s`` of wall time
 the sink adds a ``pipeline_health`` row: trades counted into 1m bars per second, bars, late
 trades, dead letters, duplicates, watermark lag (wall clock minus the newest bar end), decision
-latency percentiles (window close -> decision, from the decisions' latency_ms) and RSS."""
+latency percentiles (window close -> decision, from the decisions' latency_ms) and RSS.
+
+It also carries progress (infra/clickhouse/008_liveness.sql): the watermark (newest 1m bar end
+written so far), trades since start and the process start time. Rates alone cannot tell a stalled
+pipeline from a quiet one; a watermark that stops moving can (``tapeflow health``, Grafana alerts).
+A row is added when the sink writes and ``every_s`` has passed: a pipeline that emits nothing
+writes no rows, which is itself the "pipeline silent" signal."""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from operators.trades import Counter, DeadLetter, LateTrades
 
 HEALTH_COLUMNS = ["ts", "process", "worker", "trades_in", "trades_per_s", "bars", "late_trades", "dead_letters",
                   "duplicates", "watermark_lag_ms", "decision_p50_ms", "decision_p95_ms", "decision_p99_ms",
-                  "decisions", "rss_mb"]
+                  "decisions", "rss_mb", "watermark", "trades_total", "started"]
 
 
 @dataclass
@@ -33,7 +39,8 @@ class HealthMeter:
     late: int = 0
     dead: int = 0
     dups: int = 0
-    newest_end: Optional[int] = None
+    newest_end: Optional[int] = None  # the watermark: newest 1m bar end seen since start (never reset)
+    trades_total: int = 0
     latencies: list = field(default_factory=list)
 
     def observe(self, records: list[Any]) -> None:
@@ -44,6 +51,7 @@ class HealthMeter:
                 self.bars += 1
                 if rec.tf == "1m":
                     self.trades += rec.trades
+                    self.trades_total += rec.trades
                     self.newest_end = rec.end if self.newest_end is None else max(self.newest_end, rec.end)
             elif isinstance(rec, Decision):
                 self.latencies.append(rec.latency_ms)
@@ -66,7 +74,8 @@ class HealthMeter:
         lag = now * 1000 - self.newest_end if self.newest_end is not None else None
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         row = [int(now * 1000), self.process, self.worker, self.trades, self.trades / span, self.bars, self.late,
-               self.dead, self.dups, lag, p50, p95, p99, len(lat), rss]
+               self.dead, self.dups, lag, p50, p95, p99, len(lat), rss, self.newest_end, self.trades_total,
+               int(self.started * 1000)]
         self.last = now
         self.trades = self.bars = self.late = self.dead = self.dups = 0
         self.latencies = []

@@ -103,5 +103,5 @@ def test_optimizer_status_prints_the_leaderboard_from_the_store(tmp_path):
     assert "optimizer leaderboard" in out and "production" in out
     variants = sql_json(tmp_path, "SELECT DISTINCT variant_id FROM variant_metrics FINAL WHERE origin = 'experimental'")
     assert len(variants) == 3 and all(v["variant_id"] in out for v in variants)
-    empty = tapeflow("optimizer", "status", "--data-dir", str(tmp_path / "none")).stdout
+    empty = tapeflow("optimizer", "status", "--data-dir", str(tmp_path), "--database", "no_optimizer").stdout
     assert "no optimizer metrics yet" in empty

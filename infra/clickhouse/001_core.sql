@@ -1,4 +1,5 @@
--- Core tables of the walking skeleton. Applied idempotently at every start (CREATE ... IF NOT EXISTS).
+-- Core tables of the walking skeleton. Migration 1 (see sinks/clickhouse.py: applied once per store,
+-- recorded in schema_migrations): change a table in a new numbered file, never here.
 -- Keys are deterministic: re-running the same input converges to the same rows (read with FINAL).
 -- Times are DateTime64(3, 'UTC'); bars are labelled by their start.
 
@@ -45,9 +46,6 @@ CREATE TABLE IF NOT EXISTS bars
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (exchange, symbol, tf, start);
-
--- stores created before profile_coarse existed
-ALTER TABLE bars ADD COLUMN IF NOT EXISTS profile_coarse UInt8 DEFAULT 0 AFTER profile_bin;
 
 CREATE TABLE IF NOT EXISTS late_trades
 (
