@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-import select
+import selectors
 import shlex
 import signal
 import subprocess
@@ -304,9 +304,10 @@ def _start(*args: str) -> subprocess.Popen:
 def _wait_for_trades(proc: subprocess.Popen, at_least: int, timeout: float = 120) -> bytes:
     """Read stderr until the progress bar counts ``at_least`` trades; returns what was read."""
     seen, deadline = b"", time.time() + timeout
+    sel = selectors.DefaultSelector()  # epoll: select() fails on descriptors numbered 1024 and up
+    sel.register(proc.stderr, selectors.EVENT_READ)
     while time.time() < deadline and proc.poll() is None:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
-        if ready:
+        if sel.select(0.5):
             seen += os.read(proc.stderr.fileno(), 65536)
             counts = re.findall(rb"([\d,]+) trades", seen)
             if counts and int(counts[-1].replace(b",", b"")) >= at_least:
