@@ -20,6 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from dataflows.config import ConfigError, Settings, load_settings
+from dataflows.models_cli import DURATION
 
 err_console = Console(stderr=True)
 out_console = Console(width=140)
@@ -174,6 +175,10 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool, debug: bool)
 @click.option("--brokers", default=None, help="kafka: bootstrap servers (default TAPEFLOW_KAFKA_BROKERS)")
 @click.option("--topic", default=None, help="kafka: trade topic (default trades)")
 @click.option("--eof", is_flag=True, help="kafka: stop at the end of the topic instead of waiting for more")
+@click.option("--from", "start_from", type=click.Choice(["committed", "earliest", "latest"]), default="committed",
+              show_default=True,
+              help="kafka, without a recovery snapshot: start at the offsets this store's consumer group committed "
+                   "(the beginning for a new group), the beginning or the end of the topic (dataflows/kafka.py)")
 @click.option("--clock", type=click.Choice(["auto", "event", "wall"]), default="auto", show_default=True,
               help="window clock: event = watermark moves only with trades (replay, deterministic); "
                    "wall = also with the wall clock, so quiet symbols close (live). auto: wall for a "
@@ -204,21 +209,25 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool, debug: bool)
 @click.option("--model", default=None,
               help="serve this ONNX ensemble: a version in <data_dir>/artifacts or a version folder's path "
                    "(default: the newest trained on this store, for its instruments)")
+@click.option("--replace", is_flag=True,
+              help="the store holds another run's decisions, fills and equity: clear them first (recorded as a "
+                   "store_replaced event); without it such a run is refused (dataflows/runs.py)")
 @click.pass_context
 def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optional[float],
         exchange_factory: Optional[str], symbols: str, hours: float, start: str, seed: int,
         rate: Optional[float], files: tuple[Path, ...], exchange: Optional[str], symbol: Optional[str],
-        speed: Optional[float], brokers: Optional[str], topic: Optional[str], eof: bool, clock: str,
+        speed: Optional[float], brokers: Optional[str], topic: Optional[str], eof: bool, start_from: str, clock: str,
         dsn: Optional[str], database: Optional[str], data_dir: Optional[Path], processes: int, workers: int,
         recovery_dir: Optional[Path], batch_size: Optional[int], quiet: bool, no_store: bool,
         summary_json: Optional[Path], proc_id: Optional[int], addresses: Optional[str], run_dir: Optional[Path],
-        train_split: float, phase_end_ms: Optional[int], model: Optional[str]) -> None:
+        train_split: float, phase_end_ms: Optional[int], model: Optional[str], replace: bool) -> None:
     """Run the pipeline into ClickHouse and print a summary.
 
     On synthetic data (the default) this is the whole job: the first part of the hours runs, the
     ONNX ensemble is trained on what it stored, and the rest runs with the ensemble loaded (same
     state throughout: the pipeline continues from its recovery snapshot)."""
     from dataflows import runner
+    from dataflows.control import lineage_of
     from dataflows.pipeline import build_flow
     from sinks.clickhouse import ClickHouseSink
 
@@ -233,6 +242,7 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
             raise click.BadParameter(f"cannot create its directory {summary_json.parent}: {err.strerror}",
                                      param_hint="--summary-json") from None
     is_peer = proc_id is not None and proc_id > 0
+    local_peer = is_peer and run_dir is not None  # started by process 0 (spawn_peers), which decided for it
     runner.install_stop_handlers(announce=not is_peer)  # Ctrl-C and SIGTERM stop the run with a summary (_stopped)
     run_dir = run_dir or settings.data_dir / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -245,10 +255,18 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
         split_ms = split_ms if t0 < split_ms < end_ms else None
     phases = [phase_end_ms] if phase_end_ms else ([split_ms, end_ms] if split_ms else [end_ms])
     rec_dir = settings.recovery_dir or (run_dir / "recovery" if split_ms else None)
+    fingerprint = _source_fingerprint(source, settings, symbols=symbols, t0=t0, hours=hours, seed=seed, rate=rate,
+                                      files=files, exchange=exchange, symbol=symbol, feeds=feeds)
+    resuming = (not local_peer and settings.recovery_dir is not None
+                and (settings.recovery_dir / runner.SOURCE_FILE).exists())
+    # Kafka partitions without a snapshot in a recovery dir that is resumed were not read yet: from the start
+    start_from = "earliest" if resuming else start_from
+    if replace and resuming and not is_peer:
+        raise click.BadParameter(f"--recovery-dir {settings.recovery_dir} holds a run's state: resumed after "
+                                 "--replace, the rows it made before its snapshot would be gone; use a new "
+                                 "--recovery-dir (or drop --replace to resume)", param_hint="--replace")
     if rec_dir is not None:  # refuse a recovery directory that holds another source's state
-        runner.claim_recovery_dir(rec_dir, _source_fingerprint(
-            source, settings, symbols=symbols, t0=t0, hours=hours, seed=seed, rate=rate, files=files,
-            exchange=exchange, symbol=symbol, feeds=feeds))
+        runner.claim_recovery_dir(rec_dir, fingerprint)
 
     counts = runner.RunCounts()
     progress_ui = None if (quiet or is_peer) else _progress_ui(counts)
@@ -257,14 +275,16 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
     pace = None if clock == "event" or (clock == "auto" and not live) else (speed or 1.0)
 
     if not is_peer and not no_store:  # schema first, with a clear error if the store is unusable
-        with _store(settings):
-            pass
+        with _store(settings) as store:  # then: the store holds this run's trading rows or none (runs.py)
+            _claim_store(store, settings, fingerprint, replace=replace, resuming=resuming,
+                         train_split=train_split if source == "synthetic" else None)
 
     elapsed = 0.0
     for k, phase_end in enumerate(phases):
         src = _source(source, settings, progress, symbols=symbols, t0=t0, end_ms=phase_end, seed=seed, rate=rate,
                       speed=speed, files=files, exchange=exchange, symbol=symbol, feeds=feeds, duration=duration,
-                      exchange_factory=exchange_factory, eof=eof)
+                      exchange_factory=exchange_factory, eof=eof, start_from=start_from,
+                      group=None if no_store else "store")
         if no_store:
             from sinks.null import NullSink
 
@@ -273,11 +293,13 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
             sink = ClickHouseSink(settings.dsn(), settings.clickhouse_database, counts.sink,
                                   settings.sink_flush_rows, settings.sink_flush_ms,
                                   health_every_s=settings.health_every_s or None, process=proc_id or 0,
-                                  retry_s=settings.store_retry_s)
+                                  retry_s=settings.store_retry_s,
+                                  committer=src.offset_committer() if source == "kafka" else None)
         # the first part of a train-then-score run is scored without any ensemble: one left over from
         # an earlier run on the same data would score it in-sample
         first_of_split = split_ms is not None and k == 0
-        flow = build_flow(settings, src, sink, pace=pace, ensemble=None if (no_store or first_of_split) else "auto")
+        flow = build_flow(settings, src, sink, pace=pace, ensemble=None if (no_store or first_of_split) else "auto",
+                          control_lineage=lineage_of(rec_dir))
         recovery = runner.recovery_config(rec_dir, processes * workers)
         phase_dir = run_dir / f"phase-{k}" if proc_id is None else run_dir
         phase_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +307,7 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
         addr_list = addresses.split(";") if addresses else None
         if processes > 1 and proc_id is None:
             argv = [a for a in sys.argv[1:]] + (["--phase-end-ms", str(phase_end)] if source == "synthetic" else [])
+            argv += ["--from", start_from] if source == "kafka" else []  # decided here, before the claim
             addr_list, peers = runner.spawn_peers(argv, processes, phase_dir)
         t_start = time.time()
         stop: Optional[BaseException] = None
@@ -347,6 +370,22 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
             indent=2, default=str))
 
 
+def _claim_store(store, settings: Settings, fingerprint: dict, *, replace: bool, resuming: bool, **options) -> None:
+    """Refuse a run into a store holding another run's trading rows (exit 2), or clear them with
+    --replace; record the run (dataflows/runs.py)."""
+    from dataflows import runs
+
+    ident = runs.run_identity(fingerprint, settings, **options)
+    try:
+        done = runs.claim_store(store, ident, where=runs.store_name(settings), replace=replace, resuming=resuming,
+                                command=shlex.join(["tapeflow", *sys.argv[1:]]))
+    except runs.RunConflict as err:
+        raise Failure(str(err), 2) from None
+    if done["replaced"]:
+        held = ", ".join(f"{t} {n:,}" for t, n in done["rows"].items())
+        err_console.print(f"--replace: cleared the store's trading rows ({held})", highlight=False, soft_wrap=True)
+
+
 def _check_cluster_options(proc_id: Optional[int], addresses: Optional[str]) -> None:
     """--proc-id and --addresses join a multi-machine cluster: both or neither (--processes starts a
     local cluster whose peers get both)."""
@@ -383,6 +422,11 @@ def _is_stop(err: BaseException) -> bool:
     return errors.interrupt(err) is not None or runner.stop_requested() is not None
 
 
+def settings_source(ctx: click.Context) -> Optional[str]:
+    """The ``--source`` of the running command (for messages)."""
+    return ctx.params.get("source")
+
+
 def _stopped(ctx: click.Context, err: BaseException, counts, elapsed: float, settings: Settings,
              *, is_peer: bool, resumable: bool, main_job: bool) -> None:
     """After Ctrl-C or SIGTERM (the peers have stopped): print what was done and how to go on,
@@ -398,7 +442,7 @@ def _stopped(ctx: click.Context, err: BaseException, counts, elapsed: float, set
     _print_summary(counts, elapsed, settings, resumed=True, title="tapeflow run (stopped before the end)")
     what = "stopped (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
     if resumable:
-        args = sys.argv[1:]
+        args = [a for a in sys.argv[1:] if a != "--replace"]  # the resumed run keeps the rows it made
         if not any(a == "--recovery-dir" or a.startswith("--recovery-dir=") for a in args):
             args = [*args, "--recovery-dir", str(settings.recovery_dir)]
         err_console.print(f"{what}. Its state is in {settings.recovery_dir}; resume from the last snapshot "
@@ -407,6 +451,10 @@ def _stopped(ctx: click.Context, err: BaseException, counts, elapsed: float, set
     elif main_job:
         err_console.print(f"{what}. The main job keeps its recovery state for its own phases only: a rerun starts "
                           "over (add --recovery-dir DIR to make it resumable).", highlight=False, soft_wrap=True)
+    elif settings_source(ctx) == "kafka":
+        err_console.print(f"{what}. A rerun goes on from the offsets committed at the last completed epoch, with "
+                          "empty state (models, feature history, the minute in progress start over); run with "
+                          "--recovery-dir DIR to resume exactly where it stopped.", highlight=False, soft_wrap=True)
     else:
         err_console.print(f"{what}. A rerun starts over; run with --recovery-dir DIR to be able to resume where "
                           "it stopped.", highlight=False, soft_wrap=True)
@@ -415,7 +463,7 @@ def _stopped(ctx: click.Context, err: BaseException, counts, elapsed: float, set
 
 def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int, end_ms: int, seed: int,
             rate: Optional[float], speed: Optional[float], files, exchange, symbol, feeds, duration,
-            exchange_factory, eof: bool):
+            exchange_factory, eof: bool, start_from: str = "committed", group: Optional[str] = "store"):
     from dataflows.sources import ReplaySource, SyntheticSource
 
     if source == "synthetic":
@@ -435,14 +483,15 @@ def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int,
         return src
     if source == "ccxt":
         return _ccxt_source(feeds, duration, exchange_factory, settings.batch_size, progress)
-    from dataflows.kafka import KafkaBatchSource, KafkaUnavailable, preflight
+    from dataflows.kafka import KafkaBatchSource, KafkaUnavailable, default_group, preflight
 
     try:
         preflight(settings.kafka_brokers, settings.kafka_topic)
     except KafkaUnavailable as err:
         raise click.ClickException(str(err)) from None
     return KafkaBatchSource(settings.kafka_brokers, settings.kafka_topic, tail=not eof,
-                            batch_size=settings.kafka_batch_size, progress=progress)
+                            batch_size=settings.kafka_batch_size, progress=progress, start=start_from,
+                            group_id=default_group(settings.dsn(), settings.clickhouse_database) if group else None)
 
 
 def _train(settings: Settings, until_ms: Optional[int] = None, folds: int = 4, quiet: bool = False):
@@ -634,19 +683,30 @@ def killswitch_status(ctx: click.Context, data_dir: Optional[Path]) -> None:
 @main.command()
 @click.option("--folds", type=click.IntRange(min=2), default=4, show_default=True,
               help="walk-forward folds (= ensemble members)")
+@click.option("--every", type=DURATION, default=None,
+              help="retrain on this schedule (e.g. 24h) until stopped: the trainer service (dataflows/models_cli.py)")
+@click.option("--history", type=DURATION, default=None,
+              help="train on the labelled rows of this much recent history (e.g. 7d; default: all)")
+@click.option("--runs", type=click.IntRange(min=1), default=None, help="with --every: stop after this many runs")
 @click.option("--dsn", default=None)
 @click.option("--database", default=None)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.pass_context
-def train(ctx: click.Context, folds: int, dsn: Optional[str], database: Optional[str],
-          data_dir: Optional[Path]) -> None:
-    """Train the ONNX LightGBM ensemble on stored features and labels (walk-forward, purged)."""
+def train(ctx: click.Context, folds: int, every: Optional[float], history: Optional[float], runs: Optional[int],
+          dsn: Optional[str], database: Optional[str], data_dir: Optional[Path]) -> None:
+    """Train the ONNX LightGBM ensemble on stored features and labels (walk-forward, purged),
+    through the deployment gate (served only if it beats the class prior and the active model)."""
+    from dataflows.models_cli import run_train_command
+
     settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
-    try:
-        manifest = _train(settings, folds=folds)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
-    click.echo(f"wrote {settings.artifacts() / manifest.version}")
+
+    def once():
+        try:
+            return _train(settings, folds=folds)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+
+    run_train_command(ctx, settings, folds=folds, every=every, history=history, runs=runs, train_now=once)
 
 
 def _ccxt_source(feeds: Optional[str], duration: Optional[float], factory: Optional[str], batch_size: int,
@@ -1028,6 +1088,10 @@ def _print_rows(cols: list[str], rows: list[tuple], fmt: str) -> None:
         Console(width=max(120, Console().width)).print(t)
         err_console.print(f"{len(rows)} row(s)")
 
+
+from dataflows.models_cli import models as _models_command  # noqa: E402  (issue 12: tapeflow models)
+
+main.add_command(_models_command)
 
 if __name__ == "__main__":
     main(prog_name="tapeflow")

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     online_models: bool = Field(True, description="River models (learn on matured labels)")
     online_warmup_labels: int = Field(50, ge=0, description="labels learned before River predicts")
     arf_models: int = Field(10, ge=1, description="trees in River's adaptive random forest")
+    online_features: list[str] = Field(
+        ["ret_1", "ret_3", "ret_12", "rv", "atr", "atr_pct", "rsi", "ema_gap", "macd_hist", "bb_width", "adx", "vol_z",
+         "delta_z", "cvd_slope", "vwap_dev", "intensity", "s_top", "s_bot", "s_mood", "s_top_ema", "s_bot_ema",
+         "s_mood_ema"],
+        description="features the River models read (the primary timeframe's base features; [] = all; models/online.py)")
     artifacts_dir: Optional[Path] = Field(None, description="ONNX ensembles (default <data_dir>/artifacts)")
     onnx_check_s: float = Field(5.0, gt=0, description="how often to look for a newer ensemble")
     model: Optional[str] = Field(None, description="serve this ONNX ensemble: a version in artifacts_dir or a "
@@ -186,6 +191,17 @@ class Settings(BaseSettings):
         if "1m" not in v:
             raise ValueError("timeframes must include 1m (every other timeframe rolls up from it)")
         return sorted(set(v), key=lambda t: TIMEFRAMES[t])
+
+    @model_validator(mode="after")
+    def _online_features_exist(self) -> "Settings":
+        from operators.features import aligned_feature_names
+
+        known = set(aligned_feature_names(self.overlay_tfs))
+        unknown = [f for f in self.online_features if f not in known]
+        if unknown:
+            raise ValueError(f"online_features {unknown} are not features the pipeline computes (primary names like "
+                             "'s_top', overlays prefixed by their timeframe like '1h_rsi')")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -42,6 +42,7 @@ from operators import portfolio as P
 from operators import signals as S
 from operators import trades as T
 from operators.events import Event
+from sinks.rows import SourcePosition
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 FAR_FUTURE_MS = 2**62
@@ -140,7 +141,7 @@ def _score(settings: Settings, ensemble):
     from models.online import OnlineConfig, OnlineModels
 
     cfg = OnlineConfig(seed=settings.seed, arf_models=settings.arf_models,
-                       warmup_labels=settings.online_warmup_labels)
+                       warmup_labels=settings.online_warmup_labels, features=tuple(settings.online_features))
 
     def step(state, item) -> tuple[Any, list]:
         if state is None:
@@ -151,9 +152,11 @@ def _score(settings: Settings, ensemble):
             state.learn(item)
             return state, [item, *S.metrics_rows(item, state.metrics())]
         preds = state.predict(item) if state else {}
-        if ensemble is not None:
-            preds.update(ensemble.score(item.features))
-        return state, [item, S.scored(item, preds, _wall_ms(), item.closed_at)]
+        refusals = []
+        if ensemble is not None:  # per bar: it may not score instruments or bars it was not meant for
+            preds.update(ensemble.score(item.features, instrument=f"{item.exchange}:{item.symbol}", start=item.start))
+            refusals = ensemble.take_events()  # model_refused events -> the events table
+        return state, [item, S.scored(item, preds, _wall_ms(), item.closed_at), *refusals]
 
     return step
 
@@ -168,16 +171,26 @@ class PortfolioLogic(StatefulBatchLogic):
 
     Each batch applies its data-quality news (gap events, late trades, dead-letter counts) before
     its market items, so a gap reported in band ahead of the trades after it gates every bar those
-    trades close, whatever order the merged streams arrive in."""
+    trades close, whatever order the merged streams arrive in.
+
+    Operator requests are applied once per state: their ids are part of it (``applied``), and the
+    inbox offers again every request this run's lineage took, so one taken just before a crash is
+    applied again to the state restored from the snapshot before it (``dataflows.control``)."""
 
     def __init__(self, state: Optional[tuple], make: Callable[[], P.Portfolio], inbox, ordered: bool):
-        self.p, self.seq = state if state is not None else (make(), P.Sequencer() if ordered else None)
+        if state is None:
+            state = (make(), P.Sequencer() if ordered else None, {})
+        self.p, self.seq, self.applied = state if len(state) == 3 else (*state, {})  # (p, seq): older snapshots
         self.inbox = inbox
 
     def on_batch(self, items: list) -> tuple[list, bool]:
         out: list = []
         for req in self.inbox.take() if self.inbox else []:
-            out.extend(self.p.reset_kill_switch(_wall_ms(), req.get("by", "operator"), req.get("strategy", "production")))
+            if req["id"] in self.applied:
+                continue
+            at = int(req.get("requested_at_ms") or _wall_ms())  # the audit event's time: the same if replayed
+            self.applied[req["id"]] = at
+            out.extend(self.p.reset_kill_switch(at, req.get("by", "operator"), req.get("strategy", "production")))
         market = []
         for item in items:
             if isinstance(item, (S.ScoredRow, B.Bar)):
@@ -206,7 +219,12 @@ class PortfolioLogic(StatefulBatchLogic):
         return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> tuple:
-        return copy.deepcopy((self.p, self.seq))
+        return copy.deepcopy((self.p, self.seq, self.applied))
+
+
+def _position(batch) -> Optional[SourcePosition]:
+    offsets = getattr(batch, "offsets", None)
+    return SourcePosition(batch.source, batch.partition, offsets[-1] + 1) if offsets else None
 
 
 def _late_chunk(key_window_chunk: tuple[int, T.Chunk]) -> T.LateTrades:
@@ -223,9 +241,12 @@ def build_flow(
     now_getter: Callable[[], datetime] = utc_now,
     flow_id: str = "tapeflow",
     ensemble: Any = "auto",
+    control_lineage: Optional[str] = None,
 ) -> Dataflow:
     """The whole pipeline. ``pace``: None for replay/backfill (event time only), 1.0 for live.
-    ``ensemble``: the ONNX ensemble scorer ("auto": watch ``settings.artifacts()``; None: off)."""
+    ``ensemble``: the ONNX ensemble scorer ("auto": ``dataflows.training.open_ensemble``; None: off).
+    ``control_lineage``: whose operator requests these are (``dataflows.control.lineage_of`` the
+    recovery directory; None: this flow's own)."""
     strategy_cfg = settings.strategy_config()
     quality_cfg = settings.quality_config()
     optimizer_cfg = settings.optimizer_config()
@@ -234,17 +255,19 @@ def build_flow(
         return P.Portfolio.create(strategy_cfg, quality_cfg, optimizer=optimizer_cfg, primary_tf=settings.primary_tf,
                                   overlay_tfs=tuple(settings.overlay_tfs))
 
-    inbox = ControlInbox(settings.data_dir)
-    if ensemble == "auto":
-        from models.onnx_ensemble import OnnxEnsemble
+    inbox = ControlInbox(settings.data_dir, lineage=control_lineage)
+    if ensemble == "auto":  # the named one (TAPEFLOW_MODEL) or one trained on this store
+        from dataflows.training import open_ensemble
 
-        ensemble = OnnxEnsemble(settings.artifacts(), check_every_s=settings.onnx_check_s)
+        ensemble = open_ensemble(settings)
     admit_cfg, bar_cfg = settings.admit_config(), settings.bar_config()
     higher = [tf for tf in settings.timeframes if tf != "1m"]
     max_future = settings.max_future_ms
 
     flow = Dataflow(flow_id)
     batches = op.input("trades_in", flow, source)
+    # Kafka: each batch's position goes to the sink, which commits it once the epoch is stored
+    positions = [op.filter_map("positions", batches, _position)] if getattr(source, "commit_positions", False) else []
     limits = settings.decode_limits()
     decoded = op.map("decode", batches, lambda b: T.decode_batch(b, b.recv_ts, max_future, limits))
     dead = op.flat_map("dead_letters", decoded, lambda d: d.dead)
@@ -296,6 +319,7 @@ def build_flow(
         op.key_rm("late_out", late_chunks),
         dead,
         events,
+        *positions,
     )
     op.output("clickhouse", op.key_on("to_sink", records, lambda r: type(r).__name__), sink)
     return flow

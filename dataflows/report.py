@@ -137,6 +137,17 @@ WHERE start >= fromUnixTimestamp64Milli({t0:Int64}, 'UTC') AND start < fromUnixT
 GROUP BY model ORDER BY model
 """
 
+# classwise expected calibration error per model of the day's predictions (models/calibration.py):
+# calibrated (what the gates read) and raw (the model's own output), from the prediction_calibration view
+MODEL_CALIBRATION = """
+SELECT model, kind, sum(n) / 3 AS labels, sum(n * abs(observed - predicted)) / sum(n) AS ece
+FROM (SELECT model, kind, cls, bin, count() AS n, avg(p) AS predicted, avg(hit) AS observed
+      FROM prediction_calibration
+      WHERE start >= fromUnixTimestamp64Milli({t0:Int64}, 'UTC') AND start < fromUnixTimestamp64Milli({t1:Int64}, 'UTC')
+      GROUP BY model, kind, cls, bin)
+GROUP BY model, kind ORDER BY model, kind
+"""
+
 EQUITY_CURVE = f"""
 SELECT origin, strategy_id, variant_id, ts, equity, drawdown, halted
 FROM equity FINAL
@@ -167,7 +178,8 @@ SETTINGS join_use_nulls = 1
 QUERIES: dict[str, str] = {
     "closed_trades": CLOSED_TRADES, "trade_stats": TRADE_STATS, "fees": FEES, "best_trade": BEST_TRADE,
     "worst_trade": WORST_TRADE, "entries": ENTRIES, "decision_stats": DECISION_STATS, "vetoes": VETOES,
-    "risk_events": RISK_EVENTS, "model_quality": MODEL_QUALITY, "equity_curve": EQUITY_CURVE,
+    "risk_events": RISK_EVENTS, "model_quality": MODEL_QUALITY, "model_calibration": MODEL_CALIBRATION,
+    "equity_curve": EQUITY_CURVE,
     "equity_summary": EQUITY_SUMMARY,
 }
 
@@ -208,6 +220,10 @@ class DayData:
     equity: list[dict]
     equity_summary: list[dict]
     charts: dict = field(default_factory=dict)  # name -> file name, once written
+    calibration: list[dict] = field(default_factory=list)  # model_calibration rows (model, kind, labels, ece)
+
+    def ece(self, model: str, kind: str) -> Optional[float]:
+        return next((r["ece"] for r in self.calibration if r["model"] == model and r["kind"] == kind), None)
 
     @property
     def low_conf_entries(self) -> list[dict]:
@@ -229,7 +245,8 @@ def collect(store: Store, day: date, *, strategy: str = "production", low_conf: 
         day=day, strategy=strategy, low_conf=float(low_conf), stats=stats, fees=q("fees")[0],
         best=best[0] if best else None, worst=worst[0] if worst else None, trades=q("closed_trades"),
         entries=q("entries"), decisions=q("decision_stats")[0], vetoes=q("vetoes"), events=q("risk_events"),
-        models=q("model_quality"), equity=q("equity_curve"), equity_summary=q("equity_summary"))
+        models=q("model_quality"), equity=q("equity_curve"), equity_summary=q("equity_summary"),
+        calibration=q("model_calibration"))
 
 
 def _num(x: Any) -> Any:
@@ -267,7 +284,9 @@ def aggregates_of(data: DayData) -> dict:
         "equity_change": _num(eq_close - eq_open) if eq_open is not None else None,
         "max_drawdown": _num(max((r["max_drawdown"] for r in data.equity_summary), default=None)),
         "models": {m["model"]: {"labels": int(m["n"]), "accuracy": _num(m["accuracy"]),
-                                "log_loss": _num(m["log_loss"]), "brier": _num(m["brier"])} for m in data.models},
+                                "log_loss": _num(m["log_loss"]), "brier": _num(m["brier"]),
+                                "ece": _num(data.ece(m["model"], "calibrated")),
+                                "ece_raw": _num(data.ece(m["model"], "raw"))} for m in data.models},
     }
 
 
@@ -530,10 +549,17 @@ def render(data: DayData, summary: Optional[str] = None, llm_failed: bool = Fals
     if not data.models:
         L += ["No prediction of this day has a matured label yet: nothing to score.", ""]
     else:
-        L += _table(["model", "labels", "accuracy", "log loss", "Brier"], [
-            [m["model"], m["n"], f"{m['accuracy']:.3f}", f"{m['log_loss']:.4f}", f"{m['brier']:.4f}"]
+        def ece(model: str, kind: str) -> str:
+            v = data.ece(model, kind)
+            return "-" if v is None else f"{v:.3f}"
+
+        L += _table(["model", "labels", "accuracy", "log loss", "Brier", "ECE", "ECE (raw)"], [
+            [m["model"], m["n"], f"{m['accuracy']:.3f}", f"{m['log_loss']:.4f}", f"{m['brier']:.4f}",
+             ece(m["model"], "calibrated"), ece(m["model"], "raw")]
             for m in data.models]) + ["", "Predictions of the day's bars against their matured labels "
-                                          "(Brier: sum over the three classes, lower is better).", ""]
+                                          "(Brier: sum over the three classes, lower is better; ECE: classwise "
+                                          "expected calibration error of the probabilities the gates read, and of "
+                                          "the model's raw output, 10 bins; models/calibration.py).", ""]
 
     L += ["---", "", "Every number above comes from a named query in `dataflows/report.py` "
           f"({', '.join(QUERIES)}).", ""]

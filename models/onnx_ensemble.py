@@ -1,17 +1,42 @@
-"""ONNX ensemble runtime (SPEC §5): score aligned feature rows with the K members of the newest
-complete artefact version written by ``models.train``, and hot-swap newer versions without a restart.
+"""ONNX ensemble runtime (SPEC §5): score aligned feature rows with the K members of an artefact
+version written by ``models.train``, and hot-swap newer versions without a restart.
 
-    ens = OnnxEnsemble(Path("models/artifacts"))
-    ens.expect_features(aligned_feature_names(["15m", "1h"]))   # at start: fail loudly on a mismatch
-    preds = ens.score(row.features)    # {"onnx_0": Prediction, ..., "onnx_ensemble": Prediction} or {}
+    ens = OnnxEnsemble(Path("data/artifacts"), facts=RunFacts(store, database, "5m", 3, names))
+    preds = ens.score(row.features, instrument="binance:BTC/USDT", start=row.start)
+    # {"onnx_0": Prediction, ..., "onnx_ensemble": Prediction}, or {} (no opinion on this bar)
+    records = ens.take_events()   # model_refused events for the ``events`` table
 
-Which version: every sub-folder of ``artifacts_dir`` with a ``manifest.json`` (names starting with
-"." are folders still being written) is a candidate; the newest by (manifest ``created_at_ms``,
-version) whose files match the manifest's sha256 hashes, whose ONNX graphs load and whose features
-the pipeline provides is served. A candidate failing a check is skipped with one ERROR log naming the
-reason (and ``last_error``), and is looked at again only when its files change. Deleting the served
-version's folder rolls back to the newest remaining one; with no usable version at all the loaded
-sessions keep serving, and with none ever loaded ``score`` returns ``{}`` (the ONNX arm is ineligible).
+An artefact belongs to the data it was trained on (its manifest's ``data``), so which version,
+and for which bars:
+
+- **named** (``model=``: a version folder name in ``artifacts_dir`` or a folder's path): only that
+  version, whatever store or instruments it was trained on. If it cannot be served (missing,
+  corrupt, features or timeframe that do not fit ``facts``) the constructor raises ``ModelRefused``.
+- **picked** (the default): every sub-folder with a ``manifest.json`` (names starting with "." are
+  still being written) is a candidate; the newest by (``created_at_ms``, version) is served whose
+  files match their sha256 hashes, whose ONNX graphs load, whose features, primary timeframe and
+  label horizon fit ``facts`` and which was trained on the same store (``facts.store`` and
+  ``facts.database``). A row is scored only when its instrument is one the version was trained on.
+- **always**, named or picked: a bar starting at or before the version's ``data.last_bar_end``
+  (the last bar its training read, labels included) is not scored by it: those would be
+  in-sample predictions that look like skill. Later bars of the same run are scored. This is
+  checked per row, so a hot swap mid-run respects it too.
+
+Only what passed the deployment gate (``models.deployment``) is ever served: a version whose
+manifest says ``deployment.status`` = "rejected", or that has no deployment record (written before
+the gate existed), is skipped when picking (its rejection was reported when it was trained) and
+refused when named (``ModelRefused``).
+
+Calibration: the members' probabilities are their raw outputs (votes); ``onnx_ensemble`` is their
+mean mapped through the manifest's calibration (``calibration.ensemble``, fitted at training time on
+out-of-sample predictions), with the mean kept as ``Prediction.raw``. The gates read the calibrated one.
+
+A refused candidate is logged once (WARNING when it belongs to other data or does not fit the
+pipeline, ERROR when its files are broken) and queued as a ``model_refused`` event; it is looked at
+again only when its files change. A row refused by a rule is logged and queued once per (version,
+instrument, rule). Deleting the served version's folder rolls back to the newest remaining one;
+with no usable version at all the loaded sessions keep serving, and with none ever loaded
+``score`` returns ``{}`` (the ONNX arm is ineligible).
 
 Hot swap: ``score`` calls ``maybe_reload()`` at most every ``check_every_s`` seconds of the injected
 ``clock``. A reload builds the new sessions completely and then replaces one reference; ``score``
@@ -24,9 +49,14 @@ plain data in state). ``pickle``/``copy.deepcopy`` raise a TypeError that says s
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import threading
 import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -34,24 +64,49 @@ import numpy as np
 import polars as pl
 
 from models.train import MANIFEST_FILE, Manifest, feature_matrix, load_manifest, sha256_bytes
+from operators.events import Event
 from operators.signals import Prediction, make_prediction
 
 log = logging.getLogger(__name__)
 
 ENSEMBLE_NAME = "onnx_ensemble"
+REFUSED = "model_refused"  # events.kind of every refusal
 _NAN = math.nan
+_FILE_RULES = frozenset({"files", "manifest"})  # broken artefacts: ERROR; any other refusal: WARNING
+
+
+class ModelRefused(ValueError):
+    """An explicitly named ensemble that cannot be served; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the scoring pipeline is. An ensemble must fit it (it reads ``features`` by name, its
+    rows are ``primary_tf`` bars, it predicts ``horizon`` bars ahead) and, unless named, must have
+    been trained on this store (``store``: ``dataflows.training.store_identity``; ``database``)."""
+
+    store: str
+    database: str
+    primary_tf: str
+    horizon: int
+    features: tuple[str, ...]
 
 
 class _Reject(Exception):
-    """A candidate version that cannot be served; the message says why."""
+    """A candidate version that cannot be served; the message says why, ``rule`` which check."""
+
+    def __init__(self, reason: str, rule: str):
+        super().__init__(reason)
+        self.rule = rule
 
 
 class _Loaded:
     """One loaded version: immutable once built; swapped as a whole."""
 
-    __slots__ = ("folder", "manifest", "version", "names", "n", "members", "input_name", "outputs")
+    __slots__ = ("folder", "manifest", "version", "names", "n", "members", "input_name", "outputs",
+                 "instruments", "after", "calibration")
 
-    def __init__(self, folder: Path, manifest: Manifest, members: list[tuple[str, Any]]):
+    def __init__(self, folder: Path, manifest: Manifest, members: list[tuple[str, Any]], named: bool):
         self.folder = folder
         self.manifest = manifest
         self.version = manifest.version
@@ -60,6 +115,10 @@ class _Loaded:
         self.members = tuple(members)  # ((member name, InferenceSession), ...)
         self.input_name = manifest.input_name
         self.outputs = [manifest.output_name]
+        # rows it may score: its instruments (any, when named) and bars starting after its data
+        self.instruments = None if named else frozenset(manifest.data.instruments)
+        self.after = manifest.data.last_bar_end
+        self.calibration = manifest.calibration.ensemble  # _gate_refusal made sure there is one
 
 
 def _stat_key(folder: Path, files: Iterable[str]) -> tuple:
@@ -73,24 +132,73 @@ def _stat_key(folder: Path, files: Iterable[str]) -> tuple:
     return tuple(out)
 
 
+def _gate_refusal(m: Manifest) -> Optional[str]:
+    """Why version ``m`` may not be served by the deployment gate's record, or None."""
+    d = m.deployment
+    if d is None or m.calibration is None:
+        return (f"version {m.version} was written before models were calibrated and gated (no deployment "
+                "record): retrain it (tapeflow train)")
+    if d.status != "accepted":
+        return f"version {m.version} was rejected by the deployment gate: {d.reason}"
+    return None
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class OnnxEnsemble:
-    """K onnxruntime sessions from the newest complete artefact version, averaged."""
+    """K onnxruntime sessions from one artefact version, averaged; see the module docstring for
+    which version and which rows."""
 
     def __init__(self, artifacts_dir: Path, check_every_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic, *,
-                 expected_features: Optional[Iterable[str]] = None):
+                 expected_features: Optional[Iterable[str]] = None, facts: Optional[RunFacts] = None,
+                 model: Optional[str | Path] = None):
         if not check_every_s >= 0:
             raise ValueError(f"check_every_s must be >= 0, got {check_every_s}")
         self.artifacts_dir = Path(artifacts_dir)
         self.check_every_s = float(check_every_s)
         self._clock = clock
+        self.facts = facts
+        if expected_features is None and facts is not None:
+            expected_features = facts.features
         self._available: Optional[frozenset] = None if expected_features is None else frozenset(expected_features)
+        self.model = None if model is None or str(model) == "" else str(model)
+        self._only: Optional[Path] = None if self.model is None else self._named_folder(self.model)
         self._current: Optional[_Loaded] = None
         self._last_check: Optional[float] = None
         self._manifests: dict[Path, tuple[tuple, Any]] = {}  # folder -> (stat key, Manifest | error text)
         self._rejected: dict[Path, tuple[tuple, str]] = {}  # folder -> (stat key, reason)
+        self._not_deployed: set[Path] = set()  # folders the deployment gate rejected (never served)
+        self._row_refusals: set[tuple[str, str, str]] = set()  # (version, instrument, rule) reported
+        self._events: deque[Event] = deque()
+        self._lock = threading.Lock()
         self.last_error: Optional[str] = None
         self.maybe_reload(force=True)
+        if self._only is not None and self._current is None:
+            raise ModelRefused(self._named_error())
+
+    def _named_folder(self, model: str) -> Path:
+        """A plain name is a version in ``artifacts_dir``; anything with a path separator a folder."""
+        p = Path(model).expanduser()
+        return p.resolve() if p.is_absolute() or len(p.parts) > 1 else self.artifacts_dir / model
+
+    def _named_error(self) -> str:
+        folder = self._only
+        if not (folder / MANIFEST_FILE).is_file():
+            try:
+                there = sorted(p.name for p in self.artifacts_dir.iterdir()
+                               if (p / MANIFEST_FILE).is_file() and not p.name.startswith("."))
+            except OSError:
+                there = []
+            return (f"the named ONNX ensemble {self.model!r} does not exist: no {folder / MANIFEST_FILE} "
+                    f"(versions in {self.artifacts_dir}: {', '.join(there[-5:]) or 'none'})")
+        return f"the named ONNX ensemble {self.model!r} cannot be served: {self.last_error or 'unknown reason'}"
 
     # ------------------------------------------------------------------------------ state
 
@@ -115,7 +223,16 @@ class OnnxEnsemble:
 
     def status(self) -> dict:
         return {"version": self.version, "members": list(self.members), "last_error": self.last_error,
-                "rejected": {str(k): v[1] for k, v in self._rejected.items()}}
+                "named": self.model, "rejected": {str(k): v[1] for k, v in self._rejected.items()}}
+
+    def take_events(self) -> list[Event]:
+        """The ``model_refused`` events queued since the last call (for the ``events`` table)."""
+        out = []
+        while True:
+            try:
+                out.append(self._events.popleft())
+            except IndexError:
+                return out
 
     def __reduce__(self):
         raise TypeError("OnnxEnsemble holds onnxruntime sessions and cannot be pickled or deep-copied: "
@@ -134,18 +251,45 @@ class OnnxEnsemble:
             missing = [f for f in cur.names if f not in self._available]
             if missing:
                 self._current = None
-                log.error("ONNX artefact %s dropped: %s", cur.folder, self._missing_msg(cur.version, missing))
+                self._refused(cur.folder, self._missing_msg(cur.manifest, missing), "features")
         self.maybe_reload(force=True)
         if self._current is None:
             reasons = [r for _, r in self._rejected.values() if "needs features" in r]
             if reasons:
-                raise ValueError("no ONNX artefact fits the pipeline's features: " + "; ".join(reasons))
+                raise (ModelRefused if self._only else ValueError)(
+                    "no ONNX artefact fits the pipeline's features: " + "; ".join(reasons))
 
     @staticmethod
-    def _missing_msg(version: str, missing: list[str]) -> str:
+    def _missing_msg(m: Manifest, missing: list[str]) -> str:
         more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
-        return (f"version {version} needs features the pipeline does not produce: {missing[:8]}{more}; "
-                f"retrain on the current feature set or configure the overlays it was trained with")
+        return (f"version {m.version} needs features the pipeline does not produce: {missing[:8]}{more}; "
+                f"retrain on the current feature set or configure the overlays it was trained with "
+                f"({m.data.overlay_tfs})")
+
+    def _misfit(self, m: Manifest) -> Optional[tuple[str, str]]:
+        """(rule, reason) when version ``m`` does not fit the pipeline, else None."""
+        if self._available is not None:
+            missing = [f for f in m.features if f not in self._available]
+            if missing:
+                return "features", self._missing_msg(m, missing)
+        f = self.facts
+        if f is not None and m.data.primary_tf != f.primary_tf:
+            return "timeframe", (f"version {m.version} was trained on {m.data.primary_tf} rows, the pipeline "
+                                 f"scores {f.primary_tf} rows (primary_tf)")
+        if f is not None and m.horizon != f.horizon:
+            return "horizon", (f"version {m.version} predicts {m.horizon} bars ahead, the pipeline's label "
+                               f"horizon is {f.horizon}")
+        return None
+
+    def _foreign(self, m: Manifest) -> Optional[str]:
+        """Why a picked (not named) version belongs to another store, else None."""
+        f = self.facts
+        if self._only is not None or f is None:
+            return None
+        if (m.data.store, m.data.database) != (f.store, f.database):
+            return (f"version {m.version} was trained on store {m.data.store} database {m.data.database}, "
+                    f"this pipeline scores into {f.store} database {f.database} (name it to use it anyway)")
+        return None
 
     # ------------------------------------------------------------------------- loading
 
@@ -164,10 +308,13 @@ class OnnxEnsemble:
             return False
 
     def _candidates(self) -> list[tuple[int, str, Path, Manifest]]:
-        try:
-            folders = [p for p in self.artifacts_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        except FileNotFoundError:
-            return []
+        if self._only is not None:
+            folders = [self._only]
+        else:
+            try:
+                folders = [p for p in self.artifacts_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+            except FileNotFoundError:
+                return []
         out = []
         for folder in folders:
             mpath = folder / MANIFEST_FILE
@@ -182,19 +329,38 @@ class OnnxEnsemble:
                     cached = (key, load_manifest(mpath))
                 except ValueError as e:
                     cached = (key, str(e))
-                    self._reject(folder, (key,), str(e))
+                    self._reject(folder, (key,), str(e), "manifest")
                 self._manifests[folder] = cached
             if isinstance(cached[1], Manifest):
                 m = cached[1]
+                if self._only is None and _gate_refusal(m) is not None:
+                    if folder not in self._not_deployed:  # reported when it was trained: only a debug line here
+                        self._not_deployed.add(folder)
+                        log.debug("ONNX artefact %s skipped: %s", folder, _gate_refusal(m))
+                    continue
                 out.append((m.created_at_ms, m.version, folder, m))
         return out
 
-    def _reject(self, folder: Path, key: tuple, reason: str) -> None:
+    def _reject(self, folder: Path, key: tuple, reason: str, rule: str) -> None:
         prev = self._rejected.get(folder)
         self._rejected[folder] = (key, reason)
         self.last_error = f"{folder.name}: {reason}"
         if prev is None or prev[0] != key:
+            self._refused(folder, reason, rule)
+
+    def _refused(self, folder: Path, reason: str, rule: str, instrument: str = "",
+                 span: tuple[Optional[int], Optional[int]] = (None, None)) -> None:
+        """Make a refusal visible: one log line and one ``model_refused`` event."""
+        if rule in _FILE_RULES:
             log.error("ONNX artefact %s ignored: %s", folder, reason)
+        else:
+            log.warning("ONNX artefact %s refused: %s", folder, reason)
+        exchange, _, symbol = instrument.partition(":")
+        self._events.append(Event(
+            kind=REFUSED, ts=_wall_ms(), exchange=exchange, symbol=symbol, from_ts=span[0], to_ts=span[1],
+            reason=reason, detail=json.dumps({"version": folder.name, "rule": rule, "folder": str(folder),
+                                              "named": self.model is not None}),
+            source="pipeline"))
 
     def _reload(self) -> bool:
         cur = self._current
@@ -208,11 +374,12 @@ class OnnxEnsemble:
             try:
                 loaded = self._load(folder, m)
             except _Reject as e:
-                self._reject(folder, key, str(e))
+                self._reject(folder, key, str(e), e.rule)
                 continue
             self._rejected.pop(folder, None)
             self._current = loaded  # the swap: one reference
-            log.info("ONNX ensemble serving %s (%d members)%s", loaded.version, len(loaded.members),
+            log.info("ONNX ensemble serving %s (%d members%s), bars starting after %s%s", loaded.version,
+                     len(loaded.members), ", named" if self._only else "", _iso(loaded.after),
                      "" if cur is None else f", replacing {cur.version}")
             return True
         return False
@@ -220,10 +387,15 @@ class OnnxEnsemble:
     def _load(self, folder: Path, m: Manifest) -> _Loaded:
         import onnxruntime as ort
 
-        if self._available is not None:
-            missing = [f for f in m.features if f not in self._available]
-            if missing:
-                raise _Reject(self._missing_msg(m.version, missing))
+        gated = _gate_refusal(m)
+        if gated is not None:
+            raise _Reject(gated, "gate")
+        misfit = self._misfit(m)
+        if misfit is not None:
+            raise _Reject(misfit[1], misfit[0])
+        foreign = self._foreign(m)
+        if foreign is not None:
+            raise _Reject(foreign, "store")
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.inter_op_num_threads = 1
@@ -234,35 +406,62 @@ class OnnxEnsemble:
             try:
                 data = path.read_bytes()
             except OSError as e:
-                raise _Reject(f"cannot read {mb.file}: {e}") from None
+                raise _Reject(f"cannot read {mb.file}: {e}", "files") from None
             digest = sha256_bytes(data)
             expected = {mb.sha256, m.files.get(mb.file, mb.sha256)}
             if len(expected) != 1 or digest not in expected:
                 raise _Reject(f"sha256 mismatch for {mb.file}: manifest says {sorted(expected)}, file has "
-                              f"{digest} (corrupt or half-copied)")
+                              f"{digest} (corrupt or half-copied)", "files")
             try:
                 sess = ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
             except Exception as e:
-                raise _Reject(f"onnxruntime cannot load {mb.file}: {e}") from None
+                raise _Reject(f"onnxruntime cannot load {mb.file}: {e}", "files") from None
             inputs, outputs = sess.get_inputs(), [o.name for o in sess.get_outputs()]
             width = inputs[0].shape[1] if len(inputs) == 1 and len(inputs[0].shape) == 2 else None
             if len(inputs) != 1 or inputs[0].name != m.input_name or width != len(m.features):
                 raise _Reject(f"{mb.file} takes {[(i.name, i.shape) for i in inputs]}, manifest says "
-                              f"{m.input_name!r} [N, {len(m.features)}]")
+                              f"{m.input_name!r} [N, {len(m.features)}]", "files")
             if m.output_name not in outputs:
-                raise _Reject(f"{mb.file} has outputs {outputs}, manifest says {m.output_name!r}")
+                raise _Reject(f"{mb.file} has outputs {outputs}, manifest says {m.output_name!r}", "files")
             members.append((mb.name, sess))
-        return _Loaded(folder, m, members)
+        return _Loaded(folder, m, members, named=self._only is not None)
+
+    def _refuse_row(self, cur: _Loaded, instrument: str, rule: str) -> None:
+        key = (cur.version, instrument, rule)
+        with self._lock:
+            if key in self._row_refusals:
+                return
+            self._row_refusals.add(key)
+        d = cur.manifest.data
+        if rule == "instruments":
+            more = len(d.instruments) - 6
+            shown = ", ".join(d.instruments[:6]) + (f" (+{more} more)" if more > 0 else "")
+            reason = (f"version {cur.version} was not trained on {instrument} (trained on {shown}): "
+                      f"its rows are scored without it (name the version to use it anyway)")
+            span = (None, None)
+        else:
+            reason = (f"version {cur.version} was trained on bars up to {_iso(cur.after)}: bars of {instrument} "
+                      f"starting by then are scored without it")
+            span = (d.first_bar_end, cur.after)
+        self._refused(cur.folder, reason, rule, instrument, span)
 
     # ------------------------------------------------------------------------- scoring
 
-    def score(self, features: dict[str, Optional[float]]) -> dict[str, Prediction]:
+    def score(self, features: dict[str, Optional[float]], *, instrument: str, start: int) -> dict[str, Prediction]:
         """Predictions of every member (``onnx_0``..) and their average (``onnx_ensemble``, with
-        ``votes``) for one row of features by name (None or absent = missing = NaN); ``{}`` when
-        no version is loaded."""
+        ``votes``) for one row of features by name (None or absent = missing = NaN) of the bar of
+        ``instrument`` ("exchange:symbol") starting at ``start`` (ms); ``{}`` when no version is
+        loaded or the served one may not score this bar (an instrument it was not trained on, a
+        bar it was trained on)."""
         self.maybe_reload()
         cur = self._current  # read once: this call uses one version entirely
         if cur is None:
+            return {}
+        if cur.instruments is not None and instrument not in cur.instruments:
+            self._refuse_row(cur, instrument, "instruments")
+            return {}
+        if start <= cur.after:
+            self._refuse_row(cur, instrument, "span")
             return {}
         get = features.get
         x = np.fromiter((_NAN if (v := get(n)) is None else v for n in cur.names),
@@ -275,13 +474,18 @@ class OnnxEnsemble:
             out[name] = p
             total += (p.p_down, p.p_flat, p.p_up)
         votes = tuple((name, p.p_down, p.p_flat, p.p_up) for name, p in out.items())
-        out[ENSEMBLE_NAME] = make_prediction(ENSEMBLE_NAME, cur.version, total / len(cur.members), votes)
+        raw = total / len(cur.members)
+        out[ENSEMBLE_NAME] = make_prediction(ENSEMBLE_NAME, cur.version, cur.calibration.apply_one(raw), votes,
+                                             raw=raw)
         return out
 
-    def score_batch(self, frame: pl.DataFrame | np.ndarray, *, members: bool = False) -> np.ndarray:
-        """Probabilities [N, 3] (p_down, p_flat, p_up) averaged over members, or [K, N, 3] per member
-        when ``members``; ``frame`` has the manifest's feature columns (null = NaN) or is a matrix
-        already in manifest order. Uses the loaded version (no reload); raises when none is loaded."""
+    def score_batch(self, frame: pl.DataFrame | np.ndarray, *, members: bool = False,
+                    calibrated: bool = False) -> np.ndarray:
+        """Probabilities [N, 3] (p_down, p_flat, p_up) averaged over members (raw, or through the
+        version's calibration map with ``calibrated``), or [K, N, 3] raw per member when
+        ``members``; ``frame`` has the manifest's feature columns (null = NaN) or is a matrix
+        already in manifest order. Uses the loaded version (no reload); raises when none is loaded.
+        Offline evaluation: the caller chooses the rows, no provenance rule is applied here."""
         cur = self._current
         if cur is None:
             raise RuntimeError(f"no ONNX artefact loaded from {self.artifacts_dir}"
@@ -293,4 +497,27 @@ class OnnxEnsemble:
             if x.ndim != 2 or x.shape[1] != cur.n:
                 raise ValueError(f"expected a [N, {cur.n}] matrix in manifest feature order, got {x.shape}")
         per = np.stack([sess.run(cur.outputs, {cur.input_name: x})[0] for _, sess in cur.members]).astype(np.float64)
-        return per if members else per.mean(axis=0)
+        if members:
+            return per
+        mean = per.mean(axis=0)
+        return cur.calibration.apply(mean) if calibrated else mean
+
+    def incumbent(self) -> Optional["_Incumbent"]:
+        """The version serving now as the deployment gate compares with it (models.deployment), or
+        None when none is loaded."""
+        cur = self._current
+        return None if cur is None else _Incumbent(self, cur)
+
+
+class _Incumbent:
+    """One loaded version seen by the deployment gate: which rows it may score, its calibrated
+    probabilities on them."""
+
+    def __init__(self, ens: OnnxEnsemble, cur: _Loaded):
+        self._ens, self._cur = ens, cur
+        self.version, self.after, self.instruments = cur.version, cur.after, cur.instruments
+
+    def predict(self, frame: pl.DataFrame) -> np.ndarray:
+        if self._ens._current is not self._cur:
+            raise RuntimeError("the ensemble swapped versions while being compared")
+        return self._ens.score_batch(frame, calibrated=True)

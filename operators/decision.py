@@ -84,8 +84,7 @@ class StrategyConfig:
     consensus_tf: str = "1h"
     consensus_feature: str = "ret_12"                    # read as features[f"{tf}_{feature}"]
     consensus_threshold: float = 0.002                   # |log return| beyond 0.2% is "strong"
-    consensus_model: str = ""                            # optional prediction name of a 1h model
-    consensus_model_conf: float = 0.65
+    # (no 1h model setting: nothing produces a 1h model, so a setting naming one was removed; issue 12)
     # -- bandit
     bandit_prior_mean: float = 0.0
     bandit_prior_var: float = 0.04
@@ -145,7 +144,7 @@ class StrategyConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"StrategyConfig.{name} must be a finite number >= 0, got {v!r}")
-        for name in ("conf_min", "no_trade_conf", "consensus_model_conf", "epsilon", "min_scale"):
+        for name in ("conf_min", "no_trade_conf", "epsilon", "min_scale"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise ValueError(f"StrategyConfig.{name} must be in [0, 1], got {v!r}")
@@ -365,26 +364,22 @@ def evaluate_arms(cfg: StrategyConfig, features: dict, predictions: dict) -> Arm
 @dataclass(frozen=True)
 class Consensus:
     trend: Optional[float]      # the overlay feature (None: missing or stale -> neutral)
-    model_side: int             # the overlay model's side when it is confident, else 0
     veto: bool                  # the proposed side is strongly contradicted
 
 
 def consensus(cfg: StrategyConfig, side: int, features: dict, overlay_ok: dict, predictions: dict) -> Consensus:
     """Multi-timeframe consensus: a long is contradicted when the overlay trend is below
-    -threshold (or the overlay model is confidently down), a short when it is above +threshold
-    (or the model is confidently up). A stale or missing overlay is neutral."""
+    -threshold, a short when it is above +threshold. A stale or missing overlay is neutral.
+    (``predictions`` is not read: the pipeline scores the primary timeframe only, there is no
+    overlay model to consult.)"""
     ok = overlay_ok.get(cfg.consensus_tf, True) is not False
     trend = _finite(features.get(f"{cfg.consensus_tf}_{cfg.consensus_feature}")) if ok else None
-    model_side = 0
-    pred = predictions.get(cfg.consensus_model) if cfg.consensus_model else None
-    if pred is not None and pred.confidence >= cfg.consensus_model_conf:
-        model_side = pred.side
     veto = False
     if side > 0:
-        veto = (trend is not None and trend < -cfg.consensus_threshold) or model_side < 0
+        veto = trend is not None and trend < -cfg.consensus_threshold
     elif side < 0:
-        veto = (trend is not None and trend > cfg.consensus_threshold) or model_side > 0
-    return Consensus(trend=trend, model_side=model_side, veto=veto)
+        veto = trend is not None and trend > cfg.consensus_threshold
+    return Consensus(trend=trend, veto=veto)
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,13 +57,19 @@ Metrics (all from the records, per strategy; ``operators.stats`` has the formula
 - flip rate: per instrument, decisions with side 0 dropped, share of consecutive signalled
   decisions whose side changed; pooled over instruments (flips / pairs).
 - latency p50 / p99: ``Decision.latency_ms`` of the last ``latency_window`` decisions.
-- psr: PSR of the variant's per-minute Sharpe against production's per-minute Sharpe over the
-  SAME minutes (production's curve is also tracked per slot, from the slot's start);
-  dsr: the same deflated for the variants tried so far: SR0 = max(production's SR,
-  E[max SR] of N trials) with N = variants ever created (``tried``) and V the variance of the
-  trials' per-minute Sharpe ratios (live variants now, retired ones at retirement); with fewer
-  than two defined, V = 1 / (n - 1), the variance of a Sharpe estimate from n returns under the
-  null. An undefined Sharpe of production counts as 0.
+- psr, dsr: the paired test of the variant against production (issue 12). Both equity curves
+  are sampled at the end of every primary bar (the last mark of the bar wins) from the variant's
+  start, so the two per-bar return series cover the SAME bars; ``stats.sharpe_difference_test``
+  (Ledoit & Wolf 2008: HAC delta-method test of the Sharpe difference, small-sample Student t)
+  gives the one-sided p-value of "the variant's Sharpe is higher". psr = 1 - p; dsr = 1 - p / w_k,
+  deflated for the search: variant k (the k-th ever drawn) may spend the share w_k =
+  ``stats.trial_weight(k, max_variants)`` of the error budget alpha = 1 - ``psr_threshold``
+  (1/32 each for the first 16, 1/64 for the next 16, ...; the weights sum to 1), so dsr >=
+  psr_threshold means p <= alpha * w_k, and the chance that any skill-less variant is ever promoted
+  stays below alpha however long the search runs (weighted Bonferroni). This replaces PSR/DSR
+  against production's *estimated* Sharpe as a fixed benchmark, which ignored that production's
+  Sharpe is measured with error on the same bars (and the pairing that cancels their shared
+  noise).
 
 State is O(1) per strategy (streaming moments, counters, a bounded latency window), so bytewax
 snapshots it cheaply every epoch; everything is plain Python + numpy Generators (picklable,
@@ -71,13 +77,16 @@ deep-copyable). Constraint callables must be picklable too: module-level functio
 
 Promotion
 ---------
-Gates, all required: status active; trades >= ``min_trades``; runtime >= ``min_runtime_ms``
-(event time since the variant's first record); roi >= ``min_roi``; win rate >=
-``min_win_rate``; annualised Sharpe >= ``min_sharpe``; dsr >= ``psr_threshold``; and no promotion
-in the last ``cool_off_ms``. Among the qualifying variants the highest dsr wins (then Sharpe, then
-the older id). The optimizer then takes the winner's config as the new production config (new
-variants derive from it and the ``config`` column diffs against it), starts the cool-off and marks
-the slot ``promoted``; ``refill`` retires it and draws replacements (near the winner when
+Every variant is a trial of ``min_runtime_ms`` of event time (since its first record) and is
+tested ONCE, at the first ``maybe_promote`` after its trial ends (outside a cool-off): a statistic
+looked at every hour until it crosses a line crosses it by luck sooner or later, a test made once
+does so with the probability it states. Gates, all required: trades >= ``min_trades``; roi >=
+``min_roi``; win rate >= ``min_win_rate``; annualised Sharpe >= ``min_sharpe``; dsr >=
+``psr_threshold``. Among the variants tested at that moment that pass, the highest dsr wins (then
+Sharpe, then the older id); every other variant tested then retires (its one test is spent), and
+``refill`` draws replacements. The optimizer takes the winner's config as the new production config
+(new variants derive from it and the ``config`` column diffs against it), starts the cool-off and
+marks the slot ``promoted``; the portfolio applies it and refills (near the winner when
 ``refill_near_winner``).
 
 Open production positions on promotion (``apply_promotion``): the book is kept. Positions,
@@ -511,8 +520,9 @@ class OptimizerConfig:
     - gates: ``min_trades`` 30 (SPEC); ``min_runtime_ms`` 24 h of event time (a full daily cycle of
       crypto sessions); ``min_roi`` 0 (must not lose money); ``min_win_rate`` 0 (off: a trend
       follower may win 35% and still be better; the dsr gate carries the statistics);
-      ``min_sharpe`` 1.0 annualised (a swap must be worth its churn); ``psr_threshold`` 0.95 on
-      the DEFLATED Sharpe ratio against production;
+      ``min_sharpe`` 1.0 annualised (a swap must be worth its churn); ``psr_threshold`` 0.95: the
+      family-wise error budget alpha = 0.05 of the paired, deflated test against production
+      (module docstring: every variant spends its share once, at the end of its trial);
     - ``cool_off_ms`` 24 h: production keeps a new config at least a day before the next swap;
     - ``refill_near_winner`` True, ``near_steps`` 1: explore around what just won;
     - ``periods_per_year`` 525,600 (1m equity marks, 24/7 market);
@@ -605,10 +615,9 @@ class Verdict(msgspec.Struct, kw_only=True):
 
     variant_id: str
     metrics: VariantMetrics
-    sr: Optional[float]                 # per-minute Sharpe
-    n: int                              # per-minute returns behind it
-    benchmark_sr: float                 # production's per-minute Sharpe over the same minutes (None -> 0)
-    sr0: float                          # max(benchmark_sr, E[max SR])
+    test: Optional[stats.SharpeDiff]    # the paired test against production on the same bars
+    weight: float                       # its share of the error budget (stats.trial_weight)
+    level: float                        # alpha x weight: the p-value it must reach
     failed: tuple = ()
 
     @property
@@ -750,13 +759,51 @@ class Track:
 
 
 @dataclass
+class PeriodCurve:
+    """Per-bar returns of one equity curve: the equity at the end of each ``period_ms`` period (the
+    last mark in it wins), the return of a period pushed when a later period starts; ``returns``
+    maps period index -> return. Periods without marks carry the last equity (a zero return)."""
+
+    period_ms: int
+    cur: Optional[int] = None       # the open period
+    eq: float = 0.0                 # its latest equity
+    prev: Optional[float] = None    # equity at the end of the period before it
+    returns: dict = field(default_factory=dict)
+
+    def mark(self, ts: int, equity: float) -> None:
+        k = (ts - 1) // self.period_ms  # a mark at a bar's end belongs to that bar's period
+        if self.cur is None:
+            self.cur, self.eq = k, equity
+            return
+        if k > self.cur:
+            for j in range(self.cur, k):  # close the open period, and any empty ones after it
+                if self.prev is not None and self.prev > 0:
+                    self.returns[j] = self.eq / self.prev - 1.0
+                self.prev = self.eq
+            self.cur = k
+        self.eq = equity
+
+    def since(self, first: int) -> None:
+        """Forget the returns of periods before ``first``."""
+        for k in [k for k in self.returns if k < first]:
+            del self.returns[k]
+
+
+def paired(variant: PeriodCurve, production: PeriodCurve) -> tuple[np.ndarray, np.ndarray]:
+    """The two return series over the closed periods both have, in period order."""
+    ks = sorted(k for k in variant.returns if k in production.returns)
+    return (np.array([variant.returns[k] for k in ks], dtype=float),
+            np.array([production.returns[k] for k in ks], dtype=float))
+
+
+@dataclass
 class Slot:
-    """One live variant: its engine, its metric inputs, production's curve over its lifetime."""
+    """One live variant: its engine, its metric inputs, its per-bar returns for the paired test."""
 
     variant: Variant
     engine: StrategyEngine
     track: Track
-    bench: Curve = field(default_factory=Curve)
+    periods: Optional[PeriodCurve] = None
     status: str = "active"
     number: int = 0
 
@@ -785,8 +832,10 @@ class Optimizer:
         self.tried = 0                              # variants ever created (N of the deflation)
         self.promotions = 0
         self.last_promotion_ms: Optional[int] = None
-        self.retired_srs: list[float] = []          # final per-minute Sharpe of retired variants
+        self.tested = 0                             # variants that had their one test
         self.now_ms: Optional[int] = None           # newest event time observed
+        self.period_ms = TIMEFRAMES.get(primary_tf, 300_000)
+        self._prod_periods = PeriodCurve(self.period_ms)
         self._by_id: dict[str, Slot] = {}
         self._prod: Optional[Track] = None
         self._bars_since = 0
@@ -815,6 +864,19 @@ class Optimizer:
             raise SearchSpaceError(
                 f"no variant of the search space satisfies the constraints after {cfg.max_draws} draws "
                 f"(rejections: {rejected}); widen the space or relax the constraints")
+
+    def __setstate__(self, state: dict) -> None:
+        # a snapshot taken before the paired test existed (issue 12) resumes with empty per-bar
+        # curves: the running trials are tested on the bars from the restart on
+        self.__dict__.update(state)
+        self.__dict__.setdefault("tested", 0)
+        self.__dict__.setdefault("period_ms", 300_000)
+        self.__dict__.setdefault("_prod_periods", PeriodCurve(self.period_ms))
+        self.__dict__.pop("retired_srs", None)
+        for slot in self.slots:
+            if getattr(slot, "periods", None) is None:
+                slot.periods = PeriodCurve(self.period_ms)
+            slot.__dict__.pop("bench", None)
 
     # ------------------------------------------------------------------ status
     @property
@@ -855,7 +917,7 @@ class Optimizer:
         engine = StrategyEngine(v.cfg, origin="experimental", strategy_id=self.strategy_id, variant_id=vid)
         track = Track(v.cfg.initial_equity, self.cfg.latency_window, started_ms=now_ms,
                       config_hash=engine.config_hash, variant_id=vid)
-        slot = Slot(v, engine, track, number=self.tried)
+        slot = Slot(v, engine, track, periods=PeriodCurve(self.period_ms), number=self.tried)
         self.slots.append(slot)
         self._by_id[vid] = slot
         return slot, rejected
@@ -879,9 +941,6 @@ class Optimizer:
             if s.status == "active":
                 keep.append(s)
                 continue
-            sr = s.track.curve.returns().sharpe()
-            if sr is not None:
-                self.retired_srs.append(sr)
             del self._by_id[s.variant_id]
         self.slots = keep
         near = self.base if (self.cfg.refill_near_winner and self.promotions) else None
@@ -893,7 +952,14 @@ class Optimizer:
             if slot is None:
                 break
             new.append(slot.variant_id)
+        self._prune_production()
         return new
+
+    def _prune_production(self) -> None:
+        """Production's per-bar returns are kept from the oldest live variant's start on."""
+        starts = [s.track.started_ms for s in self.slots if s.status == "active" and s.track.started_ms is not None]
+        if starts:
+            self._prod_periods.since((min(starts) - 1) // self.period_ms)
 
     # ------------------------------------------------------------------ records
     def observe(self, records: Iterable) -> None:
@@ -910,6 +976,7 @@ class Optimizer:
                     continue
                 if isinstance(rec, EquityPoint):
                     s.track.on_equity(rec)
+                    s.periods.mark(rec.ts, rec.equity)
                     self._tick(rec.ts)
                 elif isinstance(rec, Fill):
                     self._trade_closed |= s.track.on_fill(rec)
@@ -926,9 +993,7 @@ class Optimizer:
         p = self._prod
         if isinstance(rec, EquityPoint):
             p.on_equity(rec)
-            for s in self.slots:
-                if s.status == "active" and (s.track.started_ms is None or rec.ts >= s.track.started_ms):
-                    s.bench.mark(rec.ts, rec.equity)
+            self._prod_periods.mark(rec.ts, rec.equity)
         elif isinstance(rec, Fill):
             self._trade_closed |= p.on_fill(rec)
         elif isinstance(rec, Decision):
@@ -962,60 +1027,45 @@ class Optimizer:
             max_drawdown=t.max_dd, flip_rate=t.flip_rate(), latency_p50_ms=p50, latency_p99_ms=p99,
             psr=psr, dsr=dsr)
 
-    def trial_sharpes(self) -> list[float]:
-        """Per-minute Sharpe ratios of every trial with one: retired variants (at retirement) and
-        the current slots (now)."""
-        srs = list(self.retired_srs)
-        for s in self.slots:
-            sr = s.track.curve.returns().sharpe()
-            if sr is not None:
-                srs.append(sr)
-        return srs
-
-    @staticmethod
-    def _trial_variance(srs: list[float], n_candidate: int) -> float:
-        if len(srs) >= 2:
-            return float(np.var(srs, ddof=1))
-        return 1.0 / (n_candidate - 1) if n_candidate > 1 else 0.0
+    def trial_weight(self, slot: Slot) -> float:
+        """The share of the error budget this variant's one test may spend (module docstring)."""
+        return stats.trial_weight(slot.number, self.cfg.max_variants)
 
     def evaluate(self, now_ms: int) -> list[Verdict]:
         """Metrics and failed gates of every variant slot (cool-off not included: see
-        ``maybe_promote``)."""
+        ``maybe_promote``). The paired test is computed on the bars so far; it counts once, when
+        ``maybe_promote`` tests the variant at the end of its trial."""
         if not self.cfg.enabled:
             return []
+        return [self._verdict(s, now_ms) for s in self.slots]
+
+    def _verdict(self, s: Slot, now_ms: int) -> Verdict:
+        """One slot's metrics, paired test and failed gates."""
         c = self.cfg
-        srs = self.trial_sharpes()
-        out = []
-        for s in self.slots:
-            r = s.track.curve.returns()
-            sr = r.sharpe()
-            bench = s.bench.returns().sharpe()
-            bench_sr = bench if bench is not None else 0.0
-            skew, kurt = r.moments()
-            var_sr = self._trial_variance(srs, r.n)
-            sr0 = max(bench_sr, stats.expected_max_sharpe(self.tried, var_sr))
-            p = stats.psr(sr, bench_sr, r.n, skew, kurt) if sr is not None else None
-            d = stats.psr(sr, sr0, r.n, skew, kurt) if sr is not None else None
-            m = self._row(s.track, now_ms, origin="experimental", variant_id=s.variant_id,
-                          config=_config_json(s.variant.cfg, self.base), status=s.status, psr=p, dsr=d)
-            failed = []
-            if s.status != "active":
-                failed.append(f"status {s.status}")
-            if m.trades < c.min_trades:
-                failed.append(f"trades {m.trades} < {c.min_trades}")
-            if m.runtime_ms < c.min_runtime_ms:
-                failed.append(f"runtime {m.runtime_ms / HOUR_MS:.1f}h < {c.min_runtime_ms / HOUR_MS:.1f}h")
-            if m.roi < c.min_roi:
-                failed.append(f"roi {m.roi:.4f} < {c.min_roi}")
-            if m.win_rate is None or m.win_rate < c.min_win_rate:
-                failed.append(f"win_rate {_fmt(m.win_rate)} < {c.min_win_rate}")
-            if m.sharpe is None or m.sharpe < c.min_sharpe:
-                failed.append(f"sharpe {_fmt(m.sharpe)} < {c.min_sharpe}")
-            if d is None or d < c.psr_threshold:
-                failed.append(f"dsr {_fmt(d)} < {c.psr_threshold}")
-            out.append(Verdict(variant_id=s.variant_id, metrics=m, sr=sr, n=r.n, benchmark_sr=bench_sr, sr0=sr0,
-                               failed=tuple(failed)))
-        return out
+        alpha = 1.0 - c.psr_threshold
+        test = stats.sharpe_difference_test(*paired(s.periods, self._prod_periods))
+        w = self.trial_weight(s)
+        p = 1.0 - test.p if test is not None else None
+        d = max(0.0, 1.0 - test.p / w) if test is not None else None
+        m = self._row(s.track, now_ms, origin="experimental", variant_id=s.variant_id,
+                      config=_config_json(s.variant.cfg, self.base), status=s.status, psr=p, dsr=d)
+        failed = []
+        if s.status != "active":
+            failed.append(f"status {s.status}")
+        if m.trades < c.min_trades:
+            failed.append(f"trades {m.trades} < {c.min_trades}")
+        if m.runtime_ms < c.min_runtime_ms:
+            failed.append(f"runtime {m.runtime_ms / HOUR_MS:.1f}h < {c.min_runtime_ms / HOUR_MS:.1f}h")
+        if m.roi < c.min_roi:
+            failed.append(f"roi {m.roi:.4f} < {c.min_roi}")
+        if m.win_rate is None or m.win_rate < c.min_win_rate:
+            failed.append(f"win_rate {_fmt(m.win_rate)} < {c.min_win_rate}")
+        if m.sharpe is None or m.sharpe < c.min_sharpe:
+            failed.append(f"sharpe {_fmt(m.sharpe)} < {c.min_sharpe}")
+        if d is None or d < c.psr_threshold:
+            failed.append(f"dsr {_fmt(d)} < {c.psr_threshold}")
+        return Verdict(variant_id=s.variant_id, metrics=m, test=test, weight=w, level=alpha * w,
+                       failed=tuple(failed))
 
     def production_metrics(self, now_ms: int) -> Optional[VariantMetrics]:
         if not self.cfg.enabled:
@@ -1038,26 +1088,38 @@ class Optimizer:
         return self.last_promotion_ms is not None and now_ms < self.last_promotion_ms + self.cfg.cool_off_ms
 
     def maybe_promote(self, now_ms: int) -> Optional[Promotion]:
-        """The best qualifying variant as a Promotion (at most one), or None (off, cool-off, or no
-        variant passes every gate). On a promotion the optimizer's production config becomes the
-        winner's, the cool-off starts and the slot is marked ``promoted`` (``refill`` replaces
-        it); the caller swaps production's config with ``apply_promotion``."""
+        """Test the variants whose trial has ended (runtime >= ``min_runtime_ms``), once each: the
+        best that passes every gate becomes a Promotion (at most one), the others retire and new
+        variants are drawn in their place. None when off, in a cool-off, or nobody passed. On a
+        promotion the optimizer's production config becomes the winner's, the cool-off starts and
+        the slot is marked ``promoted``; the caller swaps production's config with
+        ``apply_promotion`` and refills."""
         if not self.cfg.enabled or self.in_cool_off(now_ms):
             return None
-        ok = [v for v in self.evaluate(now_ms) if v.qualifies]
-        if not ok:
+        due = [self._verdict(s, now_ms) for s in self.slots if s.status == "active"
+               and s.track.started_ms is not None and now_ms - s.track.started_ms >= self.cfg.min_runtime_ms]
+        if not due:
             return None
+        self.tested += len(due)
+        ok = [v for v in due if v.qualifies]
         order = {s.variant_id: s.number for s in self.slots}
-        best = max(ok, key=lambda v: (v.metrics.dsr, v.metrics.sharpe, -order[v.variant_id]))
+        best = max(ok, key=lambda v: (v.metrics.dsr, v.metrics.sharpe, -order[v.variant_id])) if ok else None
+        for v in due:
+            if v is not best:
+                self._by_id[v.variant_id].status = "retired"  # its one test is spent
+        if best is None:
+            self.refill(now_ms)
+            return None
         slot = self._by_id[best.variant_id]
         old, new = self.base, slot.variant.cfg
-        m = best.metrics
+        m, t = best.metrics, best.test
         c = self.cfg
-        reason = (f"dsr {m.dsr:.4f} >= {c.psr_threshold} (SR0 {best.sr0:.5f}/min = max(production "
-                  f"{best.benchmark_sr:.5f}, E[max] of {self.tried} trials)); trades {m.trades} >= {c.min_trades}; "
-                  f"runtime {m.runtime_ms / HOUR_MS:.1f}h >= {c.min_runtime_ms / HOUR_MS:.1f}h; "
-                  f"roi {m.roi:.4f} >= {c.min_roi}; win_rate {m.win_rate:.3f} >= {c.min_win_rate}; "
-                  f"sharpe {m.sharpe:.2f} >= {c.min_sharpe}")
+        reason = (f"dsr {m.dsr:.4f} >= {c.psr_threshold}: paired Sharpe difference {t.diff:+.4f} per bar over "
+                  f"{t.n} bars (se {t.se:.4f}, Ledoit-Wolf HAC, t {t.df:.0f} df), p {t.p:.2g} <= alpha x w = "
+                  f"{best.level:.2g} (variant {slot.number} of the search, weight {best.weight:.4g}); "
+                  f"trades {m.trades} >= {c.min_trades}; runtime {m.runtime_ms / HOUR_MS:.1f}h >= "
+                  f"{c.min_runtime_ms / HOUR_MS:.1f}h; roi {m.roi:.4f} >= {c.min_roi}; win_rate {m.win_rate:.3f} >= "
+                  f"{c.min_win_rate}; sharpe {m.sharpe:.2f} >= {c.min_sharpe}")
         changes = {k: [getattr(old, k), getattr(new, k)] for k in old.to_dict() if getattr(old, k) != getattr(new, k)}
         slot.status = "promoted"
         m.status = "promoted"

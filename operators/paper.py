@@ -10,10 +10,13 @@
 - Accounting is for linear perpetuals: ``cash`` = initial equity + realised gross PnL - fees;
   equity = cash + unrealised PnL of open positions marked at each instrument's last 1m close.
 - A trade's net PnL (``Fill.realised_pnl`` on the exit) = gross PnL - entry fee - exit fee.
+- A position's id comes from the data that opened it (``position_id``), never from a counter: a
+  restart, a replay of the same input or a second run writes its fills under the same keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -43,7 +46,8 @@ class Fill(Tagged, kw_only=True):
 
 class EquityPoint(Tagged, kw_only=True):
     ts: int                    # the 1m bar close (end) at which equity was marked
-    seq: int                   # increasing per strategy; the last point of a ts is the latest mark
+    seq: int                   # n-th mark of this ts (1, 2, ... one per instrument's bar ending at ts):
+    #                            the last point of a ts is the latest mark (ReplacingMergeTree(seq))
     equity: float
     cash: float
     realised_pnl: float        # gross, closed trades
@@ -54,6 +58,19 @@ class EquityPoint(Tagged, kw_only=True):
     peak: float
     drawdown: float
     halted: bool
+
+
+def position_id(tags: dict, exchange: str, symbol: str, decision_ts: int, side: int) -> int:
+    """The id of the position a decision opens: a 63-bit hash of whose book it is (origin,
+    strategy_id, variant_id), the instrument, the decision's time (the scored bar's end) and the
+    side. A book holds at most one position or pending order per instrument, and an instrument
+    has one decision per primary bar, so no two positions of a book share these (a collision of
+    the hash, ~n^2/2^64, is refused by ``submit_open``). Unlike a counter it does not depend on
+    what came before: the same input always gives the same ids, in a restart from a snapshot, in
+    a second run and whatever order instruments arrive in, so stored fills replace themselves."""
+    key = "\x1f".join((tags.get("origin", ""), tags.get("strategy_id", ""), tags.get("variant_id", ""),
+                        exchange, symbol, str(int(decision_ts)), str(int(side))))
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
 
 
 @dataclass
@@ -123,7 +140,6 @@ class PaperBook:
     cash: float = 0.0
     realised_gross: float = 0.0
     fees: float = 0.0
-    next_id: int = 1
     pending: dict = field(default_factory=dict)     # instrument -> PendingOrder
     positions: dict = field(default_factory=dict)   # instrument -> Position
     marks: dict = field(default_factory=dict)       # instrument -> last 1m close
@@ -149,8 +165,10 @@ class PaperBook:
                     decision_ts: int, arm: str, atr: Optional[float], primary_ms: int) -> int:
         if instrument in self.pending or instrument in self.positions:
             raise ValueError(f"{instrument}: an order or a position is already there")
-        pid = self.next_id
-        self.next_id += 1
+        pid = position_id(self.tags, exchange, symbol, decision_ts, side)
+        if any(o.position_id == pid for o in self.pending.values()) or \
+                any(p.position_id == pid for p in self.positions.values()):
+            raise ValueError(f"{instrument}: position id {pid} is in use (hash collision)")
         self.pending[instrument] = PendingOrder(instrument, exchange, symbol, "open", side, decision_ts, "entry",
                                                 notional=notional, position_id=pid, arm=arm, atr=atr,
                                                 primary_ms=primary_ms)

@@ -14,14 +14,17 @@ DOWN, FLAT, UP = 0, 1, 2
 
 
 class Prediction(msgspec.Struct, frozen=True, kw_only=True):
-    """One model's view of the next ``horizon`` primary bars."""
+    """One model's view of the next ``horizon`` primary bars. ``p_*`` are what decisions use:
+    calibrated on held-out data (models/calibration.py) for the models that are (River, the ONNX
+    ensemble), with the model's own output kept in ``raw``."""
 
     model: str  # "river_lr", "river_arf", "onnx_0".."onnx_{K-1}", "onnx_ensemble"
     version: str  # model version ("online" for River; the artefact version for ONNX)
     p_down: float
     p_flat: float
     p_up: float
-    votes: tuple = ()  # ensemble only: ((member, p_down, p_flat, p_up), ...)
+    votes: tuple = ()  # ensemble only: ((member, p_down, p_flat, p_up), ...) of the raw member outputs
+    raw: tuple = ()  # (p_down, p_flat, p_up) before calibration; () = not calibrated (p_* are the raw output)
 
     @property
     def confidence(self) -> float:
@@ -32,20 +35,30 @@ class Prediction(msgspec.Struct, frozen=True, kw_only=True):
         return abs(self.p_up - self.p_down)
 
     @property
+    def raw_probs(self) -> tuple[float, float, float]:
+        """The model's own output: ``raw``, or ``p_*`` for a model that is not calibrated."""
+        return self.raw if self.raw else (self.p_down, self.p_flat, self.p_up)
+
+    @property
     def side(self) -> int:
         """+1 if up is likelier than down, -1 if down is, 0 on a tie."""
         return (self.p_up > self.p_down) - (self.p_up < self.p_down)
 
 
-def make_prediction(model: str, version: str, probs, votes: tuple = ()) -> Prediction:
-    """From [p_down, p_flat, p_up] (any sequence), normalised to sum to 1."""
+def _normalised(probs) -> tuple[float, float, float]:
     d, f, u = (float(p) for p in probs)
     s = d + f + u
     if not s > 0:
-        d = f = u = 1 / 3
-    else:
-        d, f, u = d / s, f / s, u / s
-    return Prediction(model=model, version=version, p_down=d, p_flat=f, p_up=u, votes=votes)
+        return 1 / 3, 1 / 3, 1 / 3
+    return d / s, f / s, u / s
+
+
+def make_prediction(model: str, version: str, probs, votes: tuple = (), raw=None) -> Prediction:
+    """From [p_down, p_flat, p_up] (any sequence), normalised to sum to 1; ``raw``: the model's
+    output before calibration (``probs`` being the calibrated probabilities), normalised too."""
+    d, f, u = _normalised(probs)
+    return Prediction(model=model, version=version, p_down=d, p_flat=f, p_up=u, votes=votes,
+                      raw=() if raw is None else _normalised(raw))
 
 
 class ScoredRow(msgspec.Struct, frozen=True, kw_only=True):

@@ -49,6 +49,7 @@ from operators.risk import (RiskEvent, RiskState, Trip, check_exit, drawdown, is
 from operators.signals import ScoredRow
 
 MINUTES_PER_YEAR = 365 * 24 * 60
+MARK_MEMORY_MS = 6 * 3_600_000  # how far back EquityPoint.seq remembers mark times (see _mark_seq)
 
 __all__ = ["StrategyEngine", "Decision", "Fill", "EquityPoint", "RiskEvent", "StrategyConfig", "ArmSignal"]
 
@@ -80,7 +81,7 @@ class StrategyEngine:
         self.book = PaperBook(cfg.initial_equity, cfg.fee_bps, cfg.slippage_bps, dict(self.tags))
         self.risk = RiskState(peak=cfg.initial_equity)
         self.rewards: list[RewardDue] = []
-        self.seq = 0
+        self.marks_at: dict[int, int] = {}  # recent mark times -> equity points made at that ts (EquityPoint.seq)
         self.actions: dict[str, int] = {}
         self.vetoes: dict[str, int] = {}
         self.rewards_paid = 0
@@ -280,13 +281,25 @@ class StrategyEngine:
 
         # 5. equity point
         self._record_curve(bar.end, equity)
-        self.seq += 1
         out.append(EquityPoint(
-            **self.tags, ts=bar.end, seq=self.seq, equity=equity, cash=self.book.cash,
+            **self.tags, ts=bar.end, seq=self._mark_seq(bar.end), equity=equity, cash=self.book.cash,
             realised_pnl=self.book.realised_gross, unrealised_pnl=equity - self.book.cash, fees=self.book.fees,
             exposure=self.book.exposure(), open_positions=len(self.book.positions), peak=self.risk.peak,
             drawdown=drawdown(equity, self.risk.peak), halted=self.risk.halted))
         return out
+
+    def _mark_seq(self, ts: int) -> int:
+        """The equity point's version: the n-th mark of ``ts`` (one per instrument whose 1m bar ends
+        at ts), so the last mark of a ts wins in ``equity`` (ReplacingMergeTree(seq)). Counted per
+        ts, not over the run: the same bars give the same seq whatever came before (a resumed or
+        repeated run writes the same rows). Mark times more than ``MARK_MEMORY_MS`` behind this one
+        are forgotten (a bar that late would start its ts at 1 again)."""
+        marks = self.__dict__.setdefault("marks_at", {})  # state pickled before marks_at existed
+        n = marks[ts] = marks.get(ts, 0) + 1
+        if len(marks) > 512:  # now and then: ~1 mark time a minute, 360 in MARK_MEMORY_MS
+            for t in [t for t in marks if t < ts - MARK_MEMORY_MS]:
+                del marks[t]
+        return n
 
     def _on_closed(self, closed: ClosedTrade, inst: str) -> list:
         for r in self.rewards:

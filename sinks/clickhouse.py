@@ -359,10 +359,11 @@ class _Partition(StatefulSinkPartition[Any, None]):
     which ends the dataflow; the partition then only releases its client."""
 
     def __init__(self, open_store: Callable[[], Store], stats: SinkStats, flush_rows: int, flush_ms: int,
-                 health: Optional[HealthMeter] = None):
+                 health: Optional[HealthMeter] = None, committer: Any = None):
         self.store = open_store()
         self.stats, self.flush_rows, self.flush_ms = stats, flush_rows, flush_ms
         self.health = health
+        self.committer = committer  # source positions, committed once an epoch is stored (dataflows.kafka)
         self.buffer: dict[str, Rows] = {}
         self.buffered = 0
         self.first_at: float | None = None
@@ -376,6 +377,8 @@ class _Partition(StatefulSinkPartition[Any, None]):
         self.buffered += len(rows.data)
 
     def write_batch(self, values: list) -> None:
+        if self.committer is not None:
+            self.committer.observe(values)
         for table, rows in to_rows(values, self.stats).items():
             self._add(table, rows)
         if self.health is not None:
@@ -406,6 +409,8 @@ class _Partition(StatefulSinkPartition[Any, None]):
 
     def snapshot(self) -> None:
         self.flush()  # rows of a finished epoch are stored before its snapshot is committed
+        if self.committer is not None:
+            self.committer.commit()  # ... and before the source positions that made them
         return None
 
     def close(self) -> None:
@@ -421,7 +426,7 @@ class _Partition(StatefulSinkPartition[Any, None]):
             if self.failed is None:
                 if self.health is not None:
                     self._add("pipeline_health", Rows(HEALTH_COLUMNS, [self.health.row()]))
-                self.flush()
+                self.flush()  # positions are committed at snapshots only: here an epoch may be unfinished
         except Exception as err:  # noqa: BLE001 - see the docstring: raising here aborts the process
             self.stats.store_error = one_line(err)
             log.error("ClickHouse sink: the final flush failed, %d rows not stored: %s", self.buffered,
@@ -429,6 +434,8 @@ class _Partition(StatefulSinkPartition[Any, None]):
         finally:
             try:
                 self.store.close()
+                if self.committer is not None:
+                    self.committer.close()
             except Exception:  # noqa: BLE001 - nothing left to lose
                 pass
 
@@ -436,11 +443,14 @@ class _Partition(StatefulSinkPartition[Any, None]):
 class ClickHouseSink(FixedPartitionedSink[Any, None]):
     """Writes records (bars, late trades, dead letters, ...) in batches; one partition.
 
-    ``retry_s``: retry bound of the store (None: ``default_retry_s()``); ``insert_hook``: test seam."""
+    ``retry_s``: retry bound of the store (None: ``default_retry_s()``); ``insert_hook``: test seam;
+    ``committer``: commits source positions once their epoch is stored (``dataflows.kafka.OffsetCommitter``)."""
 
     def __init__(self, dsn: str, database: str, stats: SinkStats | None = None,
                  flush_rows: int = 5_000, flush_ms: int = 1_000, health_every_s: Optional[float] = None,
-                 process: int = 0, retry_s: Optional[float] = None, insert_hook: Optional[InsertHook] = None):
+                 process: int = 0, retry_s: Optional[float] = None, insert_hook: Optional[InsertHook] = None,
+                 committer: Any = None):
+        self.committer = committer
         self.dsn, self.database = dsn, database
         self.stats = stats if stats is not None else SinkStats()
         self.flush_rows, self.flush_ms = flush_rows, flush_ms
@@ -453,4 +463,4 @@ class ClickHouseSink(FixedPartitionedSink[Any, None]):
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _Partition:
         health = HealthMeter(self.health_every_s, self.process) if self.health_every_s else None
         return _Partition(lambda: Store(self.dsn, self.database, retry_s=self.retry_s, insert_hook=self.insert_hook),
-                          self.stats, self.flush_rows, self.flush_ms, health)
+                          self.stats, self.flush_rows, self.flush_ms, health, self.committer)

@@ -34,7 +34,7 @@ EVENT_COLUMNS = ["kind", "ts", "exchange", "symbol", "from_ts", "to_ts", "reason
 FEATURE_COLUMNS = ["exchange", "symbol", "tf", "start", "end", "close", "warm", "regime", "values", "overlay_ok"]
 LABEL_COLUMNS = ["exchange", "symbol", "tf", "start", "end", "horizon", "fwd_ret", "band", "label", "matured_at"]
 PREDICTION_COLUMNS = ["exchange", "symbol", "tf", "start", "end", "model", "version", "p_down", "p_flat", "p_up",
-                      "confidence", "alpha", "votes"]
+                      "confidence", "alpha", "votes", "raw_down", "raw_flat", "raw_up"]
 METRIC_COLUMNS = ["exchange", "symbol", "model", "ts", "accuracy", "log_loss", "brier", "n"]
 TAG_COLUMNS = ["origin", "strategy_id", "variant_id", "config_hash"]
 DECISION_COLUMNS = TAG_COLUMNS + [
@@ -53,6 +53,17 @@ EQUITY_COLUMNS = TAG_COLUMNS + [
 class Rows:
     columns: list[str]
     data: list[list]
+
+
+@dataclass(frozen=True)
+class SourcePosition:
+    """How far a source partition's batch goes (Kafka: topic, partition, next offset to read). Not
+    stored: the sink commits it to the consumer group once the epoch's rows are (dataflows/kafka.py,
+    ``OffsetCommitter``)."""
+
+    source: str
+    partition: str
+    next_offset: int
 
 
 def bar_row(b: Bar) -> list:
@@ -80,7 +91,7 @@ def feature_row(r: AlignedRow) -> list:
 
 def prediction_rows(s: ScoredRow) -> list[list]:
     return [[s.exchange, s.symbol, s.tf, s.start, s.end, p.model, p.version, p.p_down, p.p_flat, p.p_up,
-             p.confidence, p.alpha, json.dumps([list(v) for v in p.votes]) if p.votes else ""]
+             p.confidence, p.alpha, json.dumps([list(v) for v in p.votes]) if p.votes else "", *p.raw_probs]
             for p in s.predictions.values()]
 
 
@@ -161,8 +172,8 @@ def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
             add("events", EVENT_COLUMNS, [[getattr(ev, c) for c in EVENT_COLUMNS]])
         elif isinstance(rec, VariantMetrics):
             add("variant_metrics", VARIANT_METRICS_COLUMNS, [rec.row()])
-        elif isinstance(rec, Counter):
-            pass  # counted above, stored nowhere
+        elif isinstance(rec, (Counter, SourcePosition)):
+            pass  # counted above / committed by the sink: stored nowhere
         else:
             raise TypeError(f"no table for record type {type(rec).__name__}")
     return out

@@ -69,11 +69,12 @@ def test_clear_errors(tmp_path):
 
 
 def test_main_job_trains_on_the_first_part_then_scores_and_trades_the_rest(tmp_path):
-    res = tapeflow("run", "--data-dir", str(tmp_path), "--hours", "30", "--rate", "0.5", "--quiet",
+    # enough bars (and orders per bar) for an ensemble that passes the deployment gate (issue 12)
+    res = tapeflow("run", "--data-dir", str(tmp_path), "--hours", "36", "--rate", "2", "--quiet",
                    "--summary-json", str(tmp_path / "s.json"))
     out = res.stdout
     assert "ONNX ensemble" in out and "model quality on the scored part" in out and "strategies (paper)" in out
-    split = 1704067200000 + 15 * 3_600_000
+    split = 1704067200000 + 18 * 3_600_000
     onnx = sql_json(tmp_path, "SELECT min(toUnixTimestamp64Milli(start)) AS first, count() AS n, "
                               "uniqExact(version) AS versions FROM predictions FINAL WHERE model = 'onnx_ensemble'")[0]
     assert onnx["n"] > 100 and onnx["versions"] == 1

@@ -8,19 +8,28 @@ import polars as pl
 from bytewax.testing import TestingSource, run_main
 
 from dataflows.pipeline import build_flow
+from dataflows.training import data_origin, run_facts
 from models.onnx_ensemble import OnnxEnsemble
 from models.train import train
 from sinks.clickhouse import ClickHouseSink
 from tests.helpers import T0, frame_batches, run_pipeline, settings, stored, synthetic_tape
-from tests.unit.synthetic_models import HORIZON, LABEL_DEFINITION, NAMES, synthetic_frame
+from tests.unit.synthetic_models import BAR_MS, HORIZON, LABEL_DEFINITION, NAMES, synthetic_frame
 
 MIN = 60_000
 
 
-def _version(root, seed, month):
-    m = train(synthetic_frame(n_times=600, seed=seed), NAMES, horizon=HORIZON, folds=2,
+def history(n_times=600, seed=1, symbols=("BTC/USDT:USDT", "ETH/USDT:USDT")):
+    """A training frame of these symbols (exchange "x", like the tapes) ending before T0."""
+    df = synthetic_frame(n_times=n_times, instruments=tuple(symbols), seed=seed)
+    return df.with_columns(pl.col("start") - (n_times + 12) * BAR_MS)
+
+
+def _version(root, seed, month, origin):
+    m = train(history(seed=seed), NAMES, horizon=HORIZON, folds=2,
               params={"num_iterations": 20, "min_data_in_leaf": 20}, seed=seed, out_dir=root,
-              label_definition=LABEL_DEFINITION, now=lambda: datetime(2024, month, 1, tzinfo=timezone.utc))
+              label_definition=LABEL_DEFINITION, origin=origin,
+              now=lambda: datetime(2024, month, 1, tzinfo=timezone.utc))
+    assert m.data.last_bar_end < T0  # trained before the tape: every bar may be scored
     return root / m.version, m.version
 
 
@@ -33,14 +42,15 @@ class Clock:
 
 
 def test_a_new_manifest_mid_stream_switches_predictions_at_a_bar_boundary_with_none_missing(store, tmp_path):
+    cfg = settings(tmp_path / "data", clickhouse_dsn=store.dsn, clickhouse_database=store.database)
     staging = tmp_path / "staging"
-    a_dir, a = _version(staging / "a", 1, 1)
-    b_dir, b = _version(staging / "b", 2, 2)
+    a_dir, a = _version(staging / "a", 1, 1, data_origin(cfg))
+    b_dir, b = _version(staging / "b", 2, 2, data_origin(cfg))
     live = tmp_path / "artifacts"
     live.mkdir()
     shutil.copytree(a_dir, live / a)
     clock = Clock()
-    ensemble = OnnxEnsemble(live, check_every_s=5.0, clock=clock)
+    ensemble = OnnxEnsemble(live, check_every_s=5.0, clock=clock, facts=run_facts(cfg))
 
     tape = synthetic_tape(["BTC/USDT:USDT", "ETH/USDT:USDT"], minutes=4 * 60, rate=0.3)
     batches = frame_batches(tape, 500)
@@ -53,7 +63,6 @@ def test_a_new_manifest_mid_stream_switches_predictions_at_a_bar_boundary_with_n
         clock.t += 10.0
         yield from batches[half:]
 
-    cfg = settings(tmp_path / "data")
     flow = build_flow(cfg, TestingSource(items()), ClickHouseSink(store.dsn, store.database), ensemble=ensemble)
     run_main(flow, epoch_interval=timedelta(0))
 

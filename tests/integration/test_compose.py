@@ -18,7 +18,7 @@ import yaml
 from tests.integration.test_kafka_pipeline import sql
 
 ROOT = Path(__file__).resolve().parents[2]
-TAPEFLOW_SERVICES = {"topics", "ingest", "replay", "pipeline"}
+TAPEFLOW_SERVICES = {"topics", "ingest", "replay", "pipeline", "trainer"}
 
 
 def compose_config(profiles: str) -> dict:
@@ -36,7 +36,7 @@ def compose_config(profiles: str) -> dict:
 def test_compose_config_is_valid_and_wires_the_stack():
     cfg = compose_config("live")
     svc = cfg["services"]
-    assert {"kafka", "clickhouse", "grafana", "topics", "ingest", "replay", "pipeline"} <= set(svc)
+    assert {"kafka", "clickhouse", "grafana", "topics", "ingest", "replay", "pipeline", "trainer"} <= set(svc)
     assert svc["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
     for name in ("kafka", "clickhouse", "grafana", "ingest", "pipeline"):
         assert "healthcheck" in svc[name], name
@@ -50,6 +50,11 @@ def test_compose_config_is_valid_and_wires_the_stack():
     text = (ROOT / "docker-compose.yml").read_text() + (ROOT / ".env").read_text()
     assert "test-pw" not in text
     assert svc["clickhouse"]["environment"]["CLICKHOUSE_PASSWORD"] == "test-pw"
+    # the trainer retrains on a schedule into the pipeline's artifacts (same volume, same store)
+    trainer = svc["trainer"]
+    assert trainer["command"][:3] == ["train", "--every", "24h"] and trainer["restart"] == "unless-stopped"
+    assert trainer["volumes"] == svc["pipeline"]["volumes"] == ["pipeline:/data:rw"]
+    assert trainer["environment"]["TAPEFLOW_CLICKHOUSE_DSN"] == svc["pipeline"]["environment"]["TAPEFLOW_CLICKHOUSE_DSN"]
 
 
 def _command(cfg: dict, service: str) -> list[str]:
@@ -100,3 +105,6 @@ def test_every_tapeflow_service_command_runs(kafka_broker, tmp_path):
                                   "GROUP BY exchange ORDER BY exchange")
     assert [r["exchange"] for r in rows] == ["binanceusdm", "bybit", "synthetic"]
     assert (tmp_path / "data" / "recovery").is_dir()
+    # the trainer, bounded to one run: minutes of bars are not enough to train, which it says and waits
+    trainer = run_service(_localise(_command(cfg, "trainer"), tmp_path, sample) + ["--runs", "1"], env)
+    assert "train: " in trainer.stderr and "trying again at the next run" in trainer.stderr

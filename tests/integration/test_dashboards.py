@@ -45,6 +45,7 @@ ALLOWED_EMPTY = {
     ("tapeflow-optimizer", "Promotions"),                  # panel and annotation: events kind = 'promotion'
     ("tapeflow-optimizer", "Events (promotions, kill switch, pauses, gaps)"),  # events
     ("tapeflow-trading", "Risk events"),                                     # annotation, events
+    ("tapeflow-models", "Deployment gate decisions"),  # events of tapeflow train (tests/dataflow/test_deployment_gate.py)
 }
 TIME_MACROS = ("$__timeFilter", "$__dateFilter", "$__dateTimeFilter", "$__dt(")
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from dataflows import logs
+from models.calibration import classwise_ece
 from dataflows.report import SECTIONS, LlmConfig, aggregates, llm_request, write_report
 from sinks.clickhouse import Store
 from tests.helpers import frame_batches, run_pipeline, settings, synthetic_tape
@@ -26,7 +27,7 @@ from tests.helpers import frame_batches, run_pipeline, settings, synthetic_tape
 DAY = date(2024, 1, 1)
 SYMBOLS = ["BTC/USDT:USDT", "ETH/USDT:USDT"]
 LOOSE = {"conf_min": 0.4, "alpha_min": 0.02, "no_trade_conf": 0.35, "require_warm": False,
-         "consensus_enabled": False, "max_drawdown": 0.0015}  # a tight kill switch trips during the day
+         "consensus_enabled": False, "max_drawdown": 0.0006}  # a tight kill switch trips during the day
 ON_DAY = "origin = 'production' AND toDate(ts, 'UTC') = toDate('2024-01-01')"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -152,14 +153,16 @@ def test_kill_switch_and_model_quality_match_sql(demo, report):
     assert [r[1] for r in table(text)].count("kill_switch") == trips
 
     # model quality from the base tables, computed here in numpy (not through prediction_outcomes)
-    preds = demo.query("SELECT exchange, symbol, start, model, p_down, p_flat, p_up FROM predictions FINAL "
-                       "WHERE toDate(start, 'UTC') = toDate('2024-01-01')")[1]
+    preds = demo.query("SELECT exchange, symbol, start, model, p_down, p_flat, p_up, raw_down, raw_flat, raw_up "
+                       "FROM predictions FINAL WHERE toDate(start, 'UTC') = toDate('2024-01-01')")[1]
     labels = {(e, s, t): lab for e, s, t, lab in demo.query(
         "SELECT exchange, symbol, start, label FROM labels FINAL WHERE tf = '5m'")[1]}
     by_model: dict = {}
-    for e, s, t, m, pd_, pf, pu in preds:
+    raws: dict = {}
+    for e, s, t, m, pd_, pf, pu, rd, rf, ru in preds:
         if (e, s, t) in labels:
             by_model.setdefault(m, []).append(([pd_, pf, pu], labels[(e, s, t)]))
+            raws.setdefault(m, []).append(([rd, rf, ru], labels[(e, s, t)]))
     assert by_model, "the demo day should have scored predictions with matured labels"
     rows = {r[0]: r for r in table(section(md, "Model quality"))}
     assert set(rows) == set(by_model)
@@ -173,6 +176,9 @@ def test_kill_switch_and_model_quality_match_sql(demo, report):
         assert float(rows[m][2]) == pytest.approx((pred == y).mean(), abs=5e-4)
         assert float(rows[m][3]) == pytest.approx(-np.log(np.maximum(p[np.arange(len(y)), y], 1e-15)).mean(), abs=5e-5)
         assert float(rows[m][4]) == pytest.approx(((p - onehot) ** 2).sum(axis=1).mean(), abs=5e-5)
+        assert float(rows[m][5]) == pytest.approx(classwise_ece(p, y), abs=5e-4)  # calibration (issue 12)
+        raw = np.array([r for r, _ in raws[m]])
+        assert float(rows[m][6]) == pytest.approx(classwise_ece(raw, y), abs=5e-4)
 
 
 def test_aggregates_are_numbers_from_sql_and_no_rows(demo):

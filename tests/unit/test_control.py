@@ -2,6 +2,7 @@
 a tripped kill switch at the pipeline's next input, audited as a kill_switch_reset event."""
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -49,16 +50,53 @@ def test_killswitch_reset_command_lifts_the_halt_at_the_next_input_and_is_audite
     assert not [r for r in out if isinstance(r, RiskEvent)]
 
 
-def test_requests_are_read_once_and_throttled(tmp_path):
+def test_requests_are_taken_by_one_lineage_and_throttled(tmp_path):
     clock = [0.0]
-    inbox = ControlInbox(tmp_path, check_every_s=5.0, clock=lambda: clock[0])
+    inbox = ControlInbox(tmp_path, check_every_s=5.0, clock=lambda: clock[0], lineage="rec@1")
     assert inbox.take() == []
     request_reset(tmp_path, by="bob", strategy="all")
     assert inbox.take() == []  # not looked at again before 5 s
     clock[0] = 5.0
     (req,) = inbox.take()
-    assert req["by"] == "bob" and req["strategy"] == "all"
-    clock[0] = 10.0
-    assert inbox.take() == []
+    assert req["by"] == "bob" and req["strategy"] == "all" and req["id"].startswith("killswitch-reset-")
+    assert pending(tmp_path) == []
     done = list((tmp_path / "control").glob("*.done"))
-    assert len(done) == 1 and json.loads(done[0].read_text())["by"] == "bob"
+    assert len(done) == 1 and json.loads(done[0].read_text())["taken_by"] == "rec@1"
+    clock[0] = 10.0
+    assert [r["id"] for r in inbox.take()] == [req["id"]]  # offered again: the state says if it was applied
+    assert ControlInbox(tmp_path, check_every_s=0, lineage="rec@2").take() == []  # another run's: never
+    assert ControlInbox(tmp_path, check_every_s=0).take() == []
+
+
+def test_a_reset_taken_just_before_a_crash_is_applied_once_to_the_restored_state(tmp_path):
+    """The crash comes after the request was taken (its file says done) and before a snapshot that
+    includes its effect was committed: the state restored from the snapshot before it gets the
+    reset once; a state restored from a later snapshot, or another run's state, does not."""
+    logic = _halted_portfolio_logic(tmp_path)
+    logic.inbox = ControlInbox(tmp_path, check_every_s=0, lineage="rec@1")
+    before = pickle.dumps(logic.snapshot())  # the last committed snapshot (bytewax pickles it)
+    request_reset(tmp_path, by="alice")
+    out, _ = logic.on_batch([row(T0 + 21 * P, preds=LONG)])
+    (first,) = [r for r in out if isinstance(r, RiskEvent) and r.kind == "kill_switch_reset"]
+    after = pickle.dumps(logic.snapshot())
+    assert pending(tmp_path) == [] and not logic.p.production.halted
+
+    def restart(snapshot, lineage="rec@1"):  # a new process: new inbox, state from the recovery snapshot
+        return PortfolioLogic(pickle.loads(snapshot), None, ControlInbox(tmp_path, check_every_s=0, lineage=lineage),
+                              ordered=False)
+
+    def resets(lg, n=3):
+        got = []
+        for k in range(n):
+            out, _ = lg.on_batch([row(T0 + (22 + k) * P, preds=LONG)])
+            got += [r for r in out if isinstance(r, RiskEvent) and r.kind == "kill_switch_reset"]
+        return got
+
+    rolled_back = restart(before)
+    assert rolled_back.p.production.halted
+    (again,) = resets(rolled_back)  # applied again, once
+    assert not rolled_back.p.production.halted
+    assert (again.ts, again.detail) == (first.ts, first.detail)  # the same audit row (same events key)
+    assert resets(restart(after)) == []  # its effect was in the snapshot: not applied twice
+    other = restart(before, lineage="rec@2")  # another run's state
+    assert resets(other) == [] and other.p.production.halted

@@ -133,13 +133,13 @@ def test_consensus_vetoes_against_a_strong_1h_trend():
     assert not consensus(CFG, 1, feats(trend=None), {}, {}).veto
 
 
-def test_consensus_can_use_a_1h_model():
-    cfg = CFG.replace(consensus_model="1h_onnx_ensemble")
+def test_there_is_no_1h_model_setting_and_predictions_do_not_sway_the_consensus():
+    """Nothing produces a 1h model, so the setting that named one is gone (issue 12): naming it is
+    an error, and a prediction under any name changes no consensus."""
+    with pytest.raises(TypeError, match="consensus_model"):
+        CFG.replace(consensus_model="1h_onnx_ensemble")
     p = {"1h_onnx_ensemble": pred("1h_onnx_ensemble", p_up=0.1, p_down=0.8)}
-    c = consensus(cfg, 1, feats(trend=0.0), {}, p)
-    assert c.veto and c.model_side == -1
-    weak = {"1h_onnx_ensemble": pred("1h_onnx_ensemble", p_up=0.3, p_down=0.5)}
-    assert not consensus(cfg, 1, feats(trend=0.0), {}, weak).veto
+    assert not consensus(CFG, 1, feats(trend=0.0), {}, p).veto
 
 
 # ---------------------------------------------------------------- sizing

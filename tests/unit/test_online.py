@@ -12,13 +12,14 @@ import math
 import pickle
 import random
 
+import numpy as np
 import pytest
 
 from models.online import (
     ARF, CLASSES, LR, VERSION, FillScaled, OnlineConfig, OnlineModels, present, score,
     share_distribution_rngs,
 )
-from operators.features import AlignedRow, aligned_feature_names
+from operators.features import FEATURE_NAMES, AlignedRow, aligned_feature_names
 from operators.labels import Label
 
 H = 3
@@ -190,7 +191,7 @@ def test_predictions_absent_before_warmup_and_present_after():
 # -- (4) state: pickle, deepcopy, determinism ---------------------------------------------------------
 
 def messy(rows):
-    """66 aligned features, an overlay missing on some bars, NaN and inf here and there."""
+    """The aligned features, an overlay missing on some bars, NaN and inf here and there."""
     out = []
     for i, r in enumerate(rows):
         f = dict(r.features)
@@ -204,7 +205,7 @@ def messy(rows):
 
 def test_state_survives_pickle_and_deepcopy_and_is_deterministic():
     names = aligned_feature_names(("15m", "1h"))
-    assert len(names) == 66
+    assert len(names) == 3 * len(FEATURE_NAMES)  # primary + 15m + 1h
     rows, labels = stream(160, seed=5, signal=True, names=names)
     rows = messy(rows)
     cfg = OnlineConfig(seed=11, warmup_labels=20)
@@ -298,3 +299,31 @@ def test_config_is_validated():
                 {"clip": 0.0}, {"max_pending": 0}, {"l2": -1.0}):
         with pytest.raises(ValueError, match="OnlineConfig"):
             OnlineConfig(**bad)
+
+
+# -- (6) calibration ----------------------------------------------------------------------------------
+
+def test_predictions_are_calibrated_on_matured_labels_with_the_raw_output_beside_them():
+    """A fast learner on a planted signal is over-confident; the rolling calibrator (fitted only on
+    labels that matured before each prediction) brings its probabilities back in line."""
+    from models.calibration import classwise_ece, log_loss
+
+    n, h = 2500, H
+    rows, labels = stream(n, seed=9, signal=True, reliability=0.6)
+    cfg = OnlineConfig(seed=2, warmup_labels=20, lr=0.5)  # too fast on purpose: over-confident
+    m = OnlineModels(cfg)
+    preds = drive(m, rows, labels)
+    raw_only = drive(OnlineModels(OnlineConfig(seed=2, warmup_labels=20, lr=0.5, calibrate=False)), rows, labels)
+    last = range(n - 1000 - h, n - h)  # bars whose labels matured
+    y = [labels[i].label for i in last]
+    for name in (LR,):
+        cal = [(p[name].p_down, p[name].p_flat, p[name].p_up) for p in (preds[i] for i in last)]
+        raw = [p[name].raw for p in (preds[i] for i in last)]
+        assert np.allclose(raw, [(q[name].p_down, q[name].p_flat, q[name].p_up) for q in (raw_only[i] for i in last)],
+                           rtol=0, atol=1e-12)  # raw = what the uncalibrated model says
+        assert log_loss(cal, y) < log_loss(raw, y) - 0.05
+        assert classwise_ece(cal, y) < 0.05 < classwise_ece(raw, y)
+    assert m.calibrators[LR].map is not None and m.calibrators[LR].map.a < 1.0
+    # the first predictions after warm-up have no fitted map yet: calibrated = raw (the prior)
+    first = next(p for p in preds if p)
+    assert (first[LR].p_down, first[LR].p_flat, first[LR].p_up) == pytest.approx(first[LR].raw)

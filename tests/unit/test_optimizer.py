@@ -288,113 +288,199 @@ def test_metrics_schedule_every_n_primary_bars_and_on_every_closed_trade():
     assert opt.metrics_due()
 
 
+# ---------------------------------------------------------------- realistic paired streams
+BAR = 5 * M
+
+
+class Market:
+    """Strategies trading one market, per 5m bar (issue 12: tests on realistic return streams).
+
+    The market's bar returns are fat-tailed and clustered: a GARCH(1, 1) with t(5) shocks (kurtosis
+    ~10, |r| autocorrelated). A strategy holds -1 / 0 / +1, decided before the bar, and keeps it for
+    a while (a Markov chain; positions last ~25 minutes: returns autocorrelate through them); it pays
+    0.5 bp per unit of turnover, and every change of position closes a trade (an exit fill with the
+    trade's PnL). Variants follow production's position for long stretches (a variant is production
+    with a setting changed: ``copy`` of the time), so their returns are paired with production's.
+    ``edge``: on that share of bars the strategy holds the sign of the bar's own move instead (it
+    knows something: a genuinely better rule); 0 for everyone = a tape without edge."""
+
+    def __init__(self, seed: int, bars: int):
+        self.rng = np.random.default_rng(seed)
+        self.bars = bars
+        e = self.rng.standard_t(5, bars) / np.sqrt(5 / 3)
+        h, m = np.empty(bars), np.empty(bars)
+        h[0] = 1.0
+        for t in range(bars):
+            if t:
+                h[t] = 0.05 + 0.10 * m[t - 1] ** 2 + 0.85 * h[t - 1]
+            m[t] = np.sqrt(h[t]) * e[t]
+        self.move = 0.002 * m
+        self.prod = self._chain()
+        self.s: dict = {}
+        self.closed: dict = {}
+
+    def _chain(self, stay=0.8, states=(-1.0, 0.0, 1.0)):
+        pos, cur = np.empty(self.bars), float(self.rng.choice(states))
+        for t in range(self.bars):
+            if self.rng.random() > stay:
+                cur = float(self.rng.choice(states))
+            pos[t] = cur
+        return pos
+
+    def positions(self, copy=True, edge=0.0):
+        """``copy``: follow production for long stretches (about 2/3 of the time) and an own chain
+        in between; False: an own chain throughout; 1.0: production's positions exactly."""
+        if copy == 1.0 and copy is not True:
+            pos = self.prod.copy()
+        elif copy:
+            pos = np.where(self._chain(stay=0.97, states=(1.0, 1.0, 0.0)) > 0, self.prod, self._chain())
+        else:
+            pos = self._chain()
+        knows = self.rng.random(self.bars) < edge
+        return np.where(knows, np.sign(self.move), pos)
+
+    def add(self, vid, pos, start=0, origin="experimental"):
+        turnover = np.abs(np.diff(pos, prepend=0.0))
+        r = pos * self.move - 5e-5 * turnover
+        self.s[vid] = (origin, start, 10_000.0 * np.cumprod(1 + r[start:]), pos[start:])
+
+    def feed(self, opt, b0, b1):
+        """Equity marks at every bar's end, an exit fill at every change of position (its PnL: the
+        equity change since the previous one), production's decision at the last bar's end."""
+        out = []
+        for b in range(b0, b1):
+            ts = T0 + (b + 1) * BAR
+            for vid, (origin, start, eq, pos) in self.s.items():
+                k = b - start
+                if 0 <= k < len(eq):
+                    out.append(ep(vid, ts, float(eq[k]), origin))
+                    if k and pos[k] != pos[k - 1]:
+                        closed = self.closed.get(vid, 0)
+                        out.append(fill(vid, ts, float(eq[k] - eq[closed]), origin))
+                        self.closed[vid] = k
+        out.append(decision("base", T0 + b1 * BAR, 1, origin="production"))
+        opt.observe(out)
+        return T0 + b1 * BAR
+
+
 # ---------------------------------------------------------------- (2) the planted variant
-def test_2_planted_variant_is_promoted_after_the_gates_but_not_few_trades_or_a_lucky_short_run():
-    rng = np.random.default_rng(0)
-    opt = Optimizer(gates(), BASE)
-    planted, few, lucky, *noise = opt.variant_ids()
-    st = Stream()
-    st.add("base", rng.normal(0, 1e-3, 1800), 30, origin="production")
-    st.add(planted, rng.normal(4e-4, 1e-3, 1800), 30)          # steady edge, a trade every 30 min
-    st.add(few, rng.normal(4e-4, 1e-3, 1800), 150)             # same edge, a trade every 2.5 h
-    st.add(lucky, rng.normal(4e-4, 1e-3, 600), 10, start=1200)  # a strong burst in its last 10 h
+def test_2_planted_variant_is_promoted_at_the_end_of_its_trial_but_not_a_few_trade_one_or_noise():
+    """At default gates (24 h trial, 30 trades, alpha 5% spent over the search): the variant with a
+    genuinely better rule (production's positions, but on 15% of the bars it holds the sign of the
+    coming move) is promoted at its one test, the first evaluation after its 24 h trial, i.e. within
+    300 bars (288 + the hourly schedule): in 19 of 20 seeds measured. A variant that trades 8 times
+    a day (too little evidence), and variants without edge, retire."""
+    mk = Market(seed=4, bars=2 * 288)
+    opt = Optimizer(gates(max_variants=8), BASE)
+    planted, few, *noise = opt.variant_ids()
+    mk.add("base", mk.prod, origin="production")
+    mk.add(planted, mk.positions(copy=1.0, edge=0.15))
+    mk.add(few, np.repeat(np.sign(mk.move[::36]), 36)[: mk.bars])  # 3-hour holds: 8 trades a day
     for vid in noise:
-        st.add(vid, rng.normal(0, 1e-3, 1800), 30)
-    promotion, seen = None, {few: set(), lucky: set()}
-    for m in range(0, 1800, 30):
-        now = st.feed(opt, m, m + 30)
+        mk.add(vid, mk.positions())
+    seen = {}
+    for b in range(0, 300, 12):
+        now = mk.feed(opt, b, b + 12)
         for v in opt.evaluate(now):
-            if v.variant_id in seen:
-                seen[v.variant_id].update(f.split()[0] for f in v.failed)
-            if v.variant_id == planted and now - T0 < DAY:
-                assert any(f.startswith("runtime") for f in v.failed)
+            seen[v.variant_id] = v
         p = opt.maybe_promote(now)
         if p is not None:
-            assert promotion is None and p.variant_id == planted      # one promotion, the planted one
-            promotion = p
-            assert now - T0 >= DAY and p.metrics.trades >= 30 and p.metrics.dsr >= 0.95
-    assert promotion is not None
-    assert "trades" in seen[few] and "runtime" in seen[lucky]
-    final = {v.variant_id: v for v in opt.evaluate(now)}
-    assert final[few].failed == ("trades 11 < 30",)                             # every other gate passed
-    assert final[lucky].failed == ("runtime 10.0h < 24.0h",)
-    assert final[few].metrics.dsr >= 0.95 and final[lucky].metrics.dsr >= 0.95  # good numbers, not enough evidence
+            break
+    assert p is not None and p.variant_id == planted and (b + 12) <= 300
+    assert T0 + 24 * HOUR <= p.ts and p.metrics.trades >= 30 and p.metrics.dsr >= 0.95
+    assert "Ledoit-Wolf" in p.reason and "weight 0.0625" in p.reason  # 1/(2 x 8) of alpha
+    final = seen[few]
+    assert final.failed[0].startswith("trades ") and final.metrics.trades < 30
+    statuses = {s.variant_id: s.status for s in opt.slots}
+    assert statuses[planted] == "promoted" and statuses[few] == "retired"
+    assert all(statuses[v] == "retired" for v in noise)  # one test each, spent
+    assert opt.tested == 8
 
 
-# ---------------------------------------------------------------- (3) pure noise
-def test_3_on_pure_noise_the_deflated_criterion_promotes_none_while_naive_best_sharpe_would():
-    rng = np.random.default_rng(11)
-    n_var, minutes = 120, 1500
-    opt = Optimizer(gates(max_variants=n_var, min_sharpe=0.0), BASE)
-    st = Stream()
-    st.add("base", rng.normal(0, 1e-3, minutes), 30, origin="production")
-    for vid in opt.variant_ids():
-        st.add(vid, rng.normal(0, 1e-3, minutes), 30)
-    now = st.feed(opt, 0, minutes)
-    rows = opt.metrics(now)
-    prod = next(r for r in rows if r.origin == "production")
-    variants = [r for r in rows if r.origin == "experimental"]
-    assert opt.tried == n_var == len(variants)
-    # the naive rule: best Sharpe wins, it beats production and even its plain PSR looks convincing
-    naive = max(variants, key=lambda r: r.sharpe)
-    assert naive.sharpe > prod.sharpe and naive.sharpe > 20          # annualised: luck looks great
-    assert naive.trades >= 30 and naive.roi > 0 and naive.psr >= 0.95
-    assert sum(r.psr >= 0.95 for r in variants) >= 1
-    # the deflated rule: nobody
-    assert opt.maybe_promote(now) is None
-    verdicts = {v.variant_id: v for v in opt.evaluate(now)}
-    assert all(v.metrics.dsr < 0.95 for v in verdicts.values())
-    assert [f.split()[0] for f in verdicts[naive.variant_id].failed] == ["dsr"]   # the only gate that held
-    sr = np.array([v.sr for v in verdicts.values()])
-    e_max = S.expected_max_sharpe(n_var, float(np.var(sr, ddof=1)))
-    assert verdicts[naive.variant_id].sr0 == pytest.approx(max(e_max, verdicts[naive.variant_id].benchmark_sr))
+def test_2b_the_planted_rule_is_found_at_its_first_test_in_most_seeds():
+    promoted = 0
+    for seed in range(20):
+        mk = Market(seed=seed, bars=290)
+        opt = Optimizer(gates(max_variants=8), BASE)
+        mk.add("base", mk.prod, origin="production")
+        mk.add(opt.variant_ids()[0], mk.positions(copy=1.0, edge=0.15))
+        p = opt.maybe_promote(mk.feed(opt, 0, 290))
+        promoted += p is not None and p.variant_id == "v0001"
+    assert promoted >= 17
+
+
+# ---------------------------------------------------------------- (3) no edge: nobody, over seeds
+def test_3_on_a_tape_without_edge_16_variants_over_4_days_promote_nothing_over_20_seeds():
+    """16 variants at a time, refilled as they retire, 4 days of bars, 20 seeds: every strategy is
+    equally without edge, so a promotion is a false one. The family-wise budget is 5%: at most one
+    seed of twenty may promote. The rules this replaces would promote in most: the best variant by
+    Sharpe beats production's estimated Sharpe with a convincing PSR almost every time."""
+    false_promotions, naive = 0, 0
+    for seed in range(20):
+        mk = Market(seed=100 + seed, bars=4 * 288)
+        opt = Optimizer(gates(max_variants=16, seed=seed), BASE)
+        mk.add("base", mk.prod, origin="production")
+        for vid in opt.variant_ids():
+            mk.add(vid, mk.positions())
+        drawn = set(opt.variant_ids())
+        promotions, fooled = [], False
+        for b in range(0, mk.bars, 12):
+            now = mk.feed(opt, b, b + 12)
+            if (b + 12) % 288 == 0:  # a day of trials ends: what the old rule would have done
+                rows = [v.metrics for v in opt.evaluate(now) if v.metrics.trades >= 30 and v.metrics.sharpe]
+                prod = opt._prod.curve.returns().sharpe()
+                best = max(rows, key=lambda r: r.sharpe)
+                r = opt._by_id[best.variant_id].track.curve.returns()
+                fooled |= S.psr(r.sharpe(), prod, r.n, *r.moments()) > 0.95  # PSR vs production's estimate
+            p = opt.maybe_promote(now)
+            if p is not None:
+                promotions.append(p)
+                opt.refill(now)
+            for vid in set(opt.variant_ids()) - drawn:  # refills trade too, without edge
+                mk.add(vid, mk.positions(), start=b + 12)
+                drawn.add(vid)
+        assert opt.tested >= 3 * 16  # 16 tested per day of trials
+        false_promotions += bool(promotions)
+        naive += fooled
+    print(f"false promotions in {false_promotions} of 20 seeds; the PSR-vs-production rule: {naive}")
+    assert false_promotions <= 1
+    assert naive >= 8
 
 
 # ---------------------------------------------------------------- (4) cool-off, audit, refill
-def test_4_promotion_is_audited_respects_the_cool_off_and_the_slot_is_refilled():
-    rng = np.random.default_rng(2)
-    opt = Optimizer(gates(cool_off_ms=2 * HOUR, refill_near_winner=True), BASE)
+def test_4_promotion_is_audited_other_tested_variants_retire_and_the_cool_off_defers_tests():
+    mk = Market(seed=7, bars=3 * 288)
+    opt = Optimizer(gates(cool_off_ms=30 * HOUR, refill_near_winner=True), BASE)
     a, b, *noise = opt.variant_ids()
-    st = Stream()
-    st.add("base", rng.normal(0, 1e-3, 1800), 30, origin="production")
-    st.add(a, rng.normal(5e-4, 1e-3, 1800), 30)
-    st.add(b, rng.normal(4e-4, 1e-3, 1800), 30)
+    mk.add("base", mk.prod, origin="production")
+    mk.add(a, mk.positions(copy=1.0, edge=0.3))
+    mk.add(b, mk.positions(copy=1.0, edge=0.2))
     for vid in noise:
-        st.add(vid, rng.normal(0, 1e-3, 1800), 30)
-    now = st.feed(opt, 0, 1500)
-    ok = sorted((v for v in opt.evaluate(now) if v.qualifies), key=lambda v: (v.metrics.dsr, v.metrics.sharpe))
-    assert {v.variant_id for v in ok} == {a, b}
-    second, first = ok[0].variant_id, ok[1].variant_id
-    p = opt.maybe_promote(now)
-    assert isinstance(p, Promotion) and p.variant_id == first and p.ts == now   # the better of the two
-    old_cfg, new_cfg = BASE, opt.variant(first).cfg
+        mk.add(vid, mk.positions())
+    for bar in range(0, 300, 12):
+        now = mk.feed(opt, bar, bar + 12)
+        due = [v for v in opt.evaluate(now) if v.metrics.runtime_ms >= DAY]
+        p = opt.maybe_promote(now)
+        if p is not None:
+            break
+    assert isinstance(p, Promotion) and p.variant_id == a and p.ts == now
+    assert {v.variant_id for v in due if v.qualifies} == {a, b}  # both passed; the better one won
+    old_cfg, new_cfg = BASE, opt.variant(a).cfg
     assert p.old_config == old_cfg.to_dict() and p.new_config == new_cfg.to_dict()
     assert (p.old_hash, p.new_hash) == (old_cfg.config_hash(), new_cfg.config_hash())
-    assert p.changes == {k: [getattr(old_cfg, k), v] for k, v in opt.variant(first).overrides.items()}
-    assert p.metrics.status == "promoted" and p.metrics.variant_id == first and p.n_trials == 8
-    assert p.reason.startswith("dsr ") and "trades" in p.reason and "runtime" in p.reason
+    assert p.changes == {k: [getattr(old_cfg, k), v] for k, v in opt.variant(a).overrides.items()}
+    assert p.metrics.status == "promoted" and p.n_trials == 8 and p.reason.startswith("dsr ")
     ev = p.as_event()
     detail = msgspec.json.decode(ev.detail)
     assert ev.kind == "promotion" and ev.ts == now and detail["old_hash"] == p.old_hash
     assert detail["new_config"] == msgspec.json.decode(msgspec.json.encode(new_cfg.to_dict()))
-    assert detail["old_config"]["s_min"] == BASE.s_min
-    assert opt.base == new_cfg                                   # new variants now derive from the winner
-    assert all(e.variant_id != first for e in opt.engines())      # the promoted slot stopped running
-    # inside the cool-off the second qualifying variant waits
-    assert opt.maybe_promote(now) is None
-    assert next(v for v in opt.evaluate(now) if v.variant_id == second).qualifies
-    now = st.feed(opt, 1500, 1619)                               # 1h59m later: still cooling off
-    assert opt.maybe_promote(now) is None
-    now = st.feed(opt, 1619, 1621)                               # past 2 h
-    p2 = opt.maybe_promote(now)
-    assert p2 is not None and p2.variant_id == second and p2.old_hash == p.new_hash
-    # refill: both promoted slots leave, two new variants near the winner start, N grows
-    rows_before = {r.variant_id: r.status for r in opt.metrics(now)}
-    assert rows_before[first] == rows_before[second] == "promoted"
+    assert opt.base == new_cfg                                   # new variants derive from the winner
+    statuses = {s.variant_id: s.status for s in opt.slots}
+    assert statuses[a] == "promoted" and statuses[b] == "retired"  # b had its one test
+    assert all(e.variant_id not in (a, b) for e in opt.engines())
+    # refill: the tested slots leave, new variants near the winner start
     new_ids = opt.refill(now)
-    assert new_ids == ["v0009", "v0010"] and opt.tried == 10 and len(opt.engines()) == 8
-    assert first not in opt.variant_ids() and second not in opt.variant_ids()
-    assert len(opt.retired_srs) == 2
+    assert len(new_ids) == 8 and opt.tried == 16 and len(opt.engines()) == 8
     steps = {q.name: q.step for q in opt.space.params if isinstance(q, Param)}
     for vid in new_ids:
         slot = opt._by_id[vid]
@@ -402,6 +488,15 @@ def test_4_promotion_is_audited_respects_the_cool_off_and_the_slot_is_refilled()
         for k, v in slot.variant.overrides.items():          # near the winner: one step at most
             if k in steps:
                 assert abs(v - getattr(opt.base, k)) <= steps[k] + 1e-9
+        mk.add(vid, mk.positions(), start=bar + 12)
+    # their trials end 24 h later, inside the 30 h cool-off: not tested until it is over
+    tested, promoted_at = opt.tested, now
+    for bar in range(bar + 12, 3 * 288, 12):
+        now = mk.feed(opt, bar, bar + 12)
+        assert opt.maybe_promote(now) is None
+        if opt.in_cool_off(now):
+            assert opt.tested == tested
+    assert now - promoted_at > 30 * HOUR and opt.tested == tested + 8
 
 
 # ---------------------------------------------------------------- off means off

@@ -186,3 +186,53 @@ def test_trade_stats_stream_equals_the_batch_functions():
     assert t.win_rate() == S.win_rate(pnls) and t.avg_pnl() == pytest.approx(S.avg_pnl(pnls))
     assert t.profit_factor() == pytest.approx(S.profit_factor(pnls)) == pytest.approx(250 / 75)
     assert S.TradeStats().win_rate() is None and S.TradeStats().profit_factor() is None
+
+
+# -- the paired Sharpe-difference test and the search's error budget (issue 12) -------------------
+
+def _paired_market(n, rng, edge=0.0, follow=False):
+    """Per-bar returns of two strategies on one fat-tailed, clustered market (GARCH(1,1), t(5)
+    shocks): positions held for a while (Markov), the second follows the first 2/3 of the time
+    (``follow``: always); ``edge``: on that share of bars the second holds the sign of the coming move."""
+    e = rng.standard_t(5, n) / np.sqrt(5 / 3)
+    h, m = np.ones(n), np.empty(n)
+    for t in range(n):
+        if t:
+            h[t] = 0.05 + 0.10 * m[t - 1] ** 2 + 0.85 * h[t - 1]
+        m[t] = np.sqrt(h[t]) * e[t]
+
+    def chain(stay=0.8):
+        out, cur = np.empty(n), 0.0
+        for t in range(n):
+            if rng.random() > stay:
+                cur = float(rng.choice([-1.0, 0.0, 1.0]))
+            out[t] = cur
+        return out
+
+    a = chain()
+    b = a.copy() if follow else np.where(chain(0.97) != 0, a, chain())
+    b = np.where(rng.random(n) < edge, np.sign(m), b)
+    return b * m * 0.002, a * m * 0.002
+
+
+def test_sharpe_difference_test_holds_its_level_on_fat_tailed_clustered_pairs_and_finds_an_edge():
+    rng = np.random.default_rng(5)
+    tests = [S.sharpe_difference_test(*_paired_market(288, rng)) for _ in range(600)]
+    p = np.array([t.p for t in tests if t is not None])  # None: the two held the same positions all day
+    assert len(p) > 550
+    assert 0.03 < np.mean(p < 0.05) < 0.08  # a day of 5m bars, no edge: the stated 5%
+    assert np.mean(p < 0.01) < 0.025
+    found = [S.sharpe_difference_test(*_paired_market(288, rng, edge=0.15, follow=True)).p for _ in range(50)]
+    assert np.mean(np.array(found) < 0.05 / 32) > 0.8  # production + a better rule: the deflated level
+    t = S.sharpe_difference_test([0.01, 0.02, -0.01, 0.03], [0.01, 0.02, -0.01, 0.03])
+    assert t is None  # identical strategies: nothing to test
+    with pytest.raises(ValueError, match="same length"):
+        S.sharpe_difference_test([0.1, 0.2, 0.3], [0.1, 0.2])
+
+
+def test_trial_weights_spend_the_budget_once_over_an_unbounded_search():
+    w = [S.trial_weight(k, 16) for k in range(1, 16 * 40 + 1)]
+    assert w[0] == w[15] == 1 / 32 and w[16] == 1 / 64
+    assert sum(w) == pytest.approx(1.0, abs=1e-9) and sum(w) < 1.0
+    with pytest.raises(ValueError):
+        S.trial_weight(0, 16)

@@ -432,7 +432,7 @@ def test_one_equity_point_per_bar_and_tags_everywhere():
     r.bars(*[bar(T0 + k * M, 100.0 + 0.5 * k) for k in range(1, 6)])
     eqs = of(r.records, EquityPoint)
     assert len(eqs) == 6 and [e.ts for e in eqs] == [T0 + k * M + M for k in range(6)]
-    assert [e.seq for e in eqs] == list(range(1, 7))
+    assert [e.seq for e in eqs] == [1] * 6  # one mark per ts: the first (and last) of its ts
     for rec in r.records:
         assert (rec.origin, rec.strategy_id, rec.variant_id) == ("experimental", "ens", "v7")
         assert rec.config_hash == r.e.config_hash
@@ -520,3 +520,49 @@ def test_pickle_and_deepcopy_of_a_running_engine_continue_identically():
     assert encode(play(p, items[half:])) == rest
     assert encode(play(d, items[half:])) == rest
     assert p.summary() == e.summary() == d.summary()
+
+
+# ---------------------------------------------------------------- ids from the data (issue 11)
+ETH = "ETH/USDT:USDT"
+
+
+def _book_run(symbols, **kw):
+    """Each symbol opens a long at T0, fills at T0's bar, and is stopped out three bars later."""
+    r = Run(cfg(stop_loss_pct=0.01), **kw)
+    for s in symbols:
+        r.score(row(T0, preds=LONG, symbol=s))
+    for k in range(4):
+        for s in symbols:
+            r.bars(bar(T0 + k * M, 100.0 if k < 3 else 98.0, symbol=s))
+    return r
+
+
+def test_position_ids_come_from_the_data_not_from_what_came_before():
+    """A counter would number BTC's position 1 alone and 2 after ETH's: the id is a function of
+    (book, instrument, decision time, side) only, so a run that starts later, resumes, or sees
+    instruments in another order stores the same position under the same key."""
+    alone = {f.position_id for f in of(_book_run([SYM]).records, Fill)}
+    both = _book_run([ETH, SYM]).records
+    btc = {f.position_id for f in of(both, Fill) if f.symbol == SYM}
+    eth = {f.position_id for f in of(both, Fill) if f.symbol == ETH}
+    assert len(alone) == 1 and btc == alone and len(eth) == 1 and eth != btc
+    assert {d.position_id for d in of(both, Decision) if d.symbol == ETH} == eth  # decision -> its position
+    other_book = {f.position_id for f in of(_book_run([SYM], origin="experimental", variant_id="v1").records, Fill)}
+    assert other_book != alone  # another book's position is another position
+    later = Run(cfg())
+    later.score(row(T0 + P, preds=LONG))  # the same instrument decided a bar later
+    assert later.e.book.pending[f"{EX}:{SYM}"].position_id not in alone
+    assert all(0 < pid < 2**63 for pid in alone | eth)  # fits the UInt64 column (and an Int64)
+
+
+def test_equity_seq_counts_the_marks_of_a_ts_and_the_last_one_wins():
+    r = _book_run([ETH, SYM])
+    eqs = of(r.records, EquityPoint)
+    by_ts: dict = {}
+    for e in eqs:
+        by_ts.setdefault(e.ts, []).append(e.seq)
+    assert by_ts and all(seqs == [1, 2] for seqs in by_ts.values())  # ETH's mark, then BTC's (the latest)
+    # the same bars after other history (a resumed or later run) get the same seq
+    late = Run(cfg())
+    late.bars(*[bar(T0 - 50 * M + k * M, 100.0) for k in range(10)])
+    assert [e.seq for e in of(late.bars(bar(T0, 100.0, symbol=ETH), bar(T0, 100.0)), EquityPoint)] == [1, 2]

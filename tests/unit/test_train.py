@@ -15,7 +15,9 @@ import pytest
 from models.train import (
     MANIFEST_FILE, Manifest, classification_metrics, load_manifest, train, walk_forward_splits,
 )
-from tests.unit.synthetic_models import BAR_MS, HORIZON, LABEL_DEFINITION, NAMES, T0, synthetic_frame
+from tests.unit.synthetic_models import (
+    BAR_MS, HORIZON, INSTRUMENTS, LABEL_DEFINITION, NAMES, ORIGIN, T0, synthetic_frame,
+)
 
 SMALL = {"num_iterations": 40, "min_data_in_leaf": 20}
 TINY = {"num_iterations": 8, "min_data_in_leaf": 20}
@@ -85,7 +87,8 @@ def trained(tmp_path_factory):
     df = synthetic_frame()
     calls = []
     manifest = train(df, NAMES, horizon=HORIZON, folds=3, params=SMALL, out_dir=out,
-                     label_definition=LABEL_DEFINITION, progress=lambda i, k, msg: calls.append((i, k, msg)))
+                     label_definition=LABEL_DEFINITION, origin=ORIGIN,
+                     progress=lambda i, k, msg: calls.append((i, k, msg)))
     return df, out, manifest, calls
 
 
@@ -115,6 +118,33 @@ def test_train_writes_a_complete_manifest_with_matching_hashes(trained):
         assert m.params[key] == value
     assert m.libraries["lightgbm"] == lightgbm.__version__
     assert {"onnxruntime", "onnxmltools", "onnx", "python"} <= set(m.libraries)
+
+
+def test_manifest_records_the_data_it_was_trained_on(trained):
+    """Store, database, instruments, timeframes and the span of bars read (labels included)."""
+    df, out, m, _ = trained
+    d = load_manifest(out / m.version).data
+    assert (d.store, d.database, d.primary_tf, d.overlay_tfs) == (ORIGIN.store, ORIGIN.database, "5m", ["15m", "1h"])
+    assert d.instruments == sorted(INSTRUMENTS)
+    labelled = df.filter(pl.col("label").is_not_null())
+    assert d.rows == labelled.height
+    assert d.first_bar_end == T0 + BAR_MS
+    # the last labelled bar's label read the close HORIZON bars later: that bar's end
+    assert d.last_bar_end == labelled["start"].max() + BAR_MS + HORIZON * BAR_MS
+
+
+def test_span_ends_at_the_latest_label_maturity_when_it_is_later(tmp_path):
+    """A label that matured late (missing bars after it) read data up to its maturity."""
+    df = synthetic_frame(n_times=300, instruments=("A",), seed=5)
+    df = df.with_columns(matured_at=pl.col("start") + (HORIZON + 1) * BAR_MS)
+    kw = dict(horizon=HORIZON, folds=2, params=TINY, out_dir=tmp_path, label_definition=LABEL_DEFINITION,
+              origin=ORIGIN)
+    regular = train(df, NAMES, version="regular", **kw).data.last_bar_end
+    last = df.filter(pl.col("label").is_not_null())["start"].max()
+    assert regular == last + (HORIZON + 1) * BAR_MS
+    gap = df.with_columns(pl.when(pl.col("start") == last).then(pl.col("matured_at") + 7 * BAR_MS)
+                          .otherwise(pl.col("matured_at")).alias("matured_at"))
+    assert train(gap, NAMES, version="gap", **kw).data.last_bar_end == regular + 7 * BAR_MS
 
 
 def test_train_windows_respect_time_order_and_purge(trained):
@@ -158,7 +188,8 @@ def test_train_reports_progress_per_fold(trained):
 
 def test_train_is_deterministic(tmp_path):
     df = synthetic_frame(n_times=300, seed=3)
-    kw = dict(horizon=HORIZON, folds=2, params=TINY, out_dir=tmp_path, label_definition=LABEL_DEFINITION)
+    kw = dict(horizon=HORIZON, folds=2, params=TINY, out_dir=tmp_path, label_definition=LABEL_DEFINITION,
+              origin=ORIGIN)
     a = train(df, NAMES, version="a", **kw)
     b = train(df.sample(fraction=1.0, shuffle=True, seed=5), NAMES, version="b", **kw)  # row order irrelevant
     assert a.files == b.files and a.members[0].metrics == b.members[0].metrics
@@ -169,7 +200,8 @@ def test_train_purges_rows_whose_label_matures_inside_validation(tmp_path):
     block started (an instrument with missing bars) is dropped from that fold."""
     df = synthetic_frame(n_times=400, instruments=("A",), seed=4)
     df = df.with_columns(matured_at=pl.col("start") + (HORIZON + 1) * BAR_MS)
-    kw = dict(horizon=HORIZON, folds=2, params=TINY, out_dir=tmp_path, label_definition=LABEL_DEFINITION)
+    kw = dict(horizon=HORIZON, folds=2, params=TINY, out_dir=tmp_path, label_definition=LABEL_DEFINITION,
+              origin=ORIGIN)
     base = train(df, NAMES, version="base", **kw)
     fold1 = base.members[1]
     late = fold1.train_end - 5 * BAR_MS  # a training row of fold 1 whose label matures late
@@ -182,7 +214,8 @@ def test_train_purges_rows_whose_label_matures_inside_validation(tmp_path):
 
 def test_train_argument_errors(tmp_path):
     df = synthetic_frame(n_times=200, instruments=("A",))
-    kw = dict(horizon=HORIZON, folds=2, params=TINY, out_dir=tmp_path, label_definition=LABEL_DEFINITION)
+    kw = dict(horizon=HORIZON, folds=2, params=TINY, out_dir=tmp_path, label_definition=LABEL_DEFINITION,
+              origin=ORIGIN)
     with pytest.raises(ValueError, match="lacks feature columns \\['nope'\\]"):
         train(df, NAMES + ["nope"], **kw)
     with pytest.raises(ValueError, match="purge"):
@@ -195,6 +228,10 @@ def test_train_argument_errors(tmp_path):
         train(df.with_columns(label=pl.col("label") + 1), NAMES, **kw)
     with pytest.raises(ValueError, match="too few"):
         train(df.head(4), NAMES, **kw)
+    with pytest.raises(ValueError, match="lacks column 'exchange'"):
+        train(df.drop("exchange"), NAMES, **kw)
+    with pytest.raises(TypeError, match="origin must be a DataOrigin"):
+        train(df, NAMES, **{**kw, "origin": {"store": "x"}})
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="taken"):
         train(df, NAMES, version="taken", **kw)
@@ -202,8 +239,11 @@ def test_train_argument_errors(tmp_path):
 
 
 def test_load_manifest_names_the_broken_file(tmp_path):
-    (tmp_path / MANIFEST_FILE).write_text('{"format": 1, "version": "x"}')
+    (tmp_path / MANIFEST_FILE).write_text('{"format": 2, "version": "x"}')
     with pytest.raises(ValueError, match="invalid manifest .*manifest.json"):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text('{"format": 1, "version": "x"}')  # before `data` was recorded
+    with pytest.raises(ValueError, match="has format 1 .*recorded what they were trained on.*retrain"):
         load_manifest(tmp_path)
     with pytest.raises(ValueError, match="cannot read manifest"):
         load_manifest(tmp_path / "missing")

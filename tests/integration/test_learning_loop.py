@@ -1,0 +1,106 @@
+"""Acceptance (issue 12, 1 and 4): the main job at its defaults, as a user runs it (`tapeflow run`,
+nothing loosened: default strategy gates, consensus on, default deployment gate). On the scored half
+(the second day, after the ensemble was trained on the first):
+
+- the ensemble passed the deployment gate and scored every bar of the scored half;
+- the calibrated models' classwise ECE is <= 0.05 (raw beside it, in the failure message);
+- River and the ensemble beat the class prior in log loss (the rows' own label frequencies);
+- the production strategy trades (>= 30 closed trades);
+- against the oracle (the generator's own state): it beats everyone, and the models capture a
+  positive share of its edge.
+
+The main job takes about a minute; everything is asserted on one run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+T0 = 1_704_067_200_000
+SPLIT = T0 + 24 * 3_600_000  # the main job trains on the first 24 h of 48
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    data = tmp_path_factory.mktemp("main-job")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAPEFLOW_")}  # defaults, nothing else
+    res = subprocess.run([sys.executable, "-m", "dataflows.cli", "run", "--data-dir", str(data), "--quiet",
+                          "--summary-json", str(data / "summary.json")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    from dataflows.config import load_settings
+    from sinks.clickhouse import Store
+
+    settings = load_settings(data_dir=str(data))
+    store = Store(settings.dsn(), settings.clickhouse_database)
+    yield data, settings, store, json.loads((data / "summary.json").read_text())
+    store.close()
+
+
+def half_calibration(store) -> dict:
+    """(model, kind) -> (labels, classwise ECE, log loss) on the scored half, from the SQL view."""
+    _, rows = store.query(
+        "SELECT model, kind, sum(n) / 3 AS labels, sum(n * abs(obs - pred)) / sum(n) AS ece FROM ("
+        "  SELECT model, kind, cls, bin, count() AS n, avg(p) AS pred, avg(hit) AS obs FROM prediction_calibration"
+        "  WHERE start >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') GROUP BY model, kind, cls, bin)"
+        " GROUP BY model, kind", {"s": SPLIT})
+    _, losses = store.query(
+        "SELECT model, kind, avgIf(-log(greatest(p, 1e-15)), hit = 1) FROM prediction_calibration "
+        "WHERE start >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') GROUP BY model, kind", {"s": SPLIT})
+    ll = {(m, k): v for m, k, v in losses}
+    return {(m, k): (n, e, ll[(m, k)]) for m, k, n, e in rows}
+
+
+def test_calibrated_skilled_models_and_a_trading_strategy_at_default_settings(main_job):
+    data, settings, store, summary = main_job
+    from models.train import load_manifest
+
+    (folder,) = [p for p in settings.artifacts().iterdir() if not p.name.startswith(".")]
+    m = load_manifest(folder)
+    assert m.deployment.status == "accepted", m.deployment.reason
+    _, served = store.query("SELECT countIf(version = {v:String}), count() FROM predictions FINAL "
+                            "WHERE model = 'onnx_ensemble'", {"v": m.version})
+    _, bars = store.query("SELECT count() FROM features FINAL WHERE tf = '5m' AND "
+                          "start > fromUnixTimestamp64Milli({t:Int64}, 'UTC')", {"t": m.data.last_bar_end})
+    assert served[0][0] == served[0][1] == bars[0][0] > 800  # every bar after its span, nothing before
+
+    _, labels = store.query("SELECT countIf(label = 0), countIf(label = 1), countIf(label = 2) FROM labels FINAL "
+                            "WHERE tf = '5m' AND start >= fromUnixTimestamp64Milli({s:Int64}, 'UTC')", {"s": SPLIT})
+    import math
+
+    n = sum(labels[0])
+    prior = -sum(c / n * math.log(c / n) for c in labels[0])  # log loss of the rows' own class frequencies
+    cal = half_calibration(store)
+    shown = {f"{m_}/{k}": (int(v[0]), round(v[1], 4), round(v[2], 4)) for (m_, k), v in sorted(cal.items())}
+    for model in ("river_lr", "river_arf", "onnx_ensemble"):
+        labelled, ece, _ = cal[(model, "calibrated")]
+        assert labelled > 800, shown
+        assert ece <= 0.05, f"{model}: calibrated ECE {ece:.4f} (raw {cal[(model, 'raw')][1]:.4f}); {shown}"
+    for model in ("river_lr", "onnx_ensemble"):
+        assert cal[(model, "calibrated")][2] < prior - 0.01, f"{model} vs prior {prior:.4f}: {shown}"
+    assert min(cal[(m_, "calibrated")][2] for m_ in ("river_lr", "river_arf")) < prior - 0.01
+
+    (production,) = [s for s in summary["strategies"] if s["origin"] == "production"]
+    assert production["trades"] >= 30, production
+
+
+def test_the_oracle_beats_every_model_and_the_models_capture_part_of_its_edge(main_job):
+    data, settings, store, _ = main_job
+    from models.oracle import edge_report, scored_rows, tape_of, with_oracle
+
+    tape = tape_of(data)
+    assert tape == {"symbols": ["BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT"], "start_ms": T0, "hours": 48.0,
+                    "seed": 7, "rate": None}
+    rows = {r["name"]: r for r in edge_report(with_oracle(
+        scored_rows(store, tf="5m", horizon=3, since_ms=SPLIT), tape, tf="5m", horizon=3, paths=2000))}
+    oracle, prior = rows["oracle"], rows["class prior"]
+    assert oracle["log_loss"] < prior["log_loss"] - 0.1 and oracle["accuracy"] > prior["accuracy"] + 0.1
+    for model in ("river_lr", "onnx_ensemble"):
+        assert oracle["log_loss"] < rows[model]["log_loss"]
+        assert 0.05 < rows[model]["share"] < 1.0, rows[model]
