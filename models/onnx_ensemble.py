@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import polars as pl
 
-from models.train import MANIFEST_FILE, Manifest, feature_matrix, load_manifest, sha256_bytes
+from models.train import MANIFEST_FILE, Manifest, as_lightgbm_sees, feature_matrix, load_manifest, sha256_bytes
 from operators.events import Event
 from operators.signals import Prediction, make_prediction
 
@@ -464,8 +464,8 @@ class OnnxEnsemble:
             self._refuse_row(cur, instrument, "span")
             return {}
         get = features.get
-        x = np.fromiter((_NAN if (v := get(n)) is None else v for n in cur.names),
-                        dtype=np.float32, count=cur.n).reshape(1, cur.n)
+        x = as_lightgbm_sees(np.fromiter((_NAN if (v := get(n)) is None else v for n in cur.names),
+                                         dtype=np.float32, count=cur.n).reshape(1, cur.n))
         feed = {cur.input_name: x}
         out: dict[str, Prediction] = {}
         total = np.zeros(3)
@@ -496,6 +496,7 @@ class OnnxEnsemble:
             x = np.ascontiguousarray(np.asarray(frame, dtype=np.float32))
             if x.ndim != 2 or x.shape[1] != cur.n:
                 raise ValueError(f"expected a [N, {cur.n}] matrix in manifest feature order, got {x.shape}")
+        x = as_lightgbm_sees(x)
         per = np.stack([sess.run(cur.outputs, {cur.input_name: x})[0] for _, sess in cur.members]).astype(np.float64)
         if members:
             return per

@@ -389,6 +389,22 @@ def booster_to_onnx(booster, n_features: int, *, check: Optional[np.ndarray] = N
     return onx
 
 
+LGB_ZERO_THRESHOLD = np.float32(1e-35)  # LightGBM's kZeroThreshold
+
+
+def as_lightgbm_sees(x: np.ndarray) -> np.ndarray:
+    """``x`` (float32) as LightGBM's input parser reads it: values with |x| <= 1e-35 (its
+    kZeroThreshold) are zero there, so the ONNX graph must get zero too, or a split at
+    -1e-35 (LightGBM puts zero-bin bounds there) goes the other way. Returns a copy only when needed."""
+    tiny = np.abs(x) <= LGB_ZERO_THRESHOLD
+    tiny &= x != 0
+    if not tiny.any():
+        return x
+    x = x.copy()
+    x[tiny] = 0.0
+    return x
+
+
 def _onnx_probs(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
@@ -396,7 +412,7 @@ def _onnx_probs(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
-    return sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    return sess.run([OUTPUT_NAME], {INPUT_NAME: as_lightgbm_sees(x)})[0]
 
 
 # ------------------------------------------------------------------------------------- training
