@@ -597,10 +597,7 @@ def _admit_careful(state: AdmitState, trades: pl.DataFrame, exchange: str, symbo
         run.clear()
 
     def accept(j: int) -> None:
-        f = state.max_ts
-        if f is not None and ts[j] < f - cfg.lateness_ms:
-            labels[j], marks[j] = _LATE, f - cfg.lateness_ms
-        state.max_ts = int(ts[j]) if f is None else max(f, int(ts[j]))
+        labels[j], marks[j] = _accept(state, int(ts[j]), cfg)
 
     for i in range(len(ts)):
         t = int(ts[i])
@@ -624,15 +621,20 @@ def _admit_careful(state: AdmitState, trades: pl.DataFrame, exchange: str, symbo
     return _split(frame.filter(pl.Series(keep)), labels[keep], marks[keep], exchange, symbol, cfg)
 
 
+def _accept(state: AdmitState, t: int, cfg: AdmitConfig) -> tuple[int, int]:
+    """Admit one trade against the frontier: (label, watermark it was judged by); moves the frontier."""
+    f = state.max_ts
+    state.max_ts = t if f is None else max(f, t)
+    if f is not None and t < f - cfg.lateness_ms:
+        return _LATE, f - cfg.lateness_ms
+    return _ON_TIME, 0
+
+
 def _classify_run(ts: np.ndarray, state: AdmitState, cfg: AdmitConfig) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.full(len(ts), _ON_TIME, dtype=np.int8)
-    marks = np.zeros(len(ts), dtype=np.int64)
-    for j, t in enumerate(ts.tolist()):
-        f = state.max_ts
-        if f is not None and t < f - cfg.lateness_ms:
-            labels[j], marks[j] = _LATE, f - cfg.lateness_ms
-        state.max_ts = t if f is None else max(f, t)
-    return labels, marks
+    """Admit held trades in arrival order (``flush``)."""
+    got = [_accept(state, t, cfg) for t in ts.tolist()]
+    return (np.array([g[0] for g in got], dtype=np.int8).reshape(-1),
+            np.array([g[1] for g in got], dtype=np.int64).reshape(-1))
 
 
 def _split(frame: pl.DataFrame, labels: np.ndarray, marks: np.ndarray, exchange: str, symbol: str,
