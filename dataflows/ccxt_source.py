@@ -268,6 +268,9 @@ class CcxtSource(FixedPartitionedSource[FrameBatch, int]):
             self._factory = load_factory(self.factory_path)
         return self._factory
 
+    def instruments(self) -> list[str]:
+        return [f"{ex}:{s}" for ex, syms in self.symbols.items() for s in syms]
+
     def backoff_factory(self) -> Optional[BackoffFactory]:
         return self.backoff or getattr(self.factory(), "backoff", None)
 

@@ -175,6 +175,9 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool, debug: bool)
 @click.option("--brokers", default=None, help="kafka: bootstrap servers (default TAPEFLOW_KAFKA_BROKERS)")
 @click.option("--topic", default=None, help="kafka: trade topic (default trades)")
 @click.option("--eof", is_flag=True, help="kafka: stop at the end of the topic instead of waiting for more")
+@click.option("--instruments", default=None,
+              help="kafka: every instrument on the topic, 'exchange:symbol,...' (TAPEFLOW_KAFKA_INSTRUMENTS): the "
+                   "portfolio waits for each, so its rows do not depend on the partitions' arrival order")
 @click.option("--from", "start_from", type=click.Choice(["committed", "earliest", "latest"]), default="committed",
               show_default=True,
               help="kafka, without a recovery snapshot: start at the offsets this store's consumer group committed "
@@ -216,7 +219,8 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool, debug: bool)
 def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optional[float],
         exchange_factory: Optional[str], symbols: str, hours: float, start: str, seed: int,
         rate: Optional[float], files: tuple[Path, ...], exchange: Optional[str], symbol: Optional[str],
-        speed: Optional[float], brokers: Optional[str], topic: Optional[str], eof: bool, start_from: str, clock: str,
+        speed: Optional[float], brokers: Optional[str], topic: Optional[str], eof: bool, instruments: Optional[str],
+        start_from: str, clock: str,
         dsn: Optional[str], database: Optional[str], data_dir: Optional[Path], processes: int, workers: int,
         recovery_dir: Optional[Path], batch_size: Optional[int], quiet: bool, no_store: bool,
         summary_json: Optional[Path], proc_id: Optional[int], addresses: Optional[str], run_dir: Optional[Path],
@@ -233,7 +237,7 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
 
     settings = _settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir,
                          recovery_dir=recovery_dir, batch_size=batch_size, kafka_brokers=brokers,
-                         kafka_topic=topic, model=model)
+                         kafka_topic=topic, model=model, kafka_instruments=_instruments(instruments))
     _check_cluster_options(proc_id, addresses)
     if summary_json is not None:  # an output path that cannot be written fails now, not after the run
         try:
@@ -491,7 +495,19 @@ def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int,
         raise click.ClickException(str(err)) from None
     return KafkaBatchSource(settings.kafka_brokers, settings.kafka_topic, tail=not eof,
                             batch_size=settings.kafka_batch_size, progress=progress, start=start_from,
+                            universe=tuple(settings.kafka_instruments),
                             group_id=default_group(settings.dsn(), settings.clickhouse_database) if group else None)
+
+
+def _instruments(text: Optional[str]) -> Optional[list[str]]:
+    if text is None:
+        return None
+    out = [i.strip() for i in text.split(",") if i.strip()]
+    bad = [i for i in out if ":" not in i or not all(i.partition(":")[::2])]
+    if bad or not out:
+        raise click.BadParameter(f"expected exchange:symbol,... (e.g. binance:BTC/USDT), got {text!r}",
+                                 param_hint="--instruments")
+    return out
 
 
 def _train(settings: Settings, until_ms: Optional[int] = None, folds: int = 4, quiet: bool = False):

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
 
     # trade contract and windows
     lateness_ms: int = Field(2_000, ge=0, description="allowed lateness behind the newest trade (watermark)")
+    portfolio_wait_ms: int = Field(
+        10_000, gt=0, description="live: wall time the portfolio waits for an instrument that holds back the "
+                                  "event-time order before declaring it silent (an instrument_silent event)")
     dedup_horizon_ms: int = Field(600_000, gt=0, description="how far back duplicate ids are remembered")
     dedup_max_ids: int = Field(500_000, gt=0, description="cap on ids remembered per instrument")
     max_future_ms: int = Field(86_400_000, gt=0, description="trades further ahead of now are dead letters")
@@ -130,6 +133,10 @@ class Settings(BaseSettings):
     kafka_topic: str = Field("trades", description="trade topic (key exchange:symbol)")
     kafka_partitions: int = Field(6, gt=0, description="partitions when tapeflow creates the topic")
     kafka_batch_size: int = Field(10_000, gt=0, description="messages per Kafka poll")
+    kafka_instruments: list[str] = Field(
+        [], description="exchange:symbol of every instrument on the topic: the portfolio waits for each, so "
+                        "trading rows do not depend on arrival order across partitions (empty: they join "
+                        "as they come)")
 
     @field_validator("strategy", "quality", "optimizer")
     @classmethod
@@ -252,7 +259,7 @@ class Settings(BaseSettings):
 
 # command-line options whose name differs from their setting's
 _OPTIONS = {"clickhouse_dsn": "--dsn", "clickhouse_database": "--database", "kafka_brokers": "--brokers",
-            "kafka_topic": "--topic", "kafka_partitions": "--partitions"}
+            "kafka_topic": "--topic", "kafka_partitions": "--partitions", "kafka_instruments": "--instruments"}
 
 
 def _env_name(field: str) -> str:

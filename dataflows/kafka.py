@@ -214,12 +214,16 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
     progress: Optional[Callable] = None  # (partition, done, total, rows released now)
     start: str = "committed"
     group_id: Optional[str] = None
+    universe: tuple = ()  # exchange:symbol of every instrument on the topic (the portfolio waits for each)
 
     commit_positions = True  # the pipeline passes each batch's SourcePosition on to the sink
 
     def __post_init__(self) -> None:
         if self.start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+
+    def instruments(self) -> tuple:
+        return self.universe
 
     def offset_committer(self) -> "OffsetCommitter":
         """What the sink uses to commit this source's positions (None group: commits nothing)."""

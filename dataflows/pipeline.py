@@ -12,8 +12,9 @@ Wiring only; the logic lives in ``operators/`` and ``models/``. Read it top to b
     rollup         5m / 15m / 1h / 4h / 1d from closed 1m bars (a group per closed minute)
     features       primary + overlay features, closed-overlay alignment, matured labels
     score          River models (learn on matured labels) + the ONNX ensemble
-    portfolio      one key: decisions of the production strategy, paper fills at the next 1m open,
-                   stops on 1m bars, risk guards, bandit rewards, data-quality gate
+    portfolio      one key: every instrument's 1m bars and scored rows in one event-time order
+                   (Sequencer), decisions of the production strategy, paper fills at the next 1m
+                   open, stops on 1m bars, risk guards, bandit rewards, data-quality gate
     clickhouse     bars, features, labels, predictions, metrics, decisions, fills, equity, late
                    trades, dead letters, events
 """
@@ -131,7 +132,9 @@ def _features(settings: Settings):
     def step(state: Optional[F.FeatureStage], group: B.BarGroup) -> tuple[F.FeatureStage, list]:
         state = state or F.FeatureStage(settings.primary_tf, tuple(settings.overlay_tfs), settings.feature_history,
                                         settings.label_horizon, settings.label_band_k)
-        return state, state.on_bars(group.bars)
+        # the group's 1m bar goes last, on to the portfolio behind every row of its minute (on this
+        # path an instrument's items keep their order: the Sequencer's progress; not to the sink)
+        return state, [*state.on_bars(group.bars), *(b for b in group.bars if b.tf == "1m")]
 
     return step
 
@@ -146,6 +149,8 @@ def _score(settings: Settings, ensemble):
     def step(state, item) -> tuple[Any, list]:
         if state is None:
             state = OnlineModels(cfg) if settings.online_models else False
+        if isinstance(item, B.Bar):  # a 1m bar on its way to the portfolio
+            return state, [item]
         if isinstance(item, L.Label):
             if not state:
                 return state, [item]
@@ -169,26 +174,32 @@ class PortfolioLogic(StatefulBatchLogic):
     """The one ``"portfolio"`` key: production strategy (+ variants) over every instrument's scored
     rows and 1m bars, with the data-quality gate and operator commands (kill-switch resets).
 
-    Each batch applies its data-quality news (gap events, late trades, dead-letter counts) before
-    its market items, so a gap reported in band ahead of the trades after it gates every bar those
-    trades close, whatever order the merged streams arrive in.
+    Market items go through a ``Sequencer`` (``operators.portfolio``): the book sees them in one
+    event-time order whatever order the partitions and processes deliver them in. Each batch
+    applies its data-quality news (gap events, late trades, dead-letter counts) before the market
+    items it releases, so a gap reported in band ahead of the trades after it gates every bar those
+    trades close.
 
     Operator requests are applied once per state: their ids are part of it (``applied``), and the
     inbox offers again every request this run's lineage took, so one taken just before a crash is
     applied again to the state restored from the snapshot before it (``dataflows.control``)."""
 
-    def __init__(self, state: Optional[tuple], make: Callable[[], P.Portfolio], inbox, ordered: bool):
+    def __init__(self, state: Optional[tuple], make: Callable[[], P.Portfolio], inbox,
+                 make_seq: Callable[[], Optional[P.Sequencer]] = P.Sequencer):
         if state is None:
-            state = (make(), P.Sequencer() if ordered else None, {})
-        self.p, self.seq, self.applied = state if len(state) == 3 else (*state, {})  # (p, seq): older snapshots
+            state = (make(), make_seq(), {})
+        self.p, self.seq, self.applied = state
+        if self.seq is not None and not hasattr(self.seq, "progress"):  # a snapshot of the previous release
+            self.seq = _upgrade_sequencer(self.seq, make_seq())
         self.inbox = inbox
 
     def on_batch(self, items: list) -> tuple[list, bool]:
         out: list = []
+        now = _wall_ms()
         for req in self.inbox.take() if self.inbox else []:
             if req["id"] in self.applied:
                 continue
-            at = int(req.get("requested_at_ms") or _wall_ms())  # the audit event's time: the same if replayed
+            at = int(req.get("requested_at_ms") or now)  # the audit event's time: the same if replayed
             self.applied[req["id"]] = at
             out.extend(self.p.reset_kill_switch(at, req.get("by", "operator"), req.get("strategy", "production")))
         market = []
@@ -201,15 +212,31 @@ class PortfolioLogic(StatefulBatchLogic):
                 self.p.quality.on_event(item)
             elif isinstance(item, P.BatchQuality):
                 self.p.quality.on_batch(item)
+        if self.seq is None:
+            for item in market:
+                out.extend(self._market(item))
+            return out, StatefulBatchLogic.RETAIN
         for item in market:
-            for x in self.seq.push(item) if self.seq is not None else [item]:
-                out.extend(self._market(x))
-        return out, StatefulBatchLogic.RETAIN
+            out.extend(self.seq.push(item, now))
+        return out + self._release(now), StatefulBatchLogic.RETAIN
+
+    def _release(self, now: int) -> list:
+        out: list = []
+        for x in self.seq.release(now):
+            out.extend([x] if isinstance(x, Event) else self._market(x))
+        return out
 
     def _market(self, item) -> list:
         if isinstance(item, B.Bar):
             return self.p.on_bar(item)
         return self.p.on_scored(item, _wall_ms())
+
+    def on_notify(self) -> tuple[list, bool]:
+        return (self._release(_wall_ms()) if self.seq is not None else []), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> Optional[datetime]:
+        at = self.seq.next_check() if self.seq is not None else None
+        return None if at is None else _ms_dt(at)
 
     def on_eof(self) -> tuple[list, bool]:
         out: list = []
@@ -220,6 +247,13 @@ class PortfolioLogic(StatefulBatchLogic):
 
     def snapshot(self) -> tuple:
         return copy.deepcopy((self.p, self.seq, self.applied))
+
+
+def _upgrade_sequencer(old, new: P.Sequencer) -> P.Sequencer:
+    """A ``Sequencer`` snapshotted by the previous release (``last_end``, 5-tuples in ``buffer``)."""
+    new.progress = dict(getattr(old, "last_end", {}))
+    new.buffer = [(t, rank, inst, item) for t, rank, inst, _, item in getattr(old, "buffer", [])]
+    return new
 
 
 def _position(batch) -> Optional[SourcePosition]:
@@ -242,11 +276,13 @@ def build_flow(
     flow_id: str = "tapeflow",
     ensemble: Any = "auto",
     control_lineage: Optional[str] = None,
+    instruments: Optional[Iterable[str]] = None,
 ) -> Dataflow:
     """The whole pipeline. ``pace``: None for replay/backfill (event time only), 1.0 for live.
     ``ensemble``: the ONNX ensemble scorer ("auto": ``dataflows.training.open_ensemble``; None: off).
     ``control_lineage``: whose operator requests these are (``dataflows.control.lineage_of`` the
-    recovery directory; None: this flow's own)."""
+    recovery directory; None: this flow's own). ``instruments``: the universe the portfolio waits
+    for (``exchange:symbol``; None: the source's ``instruments()``, if it has one)."""
     strategy_cfg = settings.strategy_config()
     quality_cfg = settings.quality_config()
     optimizer_cfg = settings.optimizer_config()
@@ -254,6 +290,14 @@ def build_flow(
     def make_portfolio() -> P.Portfolio:
         return P.Portfolio.create(strategy_cfg, quality_cfg, optimizer=optimizer_cfg, primary_tf=settings.primary_tf,
                                   overlay_tfs=tuple(settings.overlay_tfs))
+
+    if instruments is None:  # the source's universe (synthetic symbols, a tape's instruments, ccxt feeds)
+        instruments = getattr(source, "instruments", lambda: ())()
+    universe = tuple(sorted(instruments))
+    wait_ms = settings.portfolio_wait_ms if pace is not None else None
+
+    def make_sequencer() -> P.Sequencer:
+        return P.Sequencer(universe, wait_ms)
 
     inbox = ControlInbox(settings.data_dir, lineage=control_lineage)
     if ensemble == "auto":  # the named one (TAPEFLOW_MODEL) or one trained on this store
@@ -299,8 +343,7 @@ def build_flow(
 
     portfolio_in = op.merge(
         "portfolio_in",
-        op.filter("scored_rows", op.key_rm("scored_out", scored), lambda x: isinstance(x, S.ScoredRow)),
-        op.filter("bars_1m_out", op.key_rm("bars_in", all_bars), lambda b: b.tf == "1m"),
+        op.filter("market", op.key_rm("scored_out", scored), lambda x: isinstance(x, (S.ScoredRow, B.Bar))),
         op.filter("late_in", op.key_rm("admit_late", is_chunk.falses), lambda x: isinstance(x, T.LateTrades)),
         op.key_rm("window_late", late_chunks),
         events,
@@ -308,12 +351,12 @@ def build_flow(
     )
     trading = op.stateful_batch(
         "portfolio", op.key_on("to_portfolio", portfolio_in, lambda _: P.PORTFOLIO_KEY),
-        lambda resume: PortfolioLogic(resume, make_portfolio, inbox, ordered=pace is None))
+        lambda resume: PortfolioLogic(resume, make_portfolio, inbox, make_sequencer))
 
     records = op.merge(
         "records",
         op.key_rm("bars_out", all_bars),
-        op.key_rm("scores_out", scored),
+        op.filter("scores_out", op.key_rm("scores", scored), lambda x: not isinstance(x, B.Bar)),  # bars: above
         op.key_rm("trading_out", trading),
         op.key_rm("admit_out", is_chunk.falses),
         op.key_rm("late_out", late_chunks),

@@ -195,6 +195,9 @@ class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
     def _n_parts(self) -> int:
         return max(1, min(self.partitions or 4, len(self.symbols)))
 
+    def instruments(self) -> list[str]:
+        return [f"{self.exchange}:{s}" for s in self.symbols]
+
     def list_parts(self) -> list[str]:
         return [f"synthetic-{i}" for i in range(self._n_parts())]
 
@@ -737,7 +740,9 @@ class ReplaySource(FixedPartitionedSource[FrameBatch, int]):
 
     def _load(self) -> Tape:
         tape = load_tape(self.paths, self.exchange, self.symbol)
-        self._info = {**tape.describe(), "summary": tape.summary()}
+        self._info = {**tape.describe(), "summary": tape.summary(),
+                      "instruments": sorted(f"{e}:{s}" for e, s in tape.frame.select("exchange", "symbol").unique()
+                                            .iter_rows())}
         return tape
 
     def check(self, keep: bool = True) -> dict:
@@ -757,6 +762,10 @@ class ReplaySource(FixedPartitionedSource[FrameBatch, int]):
             self.check(keep=False)
         assert self._info is not None
         return self._info
+
+    def instruments(self) -> list[str]:
+        """Every instrument of the tape (reads the files if nothing has yet)."""
+        return self.describe()["instruments"]
 
     def list_parts(self) -> list[str]:
         names = "+".join(Path(p).name for p in self.paths)

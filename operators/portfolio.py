@@ -94,49 +94,118 @@ class DataQuality:
 
 @dataclass
 class Sequencer:
-    """Puts the instruments' streams into one event-time order before the portfolio sees them.
+    """Puts the instruments' streams into one event-time order before the portfolio sees them, so
+    a shared book (equity, positions, guards, one bandit, the optimizer) is a function of the input
+    alone, whatever the partition count, process count, batch cut or arrival order (issue 11).
 
-    Bytewax delivers different instruments' items to the portfolio key in whatever order their
-    workers produce them; a shared book (equity, positions, one bandit) would then depend on it:
-    instrument B's bar from 10:07 could move equity before A's decision at 10:05. Here a 1m bar or
-    scored row ending at t is released only when every active instrument has shown a bar ending
-    after t, and released items are ordered by (t, bars before scored rows, instrument). An
-    instrument whose newest bar is more than ``idle_ms`` behind the newest of all is not waited for.
-    Used for replays (deterministic rows); live runs skip it to keep decision latency low.
+    What it relies on (``dataflows.pipeline``): an instrument's 1m bars reach the portfolio on the
+    same path as its scored rows, in event-time order, and the 1m bar ending ``t`` comes after every
+    other item of that instrument ending at or before ``t``. So once instrument X's bar ending
+    ``t`` is here, nothing of X ending at or before ``t`` is still to come: X's *progress* is ``t``.
+
+    Release rule: an item ending at ``t`` is released once every instrument of the *universe* has
+    progress ``>= t``; released items are ordered by (t, 1m bars before scored rows, instrument).
+    The universe is known before the first trade (the synthetic symbols, the instruments of a replay
+    tape, the ccxt feeds, a Kafka run's ``--instruments``): an instrument is waited for before its
+    first bar, so a partition read late cannot fall behind what the book already did. Without a
+    declared universe (Kafka without ``--instruments``) instruments join at their first item, which
+    depends on arrival order: recorded as an ``instrument_joined`` event naming where the book was.
+
+    An instrument that never trades again holds the book until the end of the input (replays: the
+    rest is released in order at EOF). Live (``wait_ms`` set): when the release has been held for
+    ``wait_ms`` of wall time, the instruments holding it are declared silent (``instrument_silent``
+    event) and the book moves on without them; a silent instrument's next item makes it wait again
+    (``instrument_back``), and its items that end before where the book already is are applied on
+    arrival. So a live run is deterministic up to when instruments are declared silent.
     """
 
-    idle_ms: int = 600_000
-    last_end: dict = field(default_factory=dict)  # instrument -> newest 1m bar end seen
-    buffer: list = field(default_factory=list)  # (t, rank, instrument, n, item)
-    n: int = 0
+    universe: tuple = ()
+    wait_ms: Optional[int] = None
+    progress: dict = field(default_factory=dict)  # instrument -> end of its newest item here
+    buffer: list = field(default_factory=list)  # (t, rank, instrument, item)
+    released: Optional[int] = None  # every item ending at or before this has been released
+    silent: dict = field(default_factory=dict)  # instrument -> its progress when declared silent
+    held_since: Optional[int] = None  # wall ms: since when a release has been held (live)
 
-    def push(self, item) -> list:
-        if isinstance(item, Bar):
-            inst, t, rank = item.instrument, item.end, 0
-            self.last_end[inst] = max(self.last_end.get(inst, t), t)
+    def push(self, item, now_ms: int = 0) -> list:
+        """Take one item (a 1m Bar or a ScoredRow); returns events (joins, returns) it causes.
+        Call ``release`` once the batch is in."""
+        inst, t = item.instrument, item.end
+        events: list = []
+        if inst not in self.progress and inst not in self.universe and self.released is not None \
+                and t <= self.released:  # the book is past its first item: where it joins depends on arrival
+            events.append(self._event("instrument_joined", inst, now_ms, t,
+                                      f"not in the declared instruments; its first item (end {t}) came after "
+                                      f"the book had reached {self.released}: applied out of order"))
+        if inst in self.silent:
+            events.append(self._event("instrument_back", inst, now_ms, t,
+                                      f"silent since {self.silent.pop(inst)}; waited for again"))
+        self.progress[inst] = max(self.progress.get(inst, t), t)
+        if self.released is not None and t <= self.released:
+            self.buffer.append((self.released, 0 if isinstance(item, Bar) else 1, inst, item))  # behind: next
         else:
-            inst, t, rank = item.instrument, item.end, 1
-        self.n += 1
-        self.buffer.append((t, rank, inst, self.n, item))
-        return self._release()
+            self.buffer.append((t, 0 if isinstance(item, Bar) else 1, inst, item))
+        return events
 
-    def _release(self) -> list:
-        if not self.last_end:
-            return []
-        newest = max(self.last_end.values())
-        active = [e for e in self.last_end.values() if e >= newest - self.idle_ms]
-        watermark = min(active)
-        ready = [b for b in self.buffer if b[0] < watermark]
+    def watermark(self) -> Optional[int]:
+        waited = [i for i in {*self.universe, *self.progress} if i not in self.silent]
+        if not waited:
+            return None
+        if any(i not in self.progress for i in waited):
+            return None
+        return min(self.progress[i] for i in waited)
+
+    def release(self, now_ms: int = 0) -> list:
+        """Items (and silent events, live) that can go to the book now, in order."""
+        out: list = []
+        w = self.watermark()
+        if self.wait_ms is not None and self.buffer and (w is None or min(b[0] for b in self.buffer) > w):
+            if self.held_since is None:
+                self.held_since = now_ms
+            elif now_ms - self.held_since >= self.wait_ms:
+                out.extend(self._declare_silent(now_ms))
+                w = self.watermark()
+                self.held_since = None
+        if w is None:
+            return out
+        ready = [b for b in self.buffer if b[0] <= w]
         if not ready:
-            return []
-        self.buffer = [b for b in self.buffer if b[0] >= watermark]
-        ready.sort(key=lambda b: b[:4])
-        return [b[4] for b in ready]
+            return out
+        self.buffer = [b for b in self.buffer if b[0] > w]
+        self.released = w if self.released is None else max(self.released, w)
+        self.held_since = now_ms if (self.wait_ms is not None and self.buffer) else None
+        ready.sort(key=lambda b: b[:3])
+        return out + [b[3] for b in ready]
+
+    def _declare_silent(self, now_ms: int) -> list:
+        """The instruments that hold back the oldest waiting item go silent."""
+        oldest = min(b[0] for b in self.buffer)
+        out = []
+        for i in sorted({*self.universe, *self.progress}):
+            if i not in self.silent and self.progress.get(i, -1) < oldest:
+                self.silent[i] = self.progress.get(i)
+                out.append(self._event("instrument_silent", i, now_ms, self.progress.get(i),
+                                       f"nothing for {self.wait_ms} ms of wall time: the book goes on without it"))
+        return out
+
+    def next_check(self) -> Optional[int]:
+        """Live: the wall ms at which a held release declares the laggards silent."""
+        if self.wait_ms is None or self.held_since is None or not self.buffer:
+            return None
+        return self.held_since + self.wait_ms
 
     def flush(self) -> list:
-        out = [b[4] for b in sorted(self.buffer, key=lambda b: b[:4])]
+        out = [b[3] for b in sorted(self.buffer, key=lambda b: b[:3])]
         self.buffer = []
+        if out:
+            self.released = max(self.released or 0, max(x.end for x in out))
         return out
+
+    @staticmethod
+    def _event(kind: str, instrument: str, now_ms: int, t: Optional[int], reason: str) -> Event:
+        ex, _, sym = instrument.partition(":")
+        return Event(kind=kind, ts=t if t is not None else now_ms, exchange=ex, symbol=sym, to_ts=t,
+                     reason=reason, source="pipeline")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from tests.unit.test_strategy import LONG, P, T0, bar, cfg, row
 def _halted_portfolio_logic(data_dir):
     c = cfg(stop_loss_pct=0.04, base_notional=10_000.0, sigma_target=5.0, daily_loss_limit=0.0,
             max_consecutive_losses=0)
-    logic = PortfolioLogic(None, lambda: Portfolio.create(c), ControlInbox(data_dir, check_every_s=0), ordered=False)
+    logic = PortfolioLogic(None, lambda: Portfolio.create(c), ControlInbox(data_dir, check_every_s=0), lambda: None)
     for k in range(3):  # three 4% stop-outs: a 12% drawdown trips the 10% kill switch
         t = T0 + k * 4 * P
         logic.on_batch([row(t, preds=LONG)])
@@ -83,7 +83,7 @@ def test_a_reset_taken_just_before_a_crash_is_applied_once_to_the_restored_state
 
     def restart(snapshot, lineage="rec@1"):  # a new process: new inbox, state from the recovery snapshot
         return PortfolioLogic(pickle.loads(snapshot), None, ControlInbox(tmp_path, check_every_s=0, lineage=lineage),
-                              ordered=False)
+                              lambda: None)
 
     def resets(lg, n=3):
         got = []
