@@ -121,7 +121,7 @@ class Sequencer:
 
     universe: tuple = ()
     wait_ms: Optional[int] = None
-    progress: dict = field(default_factory=dict)  # instrument -> end of its newest item here
+    progress: dict = field(default_factory=dict)  # instrument -> end of its newest 1m bar here
     buffer: list = field(default_factory=list)  # (t, rank, instrument, item)
     released: Optional[int] = None  # every item ending at or before this has been released
     silent: dict = field(default_factory=dict)  # instrument -> its progress when declared silent
@@ -140,7 +140,10 @@ class Sequencer:
         if inst in self.silent:
             events.append(self._event("instrument_back", inst, now_ms, t,
                                       f"silent since {self.silent.pop(inst)}; waited for again"))
-        self.progress[inst] = max(self.progress.get(inst, t), t)
+        if isinstance(item, Bar):  # the marker: nothing of this instrument ending at or before t is to come
+            self.progress[inst] = max(self.progress.get(inst, t), t)
+        elif inst not in self.progress and inst not in self.universe:
+            self.progress[inst] = t - 1  # a newcomer is waited for from now on
         if self.released is not None and t <= self.released:
             self.buffer.append((self.released, 0 if isinstance(item, Bar) else 1, inst, item))  # behind: next
         else:
@@ -166,6 +169,8 @@ class Sequencer:
                 out.extend(self._declare_silent(now_ms))
                 w = self.watermark()
                 self.held_since = None
+        if self.released is not None:  # items behind the book (a silent one back, a late joiner) go now
+            w = self.released if w is None else max(w, self.released)
         if w is None:
             return out
         ready = [b for b in self.buffer if b[0] <= w]
