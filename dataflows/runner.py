@@ -8,7 +8,7 @@ directory, and process 0 adds them up for the summary.
 
 Stopping: Ctrl-C (SIGINT) and SIGTERM (what ``docker compose stop`` sends) both stop a run the
 same way. bytewax checks Python signals in its worker loop, so a Python handler that raises
-``KeyboardInterrupt`` (``Stopped`` for SIGTERM) ends ``run_main``/``cluster_main`` with that
+``KeyboardInterrupt`` (``Stopped`` for SIGTERM) ends ``cli_main`` with that
 exception in the error chain; the handler also passes SIGTERM on to the peer processes of a local
 cluster, which run in their own session (a terminal's Ctrl-C reaches only process 0) and get
 SIGTERM from the kernel should process 0 die without doing so (``PR_SET_PDEATHSIG``).
@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 
 from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
-from bytewax.testing import cluster_main, run_main
+from bytewax.run import cli_main
 
 from sinks.clickhouse import SinkStats
 
@@ -294,7 +294,8 @@ def recovery_config(recovery_dir: Optional[Path], partitions: int) -> Optional[R
 
 def execute(flow: Dataflow, *, epoch_interval_s: float, recovery: Optional[RecoveryConfig],
             addresses: Optional[list[str]] = None, proc_id: int = 0, workers: int = 1) -> None:
-    """Run ``flow`` here (one worker: ``run_main``; more, or a cluster: ``cluster_main``). An error
+    """Run ``flow`` here through ``bytewax.run.cli_main`` (one worker, or this process's workers of a
+    cluster; the peers of a local cluster are started by ``spawn_peers``). An error
     that reaches the caller as a bare panic carries the original exception as its cause when
     bytewax made one (``dataflows.errors.with_lost_cause``)."""
     global _executing
@@ -305,11 +306,11 @@ def execute(flow: Dataflow, *, epoch_interval_s: float, recovery: Optional[Recov
     errors.forget_bytewax_errors()
     _executing = True
     try:
-        if not addresses and workers == 1:
-            run_main(flow, epoch_interval=epoch, recovery_config=recovery)
-        else:
-            cluster_main(flow, addresses or [], proc_id, epoch_interval=epoch, recovery_config=recovery,
-                         worker_count_per_proc=workers)
+        if not addresses and workers == 1:  # bytewax's production entry point (what `python -m bytewax.run` calls)
+            cli_main(flow, epoch_interval=epoch, recovery_config=recovery)
+        else:  # this process's share of a cluster (process_id given: no spawning of its own)
+            cli_main(flow, workers_per_process=workers, process_id=proc_id, addresses=addresses or None,
+                     epoch_interval=epoch, recovery_config=recovery)
     except BaseException as err:
         raise errors.with_lost_cause(err)
     finally:
