@@ -176,8 +176,9 @@ def main(ctx: click.Context, config: Optional[Path], verbose: bool, debug: bool)
 @click.option("--topic", default=None, help="kafka: trade topic (default trades)")
 @click.option("--eof", is_flag=True, help="kafka: stop at the end of the topic instead of waiting for more")
 @click.option("--instruments", default=None,
-              help="kafka: every instrument on the topic, 'exchange:symbol,...' (TAPEFLOW_KAFKA_INSTRUMENTS): the "
-                   "portfolio waits for each, so its rows do not depend on the partitions' arrival order")
+              help="kafka: every instrument on the topic, like --feeds: 'exchange:SYM1,SYM2;exchange2:SYM3' "
+                   "(or TAPEFLOW_KAFKA_INSTRUMENTS): the portfolio waits for each, so its rows do not depend on "
+                   "the order the partitions arrive in")
 @click.option("--from", "start_from", type=click.Choice(["committed", "earliest", "latest"]), default="committed",
               show_default=True,
               help="kafka, without a recovery snapshot: start at the offsets this store's consumer group committed "
@@ -283,6 +284,10 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
             _claim_store(store, settings, fingerprint, replace=replace, resuming=resuming,
                          train_split=train_split if source == "synthetic" else None)
 
+    if source == "kafka" and eof and not settings.kafka_instruments and not is_peer:
+        err_console.print("[yellow]warning: no --instruments: instruments join the portfolio as they arrive, so "
+                          "with several partitions its decisions may depend on their order; name them "
+                          "(like --feeds) for deterministic trading rows[/yellow]", highlight=False, soft_wrap=True)
     elapsed = 0.0
     for k, phase_end in enumerate(phases):
         src = _source(source, settings, progress, symbols=symbols, t0=t0, end_ms=phase_end, seed=seed, rate=rate,
@@ -500,14 +505,17 @@ def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int,
 
 
 def _instruments(text: Optional[str]) -> Optional[list[str]]:
+    """``--instruments`` in the ``--feeds`` syntax (``exchange:SYM1,SYM2;exchange2:SYM3``) as
+    ``exchange:symbol`` strings."""
     if text is None:
         return None
-    out = [i.strip() for i in text.split(",") if i.strip()]
-    bad = [i for i in out if ":" not in i or not all(i.partition(":")[::2])]
-    if bad or not out:
-        raise click.BadParameter(f"expected exchange:symbol,... (e.g. binance:BTC/USDT), got {text!r}",
-                                 param_hint="--instruments")
-    return out
+    from dataflows.ccxt_source import parse_symbols
+
+    try:
+        return [f"{ex}:{sym}" for ex, syms in parse_symbols(text).items() for sym in syms]
+    except ValueError as err:
+        raise click.BadParameter(f"{err} (e.g. binanceusdm:BTC/USDT:USDT,ETH/USDT:USDT;bybit:BTC/USDT:USDT)",
+                                 param_hint="--instruments") from None
 
 
 def _train(settings: Settings, until_ms: Optional[int] = None, folds: int = 4, quiet: bool = False):

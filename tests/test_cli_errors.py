@@ -91,6 +91,7 @@ def test_replay_file_mistakes(tmp_path, tapes, file, extra, needles):
     (("--proc-id", "1"), ["--proc-id", "--addresses"]),
     (("--summary-json", "{tmp}/a-file/s.json"), ["--summary-json", "a-file"]),
     (("--dsn", "tcp://db:9000"), ["--dsn", "chdb:///"]),
+    (("--source", "kafka", "--instruments", "BTC/USDT"), ["--instruments", "exchange:SYM1,SYM2"]),
 ])
 def test_option_mistakes(tmp_path, args, needles):
     (tmp_path / "a-file").write_text("")

@@ -28,7 +28,7 @@ from dataflows.kafka import ensure_topic
 from tests.helpers import synthetic_tape
 from tests.integration.test_kafka_pipeline import SYMBOLS, _snapshotted_offsets, publish
 
-INSTRUMENTS = ",".join(f"x:{s}" for s in SYMBOLS)
+INSTRUMENTS = "x:" + ",".join(SYMBOLS)  # the --feeds syntax
 # the acceptance asks for the optimizer on: its variants' decisions and metrics must be deterministic too
 ENV = {**os.environ, "TAPEFLOW_OPTIMIZER": '{"enabled": true}'}
 WALL = {"decisions": ["decided_at", "latency_ms"], "variant_metrics": ["latency_p50_ms", "latency_p99_ms"]}
