@@ -3,7 +3,8 @@
 decision row for the primary bar it completes (features, River + ONNX scoring, portfolio).
 
 Runs the real command on a paced synthetic feed (live-like: the window clock follows the wall
-clock at --speed x real time, no replay sequencing) and reads decisions.latency_ms back.
+clock at --speed x real time; the portfolio waits for every instrument's bar of the minute, so a
+decision waits for the slowest instrument's window to close) and reads decisions.latency_ms back.
 
     .venv/bin/python bench/latency.py                   # 3 symbols, 2 h of event time at 240x
 """

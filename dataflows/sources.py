@@ -41,15 +41,16 @@ def now_ms() -> int:
 class _Pacer:
     """Maps event time to wall time at ``speed`` x real time, anchored at the first trade."""
 
-    def __init__(self, speed: Optional[float]):
+    def __init__(self, speed: Optional[float], anchor_event_ms: Optional[int] = None):
         self.speed = speed or None
+        self.anchor_event_ms = anchor_event_ms  # None: the first trade's
         self.anchor: Optional[tuple[float, int]] = None  # (wall seconds, event ms)
 
     def due_event_ms(self, first_event_ms: int) -> Optional[int]:
         if self.speed is None:
             return None
         if self.anchor is None:
-            self.anchor = (time.time(), first_event_ms)
+            self.anchor = (time.time(), first_event_ms if self.anchor_event_ms is None else self.anchor_event_ms)
         wall0, ev0 = self.anchor
         return ev0 + int((time.time() - wall0) * 1000 * self.speed)
 
@@ -119,6 +120,7 @@ class _SyntheticPartition(_FramePartition):
     def __init__(self, src: "SyntheticSource", part: str, specs: list[syn.InstrumentSpec],
                  resume: Optional[dict]):
         super().__init__(src.source_name, part, src.speed)
+        self.pacer = src.pacer()  # one wall clock for every partition, like a live feed
         self.src, self.specs = src, specs
         self.at = {sp.symbol: resume[sp.symbol][0] if resume else syn.initial_state(sp) for sp in specs}
         self.emitted = {sp.symbol: resume[sp.symbol][1] if resume else 0 for sp in specs}
@@ -197,6 +199,13 @@ class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
 
     def instruments(self) -> list[str]:
         return [f"{self.exchange}:{s}" for s in self.symbols]
+
+    def pacer(self) -> _Pacer:
+        """The partitions' shared pacer (this process): anchored once, at ``start_ms``, so paced
+        partitions do not drift apart by when each was first polled."""
+        if getattr(self, "_pacer", None) is None:
+            self._pacer = _Pacer(self.speed, anchor_event_ms=self.start_ms)
+        return self._pacer
 
     def list_parts(self) -> list[str]:
         return [f"synthetic-{i}" for i in range(self._n_parts())]
