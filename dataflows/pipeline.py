@@ -76,8 +76,11 @@ def _bar_1m(cfg: B.BarConfig):
         _, chunks = window
         first = chunks[0]
         trades = chunks[0].trades if len(chunks) == 1 else T.concat_chunks(chunks)
+        if trades.height == 0:  # only news carriers: live, where the wall clock closed the window of
+            return state, []  # their trades first; no bar (rare: a carrier targets a window it has a trade in)
         bar = B.make_bar(trades, first.exchange, first.symbol, first.window_start, T.MINUTE_MS, state, cfg)
         bar.closed_at = _wall_ms()
+        bar.news = tuple(x for c in chunks for x in c.news)  # to the portfolio, with the bar
         return state, [bar]
 
     return step
@@ -208,6 +211,8 @@ class PortfolioLogic(StatefulBatchLogic):
                 market.append(item)
             elif isinstance(item, T.LateTrades):
                 self.p.quality.on_late(f"{item.exchange}:{item.symbol}", item.trades["ts"].to_list())
+            elif isinstance(item, P.News):
+                self.p.quality.on_news(item.instrument, item.items)
             elif isinstance(item, Event):
                 self.p.quality.on_event(item)
             elif isinstance(item, P.BatchQuality):
@@ -261,9 +266,12 @@ def _position(batch) -> Optional[SourcePosition]:
     return SourcePosition(batch.source, batch.partition, offsets[-1] + 1) if offsets else None
 
 
-def _late_chunk(key_window_chunk: tuple[int, T.Chunk]) -> T.LateTrades:
+def _late_chunk(key_window_chunk: tuple[int, T.Chunk]) -> list:
+    """A chunk that reached a window closed by the wall clock (live): its trades are late rows, and
+    the news it carried goes to the portfolio on its own (``News``), as it can no longer ride a bar."""
     _, chunk = key_window_chunk
-    return T.chunk_late(chunk, "window_closed")
+    out: list = [T.chunk_late(chunk, "window_closed")] if chunk.trades.height else []
+    return out + ([P.News(f"{chunk.exchange}:{chunk.symbol}", chunk.news)] if chunk.news else [])
 
 
 def build_flow(
@@ -317,7 +325,7 @@ def build_flow(
     dead = op.flat_map("dead_letters", decoded, lambda d: d.dead)
     events = op.flat_map("events", decoded, lambda d: d.events)
     batch_quality = op.map("batch_quality", decoded, lambda d: P.BatchQuality(d.frame.height, len(d.dead)))
-    per_instrument = op.flat_map("by_instrument", decoded, lambda d: T.split_instruments(d.frame))
+    per_instrument = op.flat_map("by_instrument", decoded, lambda d: T.split_instruments(d.frame, d.events))
     admitted = op.stateful("admit", per_instrument, lambda resume: AdmitLogic(resume, admit_cfg))
     is_chunk = op.branch("chunks", admitted, lambda kv: isinstance(kv[1], T.Chunk))
 
@@ -331,7 +339,7 @@ def build_flow(
         "window_1m", is_chunk.trues, clock,
         win.TumblingWindower(length=timedelta(minutes=1), align_to=EPOCH), ordered=False,
     )
-    late_chunks = op.map_value("late_chunks", windows.late, _late_chunk)
+    late_chunks = op.flat_map_value("late_chunks", windows.late, _late_chunk)
     bars_1m = op.stateful_flat_map("bar_1m", windows.down, _bar_1m(bar_cfg))
     groups = op.stateful(
         "rollup", bars_1m,
@@ -341,12 +349,12 @@ def build_flow(
     featured = op.stateful_flat_map("features", groups, _features(settings))
     scored = op.stateful_flat_map("score", featured, _score(settings, ensemble))
 
+    # late counts and data-gap events ride the instruments' bars (trades.carry_news); what the
+    # window refused (live: closed on the wall clock) comes on its own
     portfolio_in = op.merge(
         "portfolio_in",
         op.filter("market", op.key_rm("scored_out", scored), lambda x: isinstance(x, (S.ScoredRow, B.Bar))),
-        op.filter("late_in", op.key_rm("admit_late", is_chunk.falses), lambda x: isinstance(x, T.LateTrades)),
         op.key_rm("window_late", late_chunks),
-        events,
         batch_quality,
     )
     trading = op.stateful_batch(
@@ -359,7 +367,7 @@ def build_flow(
         op.filter("scores_out", op.key_rm("scores", scored), lambda x: not isinstance(x, B.Bar)),  # bars: above
         op.key_rm("trading_out", trading),
         op.key_rm("admit_out", is_chunk.falses),
-        op.key_rm("late_out", late_chunks),
+        op.filter("late_out", op.key_rm("late_rows", late_chunks), lambda x: isinstance(x, T.LateTrades)),
         dead,
         events,
         *positions,

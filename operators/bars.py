@@ -169,6 +169,7 @@ class Bar(msgspec.Struct, kw_only=True):
     profile_scale: int = 1  # profile bins are this many instrument bins wide (a power of ten); not stored
     partial: bool = False  # emitted at EOF before its period ended; replaced when the period completes
     closed_at: int = 0  # wall ms when its last 1m window closed (latency accounting; not stored)
+    news: tuple = ()  # 1m bars: data-quality news its window carried to the portfolio (trades.carry_news; not stored)
 
     @property
     def instrument(self) -> str:

@@ -4,10 +4,16 @@ with the data-quality gate fed by data-gap events, late trades and dead letters.
 
 Data quality of a primary bar [start, end) of an instrument:
 - ``data_gap``: a data-gap event of that instrument overlaps the bar (from_ts < end and to_ts > start);
-- ``late_rate``: late trades of the instrument inside the bar / (trades + late) above ``max_late_rate``;
+- ``late_rate``: late trades of the instrument inside the bar / (trades + late) above ``max_late_rate``
+  (behind the watermark or refused by a closed window; timestamp outliers are not counted: their ts
+  does not say which bar they belong to);
 - ``dead_letter_rate``: dead letters / (dead letters + decoded trades) over the last
   ``dead_window`` batches above ``max_dead_rate`` (dead letters rarely know their instrument, so this
-  one is global and counted per source batch).
+  one is global and counted per source batch, so it depends on where batches are cut).
+
+Late counts and data-gap events reach the portfolio inside the instrument's 1m bars
+(``Bar.news``, ``operators.trades.carry_news``), so they are applied at the same point of the
+event-time order whatever the partitions, processes and batch cuts.
 """
 
 from __future__ import annotations
@@ -42,6 +48,15 @@ class BatchQuality:
     dead: int
 
 
+@dataclass(frozen=True)
+class News:
+    """Data-quality news of one instrument outside its bars (``trades.LateCount`` and data-gap
+    ``Event`` items a window could no longer take)."""
+
+    instrument: str
+    items: tuple
+
+
 @dataclass
 class DataQuality:
     cfg: QualityConfig = field(default_factory=QualityConfig)
@@ -56,6 +71,15 @@ class DataQuality:
             spans.append((ev.from_ts, ev.to_ts))
             horizon = ev.to_ts - self.cfg.gap_memory_ms
             spans[:] = [s for s in spans if s[1] >= horizon]
+
+    def on_news(self, instrument: str, items: tuple) -> None:
+        """What a bar (or ``News``) carried: late counts per minute and data-gap events."""
+        for x in items:
+            if isinstance(x, Event):
+                self.on_event(x)
+            else:  # trades.LateCount
+                d = self.late.setdefault(instrument, {})
+                d[x.minute] = d.get(x.minute, 0) + x.n
 
     def on_late(self, instrument: str, late_ts: list[int]) -> None:
         d = self.late.setdefault(instrument, {})
@@ -251,6 +275,8 @@ class Portfolio:
         return out + self._optimize(out, row.end)
 
     def on_bar(self, bar: Bar) -> list:
+        if bar.news:
+            self.quality.on_news(bar.instrument, bar.news)
         self.quality.on_bar(bar)
         out: list = []
         for e in self.engines():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from operator import attrgetter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Union
 
 import msgspec
@@ -49,6 +49,8 @@ TRADE_SCHEMA: dict[str, pl.DataType] = {
 
 #: Columns a chunk keeps for bar computation (identity travels on the chunk itself).
 CHUNK_COLUMNS = ["id", "ts", "seq", "price", "amount", "is_buy", "trader", "recv_ts"]
+
+_EMPTY_CHUNK = pl.DataFrame(schema={c: TRADE_SCHEMA[c] for c in CHUNK_COLUMNS})
 
 #: Every dead-letter reason, with what it means.
 DEAD_LETTER_REASONS = {
@@ -403,12 +405,30 @@ def decode_batch(batch: RawBatch | FrameBatch, now_ms: int, max_future_ms: int =
     return _decode_frame(batch, now_ms, max_future_ms, limits)
 
 
-def split_instruments(frame: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
-    """``[("exchange:symbol", trades of that instrument in arrival order), ...]``."""
-    if frame.height == 0:
-        return []
-    parts = frame.partition_by("exchange", "symbol", as_dict=True, maintain_order=True)
-    return [(f"{ex}:{sym}", part) for (ex, sym), part in parts.items()]
+def split_instruments(frame: pl.DataFrame, events: list = ()) -> list[tuple[str, Any]]:
+    """``[("exchange:symbol", trades of that instrument in arrival order), ...]``; an instrument
+    with data-gap events in the batch gets an ``InstrumentSlice`` (its trades, or None, and its
+    events), so the events travel with its trades (``admit``: news carried to the portfolio)."""
+    gaps: dict[str, list] = {}
+    for ev in events:
+        if getattr(ev, "kind", None) == "data_gap" and ev.exchange and ev.symbol:
+            gaps.setdefault(f"{ev.exchange}:{ev.symbol}", []).append(ev)
+    parts = {} if frame.height == 0 else {
+        f"{ex}:{sym}": part for (ex, sym), part in
+        frame.partition_by("exchange", "symbol", as_dict=True, maintain_order=True).items()}
+    out: list[tuple[str, Any]] = []
+    for inst, part in parts.items():
+        out.append((inst, InstrumentSlice(part, tuple(gaps.pop(inst))) if inst in gaps else part))
+    out.extend((inst, InstrumentSlice(None, tuple(evs))) for inst, evs in gaps.items())
+    return out
+
+
+@dataclass(frozen=True)
+class InstrumentSlice:
+    """One instrument's part of a batch when it carries data-gap events (else a bare frame)."""
+
+    trades: pl.DataFrame | None
+    events: tuple
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,10 +459,12 @@ class AdmitState:
     expiry: deque = field(default_factory=deque)  # (frontier when the group came, tuple of the group's ids)
     n_seen: int = 0
     pending: pl.DataFrame | None = None
+    news: tuple = ()  # data-gap events that came before any accepted trade: carried by the first chunk
 
     def __deepcopy__(self, memo: dict) -> "AdmitState":
         # ids are immutable strings in immutable tuples, frames are immutable: copying containers is enough
-        return AdmitState(self.max_ts, set(self.seen), deque(self.expiry), self.n_seen, self.pending)
+        return AdmitState(self.max_ts, set(self.seen), deque(self.expiry), self.n_seen, self.pending,
+                          getattr(self, "news", ()))
 
 
 @dataclass(frozen=True)
@@ -454,6 +476,17 @@ class Chunk:
     window_start: int
     max_ts: int
     trades: pl.DataFrame  # CHUNK_COLUMNS
+    # data-quality news for the portfolio, carried by the window of the frontier at which it was
+    # learnt: LateCount and data-gap Event items (see ``carry_news``)
+    news: tuple = ()
+
+
+@dataclass(frozen=True)
+class LateCount:
+    """``n`` trades of the minute starting at ``minute`` came behind the watermark."""
+
+    minute: int
+    n: int
 
 
 @dataclass(frozen=True)
@@ -490,7 +523,69 @@ class Admitted:
 _ON_TIME, _LATE, _OUTLIER = 0, 1, 2
 
 
-def admit(state: AdmitState, trades: pl.DataFrame, cfg: AdmitConfig) -> Admitted:
+def admit(state: AdmitState, trades: pl.DataFrame | InstrumentSlice | None, cfg: AdmitConfig) -> Admitted:
+    """``_admit`` the trades, then ``carry_news``: the late counts and data-gap events of this
+    slice ride in chunks to the portfolio."""
+    events: tuple = ()
+    if isinstance(trades, InstrumentSlice):
+        trades, events = trades.trades, trades.events
+    frontier_before = state.max_ts
+    got = _admit(state, trades, cfg) if trades is not None and trades.height else Admitted([], None, 0)
+    return carry_news(state, got, events, frontier_before, cfg)
+
+
+def carry_news(state: AdmitState, got: Admitted, events: tuple, frontier_before: int | None,
+               cfg: AdmitConfig) -> Admitted:
+    """Put what the data-quality gate must learn into the instrument's own chunks, so it reaches
+    the portfolio with the instrument's bars, in their order (the order it is applied in then does
+    not depend on how partitions and processes interleave, issue 11).
+
+    - late trades (``behind_watermark``): per trade, a count for its own minute, carried by the
+      window of the frontier it was judged by (``watermark + lateness``): a window with an accepted
+      trade, still open, and the same whatever the batch cuts;
+    - data-gap events: carried by the window of the frontier before this slice (the gap's trades
+      come after it), or by the first chunk ever when there is no frontier yet.
+    Ts outliers are not counted: their ts says nothing about which bar they belong to."""
+    news: dict[int, list] = {}  # window start -> items
+    if got.late is not None:
+        df = got.late.trades
+        carrier = (pl.col("watermark") + cfg.lateness_ms)
+        counts = df.group_by((carrier - carrier % cfg.window_ms).alias("_w"),
+                             (pl.col("ts") - pl.col("ts") % MINUTE_MS).alias("_m")).len().sort("_w", "_m")
+        for w, m, n in counts.iter_rows():
+            news.setdefault(int(w), []).append(LateCount(int(m), int(n)))
+    if events:
+        if frontier_before is None:
+            state.news = (*getattr(state, "news", ()), *events)
+        else:
+            news.setdefault(frontier_before - frontier_before % cfg.window_ms, []).extend(events)
+    held = getattr(state, "news", ())
+    if held and got.chunks:
+        news.setdefault(got.chunks[0].window_start, [])[:0] = list(held)
+        state.news = ()
+    if not news:
+        return got
+    chunks = {c.window_start: c for c in got.chunks}
+    first = got.chunks[0] if got.chunks else None
+    for w, items in news.items():
+        c = chunks.get(w)
+        if c is not None:
+            chunks[w] = replace(c, news=c.news + tuple(items))
+        else:  # no on-time trade of that window in this slice: an empty chunk carries it
+            ex, sym = (first.exchange, first.symbol) if first else _instrument_of(got, events)
+            chunks[w] = Chunk(ex, sym, w, min(w + cfg.window_ms - 1, state.max_ts or w), _EMPTY_CHUNK, tuple(items))
+    got.chunks = sorted(chunks.values(), key=lambda c: c.window_start)
+    return got
+
+
+def _instrument_of(got: Admitted, events: tuple) -> tuple[str, str]:
+    for x in (got.late, got.outliers):
+        if x is not None:
+            return x.exchange, x.symbol
+    return events[0].exchange, events[0].symbol
+
+
+def _admit(state: AdmitState, trades: pl.DataFrame, cfg: AdmitConfig) -> Admitted:
     """Drop duplicate ids, separate late trades and timestamp outliers, cut the rest into window chunks.
 
     ``trades`` is one instrument's slice of a decoded batch, in arrival order. Mutates ``state``.
@@ -544,7 +639,7 @@ def flush(state: AdmitState, cfg: AdmitConfig) -> Admitted:
     exchange, symbol = held["exchange"][0], held["symbol"][0]
     if held.height >= 2 or state.max_ts is None:
         labels, marks = _classify_run(held["ts"].to_numpy(), state, cfg)
-        return _split(held, labels, marks, exchange, symbol, cfg)
+        return carry_news(state, _split(held, labels, marks, exchange, symbol, cfg), (), state.max_ts, cfg)
     mark = state.max_ts if state.max_ts is not None else 0
     return Admitted([], None, 0, LateTrades(exchange, symbol, held.with_columns(
         pl.lit(mark, dtype=pl.Int64).alias("watermark")), "ts_jump_unconfirmed"))

@@ -92,11 +92,14 @@ def settings(tmp_path=None, **kw):
 
 
 def run_pipeline(items: list, store: Store, cfg=None, *, pace=None, now_getter=None, recovery=None,
-                 epoch_s: float = 0.0, sink=None) -> SinkStats:
+                 epoch_s: float = 0.0, sink=None, instruments=None) -> SinkStats:
+    """``instruments``: the portfolio's universe (exchange:symbol; the testing source names none)."""
     cfg = cfg or settings()
     stats = SinkStats()
     sink = sink or ClickHouseSink(store.dsn, store.database, stats, flush_rows=100_000, flush_ms=60_000)
     kw = {"now_getter": now_getter} if now_getter else {}
+    if instruments is not None:
+        kw["instruments"] = instruments
     flow = build_flow(cfg, TestingSource(items), sink, pace=pace, **kw)
     run_main(flow, epoch_interval=timedelta(seconds=epoch_s), recovery_config=recovery)
     return stats

@@ -512,9 +512,10 @@ def test_lateness_and_chunk_contents_do_not_depend_on_batch_cuts():
     assert len(on_time_ref) >= 7
 
     full = trades_frame(items)
+    news_ref = None
     for size in (1, 2, 3, 7, 64, 250, len(items)):
         st = AdmitState()
-        late_ids, late_wm, by_window, dups = [], [], {}, 0
+        late_ids, late_wm, by_window, dups, news = [], [], {}, 0, {}
         for lo in range(0, full.height, size):
             adm = admit(st, full.slice(lo, size), AdmitConfig(lateness_ms=2_000))
             dups += adm.duplicates
@@ -525,6 +526,13 @@ def test_lateness_and_chunk_contents_do_not_depend_on_batch_cuts():
             assert starts == sorted(starts) and len(set(starts)) == len(starts)
             for c in adm.chunks:
                 by_window.setdefault(c.window_start, []).extend(c.trades["id"].to_list())
+                for x in c.news:  # late counts ride the window of the frontier they were judged by
+                    news.setdefault(c.window_start, {}).setdefault(x.minute, 0)
+                    news[c.window_start][x.minute] += x.n
+        assert sum(n for w in news.values() for n in w.values()) == len(late_ref)
+        assert set(news) <= set(by_window), "a carrier window has on-time trades"
+        news_ref = news_ref or news
+        assert news == news_ref, f"batch size {size}: the news rides other windows"
         assert late_ids == late_ref, f"batch size {size}"
         assert late_wm == wm_ref, f"batch size {size}"
         assert dups == dups_ref, f"batch size {size}"
