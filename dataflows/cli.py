@@ -284,10 +284,6 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
             _claim_store(store, settings, fingerprint, replace=replace, resuming=resuming,
                          train_split=train_split if source == "synthetic" else None)
 
-    if source == "kafka" and eof and not settings.kafka_instruments and not is_peer:
-        err_console.print("[yellow]warning: no --instruments: instruments join the portfolio as they arrive, so "
-                          "with several partitions its decisions may depend on their order; name them "
-                          "(like --feeds) for deterministic trading rows[/yellow]", highlight=False, soft_wrap=True)
     elapsed = 0.0
     for k, phase_end in enumerate(phases):
         src = _source(source, settings, progress, symbols=symbols, t0=t0, end_ms=phase_end, seed=seed, rate=rate,
@@ -363,6 +359,10 @@ def run(ctx: click.Context, source: str, feeds: Optional[str], duration: Optiona
 
     _print_summary(counts, elapsed, settings, resumed=rec_dir is not None and not split_ms,
                    replay=src.describe() if source == "replay" else None)
+    if source == "kafka" and not settings.kafka_instruments:  # after the run: an error stays one line
+        err_console.print("[yellow]note: no --instruments: instruments joined the portfolio as they arrived, so "
+                          "with several partitions its decisions may depend on their order; name them "
+                          "(like --feeds) for deterministic trading rows[/yellow]", highlight=False, soft_wrap=True)
     if counts.sink.store_error:  # the sink's last flush failed as it closed: say so, never exit 0
         raise Failure(f"the store did not take the last rows: {counts.sink.store_error}", 1)
     quality, strategies = [], []

@@ -1,8 +1,24 @@
+import contextlib
 import uuid
 
 import pytest
 
 from sinks.clickhouse import Store
+
+
+@contextlib.contextmanager
+def scratch_store(dsn: str, prefix: str = "t_"):
+    """A store in a new database of ``dsn``, dropped afterwards: the session's embedded engine
+    would otherwise gather hundreds of databases, and every later schema and query slows down
+    (a fresh store took 0.6 s alone, 9 s late in the suite)."""
+    st = Store(dsn, prefix + uuid.uuid4().hex[:12])
+    try:
+        yield st
+    finally:
+        try:
+            st.command(f"DROP DATABASE IF EXISTS {st.database} SYNC")
+        finally:
+            st.close()
 
 
 @pytest.fixture(scope="session")
@@ -14,13 +30,11 @@ def chdb_dsn(tmp_path_factory):
 
 @pytest.fixture
 def store(chdb_dsn):
-    st = Store(chdb_dsn, "t_" + uuid.uuid4().hex[:12])
-    yield st
-    st.close()
+    with scratch_store(chdb_dsn) as st:
+        yield st
 
 
 @pytest.fixture
 def other_store(chdb_dsn):
-    st = Store(chdb_dsn, "t_" + uuid.uuid4().hex[:12])
-    yield st
-    st.close()
+    with scratch_store(chdb_dsn) as st:
+        yield st

@@ -3,11 +3,9 @@ data-gap events reach the portfolio inside their instrument's bars (operators.tr
 so which decisions a gate stops does not depend on how the instruments' streams interleave (what
 several partitions or processes change) or where the batches are cut."""
 
-import uuid
-
 import polars as pl
 
-from sinks.clickhouse import Store
+from tests.conftest import scratch_store
 
 from tests.helpers import T0, raw_batches, run_pipeline, settings, stored, synthetic_tape
 
@@ -55,12 +53,9 @@ def test_gates_stop_the_same_decisions_whatever_the_interleaving_and_batch_cut(c
     universe = [f"x:{s}" for s in SYMS]
     runs = []
     for block, size in [(1, 1000), (400, 97), (3000, 5000)]:
-        st = Store(chdb_dsn, "t_" + uuid.uuid4().hex[:12])
-        try:
+        with scratch_store(chdb_dsn) as st:
             run_pipeline(raw_batches(_interleave(per_sym, block), size=size), st, cfg, instruments=universe)
             runs.append(stored(st, "decisions", "origin, variant_id, exchange, symbol, ts", WALL))
-        finally:
-            st.close()
     first = runs[0]
     gated = first.filter(pl.col("quality") != "")
     assert set(gated["quality"]) >= {"late_rate", "data_gap"}, "both gates should fire on this tape"

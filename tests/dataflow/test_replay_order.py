@@ -37,7 +37,10 @@ def fresh_store(chdb_dsn):
 
     yield make
     for st in opened:
-        st.close()
+        try:
+            st.command(f"DROP DATABASE IF EXISTS {st.database} SYNC")  # see tests/conftest.py scratch_store
+        finally:
+            st.close()
 
 
 def replay(store: Store, files: list, **kw) -> SinkStats:
