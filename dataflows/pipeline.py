@@ -255,9 +255,11 @@ class PortfolioLogic(StatefulBatchLogic):
 
 
 def _upgrade_sequencer(old, new: P.Sequencer) -> P.Sequencer:
-    """A ``Sequencer`` snapshotted by the previous release (``last_end``, 5-tuples in ``buffer``)."""
+    """A ``Sequencer`` snapshotted by the previous release (``last_end``; its buffer held the same
+    ``(t, rank, instrument, n, item)`` tuples, as a list)."""
     new.progress = dict(getattr(old, "last_end", {}))
-    new.buffer = [(t, rank, inst, item) for t, rank, inst, _, item in getattr(old, "buffer", [])]
+    new.buffer = sorted(getattr(old, "buffer", []), key=lambda b: b[:4])  # a sorted list is a heap
+    new.n = getattr(old, "n", len(new.buffer))
     return new
 
 

@@ -17,8 +17,8 @@ and for which bars:
   files match their sha256 hashes, whose ONNX graphs load, whose features, primary timeframe and
   label horizon fit ``facts`` and which was trained on the same store (``facts.store`` and
   ``facts.database``). A row is scored only when its instrument is one the version was trained on.
-- **always**, named or picked: a bar starting at or before the version's ``data.last_bar_end``
-  (the last bar its training read, labels included) is not scored by it: those would be
+- **always**, named or picked: a bar starting before the version's ``data.last_bar_end`` (the end
+  of the last bar its training read, labels included) is not scored by it: those would be
   in-sample predictions that look like skill. Later bars of the same run are scored. This is
   checked per row, so a hot swap mid-run respects it too.
 
@@ -441,7 +441,7 @@ class OnnxEnsemble:
             span = (None, None)
         else:
             reason = (f"version {cur.version} was trained on bars up to {_iso(cur.after)}: bars of {instrument} "
-                      f"starting by then are scored without it")
+                      f"starting before then are scored without it")
             span = (d.first_bar_end, cur.after)
         self._refused(cur.folder, reason, rule, instrument, span)
 
@@ -460,7 +460,7 @@ class OnnxEnsemble:
         if cur.instruments is not None and instrument not in cur.instruments:
             self._refuse_row(cur, instrument, "instruments")
             return {}
-        if start <= cur.after:
+        if start < cur.after:  # its data is not all strictly after what the training read
             self._refuse_row(cur, instrument, "span")
             return {}
         get = features.get

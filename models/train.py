@@ -29,7 +29,7 @@ and the database), the instruments, the primary and overlay timeframes and the s
 training read: ``last_bar_end`` is the end of the latest bar whose data any training row used, its
 features or its label (a label reads the close ``horizon`` bars later). The runtime
 (``models.onnx_ensemble``) serves an ensemble only to that store and those instruments, and never
-to a bar starting at or before ``last_bar_end``.
+to a bar starting before ``last_bar_end``.
 
 Calibration and the deployment gate (issue 12; ``models.calibration``, ``models.deployment``). Member
 k is out of sample on every validation block from its own on, so on the last block the whole
@@ -143,7 +143,7 @@ class DataOrigin(msgspec.Struct, frozen=True, kw_only=True):
 
 class TrainingData(msgspec.Struct, kw_only=True):
     """What an ensemble was trained on: the runtime serves it only to the same store and
-    instruments, and only for bars starting after ``last_bar_end``."""
+    instruments, and only for bars starting at or after ``last_bar_end``."""
 
     store: str
     database: str
@@ -612,7 +612,12 @@ def train(
         metric_names = members[0].metrics.keys()
         mean = {m: float(np.mean([mb.metrics[m] for mb in members])) for m in metric_names}
         mean["onnx_max_abs_diff"] = max(mb.metrics["onnx_max_abs_diff"] for mb in members)
-        version = version or _default_version(created, files, feature_names, params_used)
+        if version is None:  # the same files trained twice in one second (a schedule of 0): a suffix
+            version = base = _default_version(created, files, feature_names, params_used)
+            k = 1
+            while (Path(out_dir) / version).exists():
+                k += 1
+                version = f"{base}-{k}"
         tr_times = times[trained]
         counts = np.bincount(y, minlength=3)
         manifest = Manifest(

@@ -18,6 +18,7 @@ event-time order whatever the partitions, processes and batch cuts.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
@@ -146,7 +147,8 @@ class Sequencer:
     universe: tuple = ()
     wait_ms: Optional[int] = None
     progress: dict = field(default_factory=dict)  # instrument -> end of its newest 1m bar here
-    buffer: list = field(default_factory=list)  # (t, rank, instrument, item)
+    buffer: list = field(default_factory=list)  # heap of (t, rank, instrument, n, item); n: ties never reach item
+    n: int = 0
     released: Optional[int] = None  # every item ending at or before this has been released
     silent: dict = field(default_factory=dict)  # instrument -> its progress when declared silent
     held_since: Optional[int] = None  # wall ms: since when a release has been held (live)
@@ -168,10 +170,9 @@ class Sequencer:
             self.progress[inst] = max(self.progress.get(inst, t), t)
         elif inst not in self.progress and inst not in self.universe:
             self.progress[inst] = t - 1  # a newcomer is waited for from now on
-        if self.released is not None and t <= self.released:
-            self.buffer.append((self.released, 0 if isinstance(item, Bar) else 1, inst, item))  # behind: next
-        else:
-            self.buffer.append((t, 0 if isinstance(item, Bar) else 1, inst, item))
+        self.n += 1
+        at = self.released if self.released is not None and t <= self.released else t  # behind the book: next
+        heapq.heappush(self.buffer, (at, 0 if isinstance(item, Bar) else 1, inst, self.n, item))
         return events
 
     def watermark(self) -> Optional[int]:
@@ -186,7 +187,7 @@ class Sequencer:
         """Items (and silent events, live) that can go to the book now, in order."""
         out: list = []
         w = self.watermark()
-        if self.wait_ms is not None and self.buffer and (w is None or min(b[0] for b in self.buffer) > w):
+        if self.wait_ms is not None and self.buffer and (w is None or self.buffer[0][0] > w):
             if self.held_since is None:
                 self.held_since = now_ms
             elif now_ms - self.held_since >= self.wait_ms:
@@ -197,18 +198,17 @@ class Sequencer:
             w = self.released if w is None else max(w, self.released)
         if w is None:
             return out
-        ready = [b for b in self.buffer if b[0] <= w]
-        if not ready:
+        if not self.buffer or self.buffer[0][0] > w:
             return out
-        self.buffer = [b for b in self.buffer if b[0] > w]
+        while self.buffer and self.buffer[0][0] <= w:  # in (t, rank, instrument) order
+            out.append(heapq.heappop(self.buffer)[4])
         self.released = w if self.released is None else max(self.released, w)
         self.held_since = now_ms if (self.wait_ms is not None and self.buffer) else None
-        ready.sort(key=lambda b: b[:3])
-        return out + [b[3] for b in ready]
+        return out
 
     def _declare_silent(self, now_ms: int) -> list:
         """The instruments that hold back the oldest waiting item go silent."""
-        oldest = min(b[0] for b in self.buffer)
+        oldest = self.buffer[0][0]
         out = []
         for i in sorted({*self.universe, *self.progress}):
             if i not in self.silent and self.progress.get(i, -1) < oldest:
@@ -224,8 +224,7 @@ class Sequencer:
         return self.held_since + self.wait_ms
 
     def flush(self) -> list:
-        out = [b[3] for b in sorted(self.buffer, key=lambda b: b[:3])]
-        self.buffer = []
+        out = [heapq.heappop(self.buffer)[4] for _ in range(len(self.buffer))]
         if out:
             self.released = max(self.released or 0, max(x.end for x in out))
         return out

@@ -105,10 +105,10 @@ def test_bars_an_ensemble_was_trained_on_are_not_scored_by_it_later_bars_are(sto
     run_pipeline(frame_batches(tape, 3000), store, cfg)  # the replay: the same bars again, then later ones
     feats, preds = primary_bars(store), onnx_predictions(store)
     assert set(preds["version"]) == {m.version}
-    trained_on = feats.filter(pl.col("start") <= span_end)
-    after = feats.filter(pl.col("start") > span_end)
+    trained_on = feats.filter(pl.col("start") < span_end)
+    after = feats.filter(pl.col("start") >= span_end)
     assert trained_on.height > 2 * 60 and after.height > 2 * 20
-    assert preds.filter(pl.col("start") <= span_end).height == 0  # none of the bars it was trained on
+    assert preds.filter(pl.col("start") < span_end).height == 0  # none of the bars it was trained on
     assert preds.select("symbol", "start").sort("symbol", "start").equals(after.sort("symbol", "start"))  # all later
     span = [e for e in refusals(store) if e["rule"] == "span"]
     assert sorted(e["symbol"] for e in span) == sorted(SYMBOLS)

@@ -316,9 +316,9 @@ def test_bars_it_was_trained_on_are_not_scored_later_bars_are(versions):
     row = as_features(sample_rows(1)[0])
     last = m.data.last_bar_end
     assert T0 < m.data.first_bar_end < last
-    for start in (T0, m.training.end, last - BAR_MS, last):  # inside the span, up to its last bar end
+    for start in (T0, m.training.end, last - BAR_MS, last - 1):  # bars starting inside the span
         assert ens.score(row, instrument="x:A", start=start) == {}
-    first_after = ens.score(row, instrument="x:A", start=last + 1)
+    first_after = ens.score(row, instrument="x:A", start=last)  # its data all comes after the span
     assert {p.version for p in first_after.values()} == {m.version} and ENSEMBLE_NAME in first_after
     events = refusals(ens)
     assert len(events) == 1 and events[0].to_ts == last and events[0].symbol == "A"
@@ -333,7 +333,7 @@ def test_a_hot_swap_mid_run_respects_the_new_versions_span(versions, tmp_path):
     install(a_src, tmp_path)
     clock = FakeClock()
     ens = OnnxEnsemble(tmp_path, check_every_s=5, clock=clock, facts=facts())
-    row, between = as_features(sample_rows(1)[0]), {"instrument": "x:A", "start": b.data.last_bar_end}
+    row, between = as_features(sample_rows(1)[0]), {"instrument": "x:A", "start": b.data.last_bar_end - BAR_MS}
     assert {p.version for p in ens.score(row, **between).values()} == {a.version}
     install(b_src, tmp_path)
     clock.t = 5
@@ -373,7 +373,7 @@ def test_a_named_version_is_served_whatever_its_store_and_instruments(versions, 
     assert set(by_path.score(row, instrument="binance:ETH/USDT", start=LATER["start"])) == {
         "onnx_0", "onnx_1", ENSEMBLE_NAME}
     # ... but never on the bars it was trained on
-    assert by_path.score(row, instrument="x:XRP", start=foreign[1].data.last_bar_end) == {}
+    assert by_path.score(row, instrument="x:XRP", start=foreign[1].data.last_bar_end - BAR_MS) == {}
     assert [json.loads(e.detail)["rule"] for e in refusals(by_path)] == ["span"]
 
 

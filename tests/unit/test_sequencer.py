@@ -132,4 +132,6 @@ def test_the_sequencer_survives_a_snapshot_and_a_previous_release_snapshot_is_up
     assert again == seq
     old = SimpleNamespace(last_end={f"{EX}:{SYM}": T0 + M}, buffer=[(T0 + M, 0, f"{EX}:{SYM}", 1, "x")], n=1)
     new = _upgrade_sequencer(old, Sequencer(UNIVERSE))
-    assert new.progress == {f"{EX}:{SYM}": T0 + M} and new.buffer == [(T0 + M, 0, f"{EX}:{SYM}", "x")]
+    assert new.progress == {f"{EX}:{SYM}": T0 + M} and new.buffer == [(T0 + M, 0, f"{EX}:{SYM}", 1, "x")]
+    new.universe = (f"{EX}:{SYM}",)
+    assert new.release() == ["x"]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import re
+from datetime import datetime, timezone
 
 import lightgbm
 import numpy as np
@@ -193,6 +194,18 @@ def test_train_is_deterministic(tmp_path):
     a = train(df, NAMES, version="a", **kw)
     b = train(df.sample(fraction=1.0, shuffle=True, seed=5), NAMES, version="b", **kw)  # row order irrelevant
     assert a.files == b.files and a.members[0].metrics == b.members[0].metrics
+
+
+def test_the_same_model_trained_twice_in_one_second_gets_a_second_version(tmp_path):
+    """A schedule of 0 (``train --every 0s``) can train identical files in the same second: the
+    default version (time + content hash) would collide; the second gets a suffix."""
+    df = synthetic_frame(n_times=300, seed=3)
+    at = datetime(2026, 12, 3, 4, 41, 34, tzinfo=timezone.utc)
+    kw = dict(horizon=HORIZON, folds=2, params=TINY, out_dir=tmp_path, label_definition=LABEL_DEFINITION,
+              origin=ORIGIN, now=lambda: at)
+    a, b = train(df, NAMES, **kw), train(df, NAMES, **kw)
+    assert a.files == b.files and b.version == a.version + "-2"
+    assert {p.name for p in tmp_path.iterdir()} >= {a.version, b.version}
 
 
 def test_train_purges_rows_whose_label_matures_inside_validation(tmp_path):
