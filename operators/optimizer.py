@@ -102,6 +102,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import pickle
@@ -657,6 +658,7 @@ def _jsonable(x):
     return str(x)
 
 
+@functools.lru_cache(maxsize=256)  # configs are frozen and hashable; one metrics row per variant per schedule
 def _config_json(cfg: StrategyConfig, base: StrategyConfig) -> str:
     diff = {k: v for k, v in cfg.to_dict().items() if getattr(base, k) != getattr(cfg, k)}
     return json.dumps(diff, sort_keys=True, default=_jsonable)
