@@ -135,3 +135,22 @@ def test_the_sequencer_survives_a_snapshot_and_a_previous_release_snapshot_is_up
     assert new.progress == {f"{EX}:{SYM}": T0 + M} and new.buffer == [(T0 + M, 0, f"{EX}:{SYM}", 1, "x")]
     new.universe = (f"{EX}:{SYM}",)
     assert new.release() == ["x"]
+
+
+def test_the_portfolio_logic_wakes_itself_to_declare_a_silent_instrument_when_nothing_else_comes():
+    """Live: when every instrument's feed stops, no batch comes to release what is held; the logic
+    asks bytewax to wake it (``notify_at``) and declares the laggard silent then."""
+    import time
+
+    from dataflows.pipeline import PortfolioLogic
+
+    logic = PortfolioLogic(None, lambda: Portfolio.create(StrategyConfig()), None,
+                           lambda: Sequencer(UNIVERSE, wait_ms=50))
+    out, _ = logic.on_batch([bar(T0 + m * M, 100, symbol=SYM) for m in range(3)])
+    assert out == [] and logic.notify_at() is not None  # held: ETH has shown nothing
+    wake = logic.notify_at().timestamp()
+    assert 0 < wake - time.time() <= 0.06
+    time.sleep(max(0.0, wake - time.time()) + 0.01)
+    out, _ = logic.on_notify()
+    assert [e.kind for e in out if isinstance(e, Event)] == ["instrument_silent"]
+    assert logic.seq.released == T0 + 3 * M and logic.notify_at() is None  # all three bars went to the book
