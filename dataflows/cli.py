@@ -507,7 +507,7 @@ def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int,
 def _instruments(text: Optional[str]) -> Optional[list[str]]:
     """``--instruments`` in the ``--feeds`` syntax (``exchange:SYM1,SYM2;exchange2:SYM3``) as
     ``exchange:symbol`` strings."""
-    if text is None:
+    if text is None or not text.strip():  # "" (an unset compose variable): none declared
         return None
     from dataflows.ccxt_source import parse_symbols
 
