@@ -52,7 +52,7 @@ def test_an_ensemble_without_edge_is_rejected_and_never_scores_a_bar(store, tmp_
     run_pipeline(frame_batches(tape, 3000), store, cfg)  # every bar again, and the later ones
     _, preds = store.query("SELECT count() FROM predictions FINAL WHERE model LIKE 'onnx%'")
     _, later = store.query("SELECT count() FROM features FINAL WHERE tf = '5m' AND "
-                           "start > fromUnixTimestamp64Milli({t:Int64}, 'UTC')", {"t": m.data.last_bar_end})
+                           "start >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')", {"t": m.data.last_bar_end})
     assert later[0][0] > 2 * 20  # bars after its training span were scored ...
     assert preds[0][0] == 0  # ... and not by it
     _, river = store.query("SELECT count() FROM predictions FINAL WHERE model = 'river_lr'")

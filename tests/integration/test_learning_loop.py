@@ -67,7 +67,7 @@ def test_calibrated_skilled_models_and_a_trading_strategy_at_default_settings(ma
     _, served = store.query("SELECT countIf(version = {v:String}), count() FROM predictions FINAL "
                             "WHERE model = 'onnx_ensemble'", {"v": m.version})
     _, bars = store.query("SELECT count() FROM features FINAL WHERE tf = '5m' AND "
-                          "start > fromUnixTimestamp64Milli({t:Int64}, 'UTC')", {"t": m.data.last_bar_end})
+                          "start >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')", {"t": m.data.last_bar_end})
     assert served[0][0] == served[0][1] == bars[0][0] > 800  # every bar after its span, nothing before
 
     _, labels = store.query("SELECT countIf(label = 0), countIf(label = 1), countIf(label = 2) FROM labels FINAL "
