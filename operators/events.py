@@ -51,7 +51,8 @@ _ENC = msgspec.json.Encoder()
 EVENT_DECODER = msgspec.json.Decoder(EventMessage)
 
 
-def _split(instrument: str) -> tuple[str, str]:
+def split_instrument(instrument: str) -> tuple[str, str]:
+    """``exchange:symbol`` -> (exchange, symbol); the symbol may hold colons (BTC/USDT:USDT)."""
     ex, _, sym = instrument.partition(":")
     return ex, sym
 
@@ -59,12 +60,12 @@ def _split(instrument: str) -> tuple[str, str]:
 def from_ingest(obj: object, now_ms: int, source: str) -> Union[Event, DeadLetter]:
     """An ingest record (operators.ingest) as an Event, or a DeadLetter for a refused trade."""
     if isinstance(obj, GapEvent):
-        ex, sym = _split(obj.instrument)
+        ex, sym = split_instrument(obj.instrument)
         return Event(kind="id_gap", ts=now_ms, exchange=ex, symbol=sym, from_ts=obj.from_ts, to_ts=obj.to_ts,
                      reason=f"{obj.missing} ids missing",
                      detail=json.dumps({"from_id": obj.from_id, "to_id": obj.to_id, "nth": obj.nth}), source=source)
     if isinstance(obj, DataGapEvent):
-        ex, sym = _split(obj.instrument)
+        ex, sym = split_instrument(obj.instrument)
         return Event(kind="data_gap", ts=now_ms, exchange=ex, symbol=sym, from_ts=obj.from_ts, to_ts=obj.to_ts,
                      reason=obj.reason, detail=obj.detail, source=source)
     if isinstance(obj, FeedDown):  # once per outage: the first failed attempt
@@ -92,7 +93,7 @@ def payload_offset(payload: str) -> int:
 def encode_in_band(item: Union[Event, DeadLetter]) -> tuple[str, bytes]:
     """(Kafka key, message) for an event or a refused trade on the trade topic."""
     if isinstance(item, DeadLetter):
-        ex, sym = _split(item.partition)
+        ex, sym = split_instrument(item.partition)
         msg = EventMessage(event="rejected", ts=item.recv_ts, exchange=ex, symbol=sym, reason=item.reason,
                            detail=item.detail, source=item.source, payload=item.payload)
         return item.partition, _ENC.encode(msg)

@@ -25,7 +25,7 @@ from typing import Optional
 
 from operators.bars import Bar
 from operators.decision import Decision, StrategyConfig
-from operators.events import Event
+from operators.events import Event, split_instrument
 from operators.optimizer import Optimizer, OptimizerConfig, Promotion, apply_promotion
 from operators.signals import ScoredRow
 from operators.strategy import StrategyEngine
@@ -79,14 +79,15 @@ class DataQuality:
             if isinstance(x, Event):
                 self.on_event(x)
             else:  # trades.LateCount
-                d = self.late.setdefault(instrument, {})
-                d[x.minute] = d.get(x.minute, 0) + x.n
+                self._add_late(instrument, x.minute, x.n)
 
     def on_late(self, instrument: str, late_ts: list[int]) -> None:
-        d = self.late.setdefault(instrument, {})
         for ts in late_ts:
-            m = ts - ts % 60_000
-            d[m] = d.get(m, 0) + 1
+            self._add_late(instrument, ts - ts % 60_000, 1)
+
+    def _add_late(self, instrument: str, minute: int, n: int) -> None:
+        d = self.late.setdefault(instrument, {})
+        d[minute] = d.get(minute, 0) + n
 
     def on_bar(self, bar: Bar) -> None:
         d = self.trades.setdefault(bar.instrument, {})
@@ -231,7 +232,7 @@ class Sequencer:
 
     @staticmethod
     def _event(kind: str, instrument: str, now_ms: int, t: Optional[int], reason: str) -> Event:
-        ex, _, sym = instrument.partition(":")
+        ex, sym = split_instrument(instrument)
         return Event(kind=kind, ts=t if t is not None else now_ms, exchange=ex, symbol=sym, to_ts=t,
                      reason=reason, source="pipeline")
 
