@@ -15,6 +15,10 @@ the pipeline serves now (``active_ensemble``: the same rules as ``open_ensemble`
 gate's decision to ``events`` (``model_accepted`` / ``model_rejected``, the reason in one line,
 the validation span in from_ts/to_ts, the numbers in ``detail``). ``model_quality`` reads the
 calibration view (``infra/clickhouse/011_calibration_views.sql``) beside accuracy and log loss.
+
+Feature importances (issue 13): ``train_from_store`` also writes the manifest's ``importances`` to
+``model_importances`` (``infra/clickhouse/014_model_importances.sql``; one row per version and
+feature, so writing them twice changes nothing), which the Models dashboard reads.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import logging
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import urlsplit
@@ -32,9 +37,12 @@ import polars as pl
 from dataflows.config import ConfigError, Settings
 from operators.features import aligned_feature_names
 from sinks.clickhouse import SinkStats, Store, redact_dsn
+from sinks.rows import Rows
 
 log = logging.getLogger(__name__)
 ACCEPTED_EVENT, REJECTED_EVENT = "model_accepted", "model_rejected"
+IMPORTANCE_TABLE = "model_importances"
+IMPORTANCE_COLUMNS = ["version", "feature", "rank", "gain", "share", "trained_at", "status"]
 
 
 def store_identity(dsn: str) -> str:
@@ -132,7 +140,8 @@ def train_from_store(store: Store, settings: Settings, folds: int = 4, until_ms:
     """Train the ONNX ensemble on what the store holds (rows starting at or after ``since_ms``,
     labels matured by ``until_ms``), through the deployment gate against the class prior and the
     ensemble serving now; returns the manifest (which records this store, the instruments and the
-    span it was trained on, and the gate's decision) after writing the decision to ``events``."""
+    span it was trained on, and the gate's decision) after writing the decision to ``events`` and
+    the feature importances to ``model_importances``."""
     from models.train import train
 
     frame, names = training_frame(store, settings, since_ms=since_ms, until_ms=until_ms)
@@ -145,6 +154,7 @@ def train_from_store(store: Store, settings: Settings, folds: int = 4, until_ms:
                      progress=progress, gate=gate_rule(settings),
                      incumbent=active.incumbent() if active is not None else None)
     record_deployment(store, manifest)
+    record_importances(store, manifest)
     return manifest
 
 
@@ -170,6 +180,20 @@ def record_deployment(store: Store, manifest) -> None:
     ev = deployment_event(manifest)
     (log.info if manifest.deployment.accepted else log.warning)("%s: %s", ev.kind, ev.reason)
     store.insert("events", to_rows([ev], SinkStats())["events"])
+
+
+def importance_rows(manifest) -> Rows:
+    """The ``model_importances`` rows of ``manifest``: one per feature, ranked by gain (1 = most)."""
+    trained_at = datetime.fromtimestamp(manifest.created_at_ms / 1000, tz=timezone.utc)
+    status = manifest.deployment.status if manifest.deployment is not None else ""
+    return Rows(IMPORTANCE_COLUMNS, [[manifest.version, imp.feature, rank, imp.gain, imp.share, trained_at, status]
+                                     for rank, imp in enumerate(manifest.importances, start=1)])
+
+
+def record_importances(store: Store, manifest) -> None:
+    """Write the feature importances of ``manifest`` to ``model_importances`` (nothing for a
+    manifest written before they were recorded)."""
+    store.insert(IMPORTANCE_TABLE, importance_rows(manifest))
 
 
 def model_quality(store: Store, since_ms: Optional[int] = None) -> list[dict]:

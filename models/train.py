@@ -40,6 +40,11 @@ them) against the class prior and the model serving now (``incumbent``); the man
 decision (``deployment``), and a rejected version is written but never served. The members' own
 probabilities stay uncalibrated (they are votes).
 
+Feature importances (issue 13). The manifest's ``importances`` holds every input feature's LightGBM
+split gain (``feature_importance(importance_type="gain")``) summed over the members and its share of
+the ensemble's total gain, by gain descending (a feature never split on: gain 0); manifests written
+before it have none (``[]``). ``dataflows.training`` copies them to the ``model_importances`` table.
+
 Heavy libraries (lightgbm, onnxmltools, onnxruntime) are imported inside the functions that need
 them: ``Manifest``, ``load_manifest`` and ``feature_matrix`` are light and shared with the runtime.
 """
@@ -180,6 +185,15 @@ def describe_data(frame: pl.DataFrame, origin: DataOrigin, *, horizon: int, time
                         first_bar_end=int(starts.min()) + bar_ms, last_bar_end=last, rows=frame.height)
 
 
+class Importance(msgspec.Struct, frozen=True, kw_only=True):
+    """One input feature's LightGBM split gain summed over the ensemble's members, and its share of
+    the ensemble's total gain (``gain_importances``)."""
+
+    feature: str
+    gain: float
+    share: float  # gain / total gain of all features (0 for all when no member split at all)
+
+
 class Manifest(msgspec.Struct, kw_only=True):
     format: int
     version: str
@@ -202,6 +216,8 @@ class Manifest(msgspec.Struct, kw_only=True):
     libraries: dict[str, str]
     calibration: Optional[Calibration] = None  # the ensemble's calibration map (None: written before issue 12)
     deployment: Optional[Deployment] = None  # the deployment gate's decision (None: never gated, never served)
+    # every feature's gain summed over the members, by gain descending ([]: written before issue 13)
+    importances: list[Importance] = msgspec.field(default_factory=list)
 
     @property
     def n_features(self) -> int:
@@ -302,6 +318,22 @@ def walk_forward_splits(n_rows: int, folds: int, purge: int, min_train: int) -> 
         out.append((np.arange(0, v0 - purge, dtype=np.int64), np.arange(v0, v1, dtype=np.int64)))
         v0 = v1
     return out
+
+
+def gain_importances(gains: Sequence[np.ndarray], feature_names: Sequence[str]) -> list[Importance]:
+    """Every feature's gain summed over the members' ``booster.feature_importance(importance_type=
+    "gain")`` arrays (``gains``, one per member, in ``feature_names`` order) and its share of the
+    total, by gain descending (ties in input order). With no split in any member every share is 0."""
+    total_by_feature = np.zeros(len(feature_names), dtype=np.float64)
+    for g in gains:
+        g = np.asarray(g, dtype=np.float64)
+        if g.shape != total_by_feature.shape:
+            raise ValueError(f"a member's importances have shape {g.shape}, expected ({len(feature_names)},)")
+        total_by_feature += g
+    total = float(total_by_feature.sum())
+    order = np.argsort(-total_by_feature, kind="stable")
+    return [Importance(feature=feature_names[i], gain=float(total_by_feature[i]),
+                       share=float(total_by_feature[i] / total) if total > 0 else 0.0) for i in order]
 
 
 def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -556,6 +588,7 @@ def train(
     blocks: list[np.ndarray] = []  # each fold's validation rows
     own: list[np.ndarray] = []  # each member's probabilities on its own block
     priors: list[np.ndarray] = []  # each fold's class frequencies in training
+    gains: list[np.ndarray] = []  # each member's split gain per feature
     trained = np.zeros(len(y), dtype=bool)
     rounds = params_used["num_iterations"]
     lgb_params = {k: v for k, v in params_used.items() if k != "num_iterations"}
@@ -573,6 +606,7 @@ def train(
             ds = lgb.Dataset(x[tr_idx], label=y[tr_idx], feature_name=feature_names,
                              params={"verbosity": -1}, free_raw_data=True)
             booster = lgb.train(lgb_params, ds, num_boost_round=rounds)
+            gains.append(booster.feature_importance(importance_type="gain"))
             xv, yv = x[va_idx], y[va_idx]
             onx = booster_to_onnx(booster, len(feature_names), check=xv)
             data = onx.SerializeToString()
@@ -647,6 +681,7 @@ def train(
             libraries=library_versions(),
             calibration=calibration,
             deployment=deployment,
+            importances=gain_importances(gains, feature_names),
         )
         (tmp / MANIFEST_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=2))
         for f in tmp.iterdir():

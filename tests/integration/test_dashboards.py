@@ -46,6 +46,8 @@ ALLOWED_EMPTY = {
     ("tapeflow-optimizer", "Events (promotions, kill switch, pauses, gaps)"),  # events
     ("tapeflow-trading", "Risk events"),                                     # annotation, events
     ("tapeflow-models", "Deployment gate decisions"),  # events of tapeflow train (tests/dataflow/test_deployment_gate.py)
+    # model_importances of tapeflow train (tests/integration/test_learning_loop.py runs this panel after a training)
+    ("tapeflow-models", "Feature importance (gain share) of the serving ensemble, top 25 (all history)"),
 }
 TIME_MACROS = ("$__timeFilter", "$__dateFilter", "$__dateTimeFilter", "$__dt(")
 
@@ -297,6 +299,36 @@ def test_optimizer_panels_show_variant_metrics_and_promotions(store):
     assert len(got[("panel", "ROI by variant")]) == 9
     assert got[("panel", "Promotions")][0][1] == "v1 beat production"
     assert len(got[("annotation", "Promotions")]) == 1
+
+
+# ============================================================ the feature importance panel picks the serving ensemble
+
+def test_importance_panel_shows_the_newest_accepted_ensembles_top_25(store):
+    """The ensemble the pipeline serves by default: the newest accepted version, even when a newer
+    one was rejected; the newest trained one while none was accepted. Its 25 highest-ranked rows."""
+    t = datetime(2024, 3, 1, 12, tzinfo=UTC)
+
+    def ensemble(version: str, hours: int, status: str) -> None:
+        rows = [[version, f"f{k:02d}", k, 30.0 - k, (30.0 - k) / 435, t + timedelta(hours=hours), status]
+                for k in range(1, 31)]
+        store.client.insert("model_importances", rows,
+                            column_names=["version", "feature", "rank", "gain", "share", "trained_at", "status"])
+
+    d = json.loads((GRAFANA / "dashboards" / "models.json").read_text())
+    (q,) = [q for q in queries(d) if q.title.startswith("Feature importance")]
+    tr = TimeRange(datetime(2001, 1, 1, tzinfo=UTC), datetime(2001, 1, 2, tzinfo=UTC), 60)  # no time filter
+
+    def shown() -> list[tuple]:
+        return run_sql(store, expand(q.sql, tr))
+
+    ensemble("v1", 0, "rejected")
+    assert {r[4] for r in shown()} == {"v1"}  # nothing accepted yet: the newest trained, marked rejected
+    ensemble("v2", 1, "accepted")
+    ensemble("v3", 2, "rejected")
+    ensemble("v2", 1, "accepted")  # written twice: counts once
+    rows = shown()
+    assert [r[:2] for r in rows] == [(k, f"f{k:02d}") for k in range(1, 26)]
+    assert {(r[4], r[5]) for r in rows} == {("v2", "accepted")} and rows[0][2] == pytest.approx(29 / 435)
 
 
 # ============================================================ acceptance 3: views vs Python on hand-made rows

@@ -7,7 +7,9 @@ nothing loosened: default strategy gates, consensus on, default deployment gate)
 - River and the ensemble beat the class prior in log loss (the rows' own label frequencies);
 - the production strategy trades (>= 30 closed trades);
 - against the oracle (the generator's own state): it beats everyone, and the models capture a
-  positive share of its edge.
+  positive share of its edge;
+- the ensemble's feature importances (issue 13) are in ``model_importances`` as in its manifest, and
+  the Models dashboard's importance panel shows its top 25.
 
 The main job takes about a minute; everything is asserted on one run."""
 
@@ -17,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,31 @@ def test_the_oracle_beats_every_model_and_the_models_capture_part_of_its_edge(ma
     for model in ("river_lr", "onnx_ensemble"):
         assert oracle["log_loss"] < rows[model]["log_loss"]
         assert 0.05 < rows[model]["share"] < 1.0, rows[model]
+
+
+def test_the_ensembles_feature_importances_reach_the_store_and_the_models_dashboard(main_job):
+    data, settings, store, _ = main_job
+    from dataflows.training import record_importances
+    from models.train import load_manifest
+    from tests.grafana_sql import TimeRange, expand, queries
+
+    (folder,) = [p for p in settings.artifacts().iterdir() if not p.name.startswith(".")]
+    m = load_manifest(folder)
+    assert sorted(i.feature for i in m.importances) == sorted(m.features)
+    assert sum(i.share for i in m.importances) == pytest.approx(1.0, abs=1e-9) and m.importances[0].gain > 0
+    want = [(k, i.feature, i.gain, i.share) for k, i in enumerate(m.importances, start=1)]
+    sql = ("SELECT rank, feature, gain, share, version, status, toUnixTimestamp64Milli(trained_at) "
+           "FROM model_importances FINAL ORDER BY rank")
+    _, rows = store.query(sql)
+    assert [r[:4] for r in rows] == want
+    assert {r[4:] for r in rows} == {(m.version, "accepted", m.created_at_ms)}
+    record_importances(store, m)  # written again (a retry): still one row per version and feature
+    assert store.query(sql)[1] == rows
+
+    dash = json.loads((ROOT / "infra" / "grafana" / "dashboards" / "models.json").read_text())
+    (q,) = [q for q in queries(dash) if q.kind == "panel" and q.title.startswith("Feature importance")]
+    t = datetime.now(timezone.utc)
+    _, shown = store.query(expand(q.sql, TimeRange(t - timedelta(hours=1), t)))
+    assert len(m.features) > 25 and len(shown) == 25
+    assert [(r[0], r[1], r[2], r[4], r[5]) for r in shown] == [
+        (k, f, share, m.version, "accepted") for k, f, _, share in want[:25]]

@@ -17,7 +17,7 @@ from models.train import (
     MANIFEST_FILE, Manifest, classification_metrics, load_manifest, train, walk_forward_splits,
 )
 from tests.unit.synthetic_models import (
-    BAR_MS, HORIZON, INSTRUMENTS, LABEL_DEFINITION, NAMES, ORIGIN, T0, synthetic_frame,
+    BAR_MS, FILLED, HORIZON, INSTRUMENTS, LABEL_DEFINITION, NAMES, ORIGIN, SIGNAL, T0, synthetic_frame,
 )
 
 SMALL = {"num_iterations": 40, "min_data_in_leaf": 20}
@@ -249,6 +249,70 @@ def test_train_argument_errors(tmp_path):
     with pytest.raises(FileExistsError, match="taken"):
         train(df, NAMES, version="taken", **kw)
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # nothing half-written left
+
+
+# ------------------------------------------------------------------------- feature importances
+
+
+def one_feature_decides(n_times: int = 600, seed: int = 11) -> pl.DataFrame:
+    """Two instruments; ``signal`` alone decides the label (up above 0.4, down below -0.4, up to a
+    little noise that is no feature), ``noise_a`` / ``noise_b`` are independent of everything, and
+    ``empty`` is missing throughout."""
+    rng = np.random.default_rng(seed)
+    n = 2 * n_times
+    signal = rng.normal(size=n)
+    latent = signal + 0.2 * rng.normal(size=n)
+    label = np.where(latent > 0.4, 2, np.where(latent < -0.4, 0, 1))
+    return pl.DataFrame({
+        "exchange": ["x"] * n, "symbol": np.tile(np.array(["A", "B"]), n_times),
+        "start": np.repeat(T0 + np.arange(n_times) * BAR_MS, 2), "label": pl.Series(label).cast(pl.Int8),
+        "noise_a": rng.normal(size=n), "signal": signal, "noise_b": rng.normal(size=n), "empty": np.full(n, np.nan),
+    })
+
+
+def test_manifest_ranks_features_by_gain_summed_over_the_members(tmp_path):
+    names = ["noise_a", "signal", "noise_b", "empty"]  # the informative one is not first: ranks are sorted
+    m = train(one_feature_decides(), names, horizon=HORIZON, folds=3, params=TINY, out_dir=tmp_path,
+              label_definition=LABEL_DEFINITION, origin=ORIGIN)
+    imp = m.importances
+    assert sorted(i.feature for i in imp) == sorted(names)  # every input feature, once, by its own name
+    gains = [i.gain for i in imp]
+    assert gains == sorted(gains, reverse=True)
+    assert sum(i.share for i in imp) == pytest.approx(1.0, abs=1e-12)
+    assert all(i.share == pytest.approx(i.gain / sum(gains), rel=1e-12) for i in imp)
+    by = {i.feature: i for i in imp}
+    assert imp[0].feature == "signal" and by["signal"].share > 0.8
+    assert max(by["noise_a"].gain, by["noise_b"].gain) < by["signal"].gain / 10
+    assert by["empty"].gain == 0.0 and by["empty"].share == 0.0 and imp[-1].feature == "empty"
+    # the sum over the members, recomputed from the LightGBM files the artefact holds
+    folder = tmp_path / m.version
+    total = sum(lightgbm.Booster(model_file=str(folder / mb.lgb_file)).feature_importance(importance_type="gain")
+                for mb in m.members)
+    assert len(m.members) == 3 and np.all(total[names.index("signal")] > 0)
+    assert [by[f].gain for f in names] == pytest.approx(total.tolist(), rel=1e-9)
+    assert load_manifest(folder).importances == imp
+
+
+def test_importances_cover_only_features_that_carry_values_and_rank_the_planted_signal_high(trained):
+    _, _, m, _ = trained
+    assert [i.feature for i in m.importances] != NAMES and sorted(i.feature for i in m.importances) == sorted(NAMES)
+    used = {i.feature for i in m.importances if i.gain > 0}
+    assert used <= set(FILLED) and len(used) > len(SIGNAL)  # all-NaN columns are never split on
+    top = [i.feature for i in m.importances[:len(SIGNAL)]]
+    assert sorted(top) == sorted(SIGNAL), [(i.feature, round(i.share, 3)) for i in m.importances[:6]]
+
+
+def test_a_manifest_written_before_importances_still_loads(trained):
+    _, out, m, _ = trained
+    raw = json.loads((out / m.version / MANIFEST_FILE).read_bytes())
+    assert raw["importances"][0] == {"feature": m.importances[0].feature, "gain": m.importances[0].gain,
+                                     "share": m.importances[0].share}
+    del raw["importances"]
+    old = out / "before-issue-13"
+    old.mkdir()
+    (old / MANIFEST_FILE).write_text(json.dumps(raw))
+    loaded = load_manifest(old)
+    assert loaded.importances == [] and loaded.version == m.version and loaded.members == m.members
 
 
 def test_load_manifest_names_the_broken_file(tmp_path):
