@@ -24,10 +24,25 @@
    - whatever cannot be recovered (REST history does not reach back, fetch keeps failing, no
      public history at all) becomes a ``DataGapEvent`` naming the instrument and time span.
 
+Perpetual-futures data (issue 13, ``PerpPolling``), for the symbols that are contract markets:
+
+6. funding rates are polled with ``fetch_funding_rate`` (every ``funding_every_s``, swaps only) and
+   open interest with ``fetch_open_interest`` (every ``open_interest_every_s``); public
+   liquidations are watched with ``watch_liquidations_for_symbols`` (else one
+   ``watch_liquidations`` per symbol). Each is normalised by ``operators.perp_ingest`` into a
+   ``PerpUpdate`` (a refused one is a ``RejectedTrade``, a dead letter). What the venue does not
+   ``has`` is skipped, with one WARNING line at start naming it;
+7. a perp call never stops the trades: each poll or watch loop has its own ``OutageTracker`` and
+   ``Backoff`` (stages ``funding``, ``open_interest``, ``liquidations``), so a failure is a
+   ``FeedDown`` / ``FeedUp`` pair like a trade stream's, whatever the error (ccxt's own parsing
+   included); ``NotSupported`` ends that loop with one WARNING line and a ``FeedDown``.
+
 Output goes through two callbacks (plain functions or coroutines): ``on_trades(list[Trade])``
 with the trades of one instrument in (ts, id) order, and ``on_event(event)`` for ``GapEvent``,
-``DataGapEvent``, ``RejectedTrade``, ``FeedDown`` and ``FeedUp``. Sleep, clock and backoff are
-injectable, so tests drive the whole loop with a scripted fake exchange and no waiting.
+``DataGapEvent``, ``RejectedTrade``, ``FeedDown``, ``FeedUp`` and ``PerpUpdate`` (``seq`` unset:
+the receiver places it among the trades it got so far). Both are called from the one asyncio loop,
+so a receiver sees trades and perp updates in the order they were received. Sleep, clock and
+backoff are injectable, so tests drive the whole loop with a scripted fake exchange and no waiting.
 
 Rate limits are ccxt's job (``enableRateLimit``). API keys come only from the environment
 (``TAPEFLOW_<EXCHANGE>_API_KEY`` etc., see ``credential_env_names``) and are never logged.
@@ -69,6 +84,7 @@ from operators.ingest import (
     normalise,
     trade_order_key,
 )
+from operators.perp_ingest import NORMALISERS
 from operators.trades import Trade
 
 log = logging.getLogger(__name__)
@@ -178,6 +194,30 @@ class FeedStats:
     gaps_filled: int = 0
     data_gaps: int = 0
     rest_calls: int = 0
+    perp_updates: int = 0  # PerpUpdates delivered through on_event
+    perp_failures: int = 0  # failed perp calls (retried)
+
+
+@dataclass(frozen=True)
+class PerpPolling:
+    """What perp data a feed reads (``Settings.ccxt_*``): funding and open-interest poll intervals
+    in seconds (0: off) and whether to watch liquidations."""
+
+    funding_every_s: float = 60.0
+    open_interest_every_s: float = 300.0
+    liquidations: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "PerpPolling":
+        return cls(settings.ccxt_funding_every_s, settings.ccxt_open_interest_every_s, settings.ccxt_liquidations)
+
+
+#: perp stage -> (the ``has`` key(s) it needs, what it is called in the start-up line)
+PERP_STAGES: Mapping[str, tuple[tuple[str, ...], str]] = MappingProxyType({
+    "funding": (("fetchFundingRate",), "funding rates (fetchFundingRate)"),
+    "open_interest": (("fetchOpenInterest",), "open interest (fetchOpenInterest)"),
+    "liquidations": (("watchLiquidationsForSymbols", "watchLiquidations"), "liquidations (watchLiquidations)"),
+})
 
 
 @dataclass
@@ -210,13 +250,20 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _is_contract(market: Any) -> bool:
+    return isinstance(market, dict) and bool(market.get("contract") or market.get("swap") or market.get("future"))
+
+
 class CcxtFeed:
     """Streams trades of ``symbols`` from ``exchange`` until ``run``'s stop event is set.
 
     ``exchange`` needs ``id``, ``has``, ``markets``, ``load_markets()``, ``watch_trades`` or
     ``watch_trades_for_symbols``, and ``fetch_trades`` -- a ccxt.pro exchange or a test double.
     ``backoff_factory(i)`` makes the backoff of stream loop ``i`` (``load_markets`` uses -2, the
-    REST retries -1). ``status_every_s``: how often a capped retry loop repeats its status line.
+    REST retries -1, perp loops 1000 and up). ``status_every_s``: how often a capped retry loop
+    repeats its status line. ``perp``: which perp data to read (default ``PerpPolling()``; the
+    exchange then also needs ``fetch_funding_rate`` / ``fetch_open_interest`` /
+    ``watch_liquidations[_for_symbols]`` where its ``has`` says so).
     """
 
     def __init__(
@@ -235,6 +282,7 @@ class CcxtFeed:
         max_backfill_pages: int = 20,
         recent_ids: int = 100_000,
         status_every_s: float = 60.0,
+        perp: Optional[PerpPolling] = None,
     ):
         if not symbols:
             raise ValueError("CcxtFeed needs at least one symbol")
@@ -260,6 +308,9 @@ class CcxtFeed:
         self._status_every_ms = int(status_every_s * 1000)
         self.outages: list[OutageTracker] = []  # load_markets, then one per stream loop
         self.last_error: Optional[str] = None  # the latest failure, with stage and attempt
+        self.last_perp_error: Optional[str] = None  # the same for the perp loops
+        self.perp = perp if perp is not None else PerpPolling()
+        self.perp_plan: dict[str, list[str]] = {}  # perp stage -> symbols it reads (once markets are loaded)
 
     # -- top level -----------------------------------------------------------------------------
 
@@ -275,6 +326,7 @@ class CcxtFeed:
         self.backoffs = [self._backoff_factory(i) for i in range(len(groups))]
         tasks = [asyncio.ensure_future(self._stream(g, b, self._tracker(g, "stream"), stop))
                  for g, b in zip(groups, self.backoffs)]
+        tasks += [asyncio.ensure_future(c) for c in self._perp_loops(stop)]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -339,7 +391,10 @@ class CcxtFeed:
             await _call(self.on_event, down)
         ceiling = backoff.ceiling()
         delay = backoff.next_delay()
-        self.last_error = f"{error} ({outage.stage}, attempt {outage.attempts})"
+        if outage.stage in PERP_STAGES:  # not a trade failure: ``CcxtSource.check`` judges trades
+            self.last_perp_error = f"{error} ({outage.stage}, attempt {outage.attempts})"
+        else:
+            self.last_error = f"{error} ({outage.stage}, attempt {outage.attempts})"
         if outage.should_log(ceiling, now):
             log.warning("%s %s: unreachable (%s), retry %d in %.3g s (%s down for %.0f s)", self.exchange_id,
                         ",".join(outage.symbols), error, outage.attempts, delay, outage.stage,
@@ -370,6 +425,129 @@ class CcxtFeed:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         return _STOPPED
+
+    # -- perp data (funding, open interest, liquidations) ----------------------------------------
+
+    def plan_perp(self) -> dict[str, list[str]]:
+        """Perp stage -> the symbols it reads here: contract markets (funding: perpetual swaps) of
+        the stages the settings enable and the venue ``has``. Logs one WARNING line naming what the
+        venue lacks (nothing when it lacks nothing, or no symbol is a contract)."""
+        markets = getattr(self.exchange, "markets", None) or {}
+        has = self.exchange.has
+        contracts = [s for s in self.symbols if _is_contract(markets.get(s))]
+        wanted = {"funding": [s for s in contracts if (markets.get(s) or {}).get("swap", True)]
+                  if self.perp.funding_every_s > 0 else [],
+                  "open_interest": contracts if self.perp.open_interest_every_s > 0 else [],
+                  "liquidations": contracts if self.perp.liquidations else []}
+        plan, lacks = {}, []
+        for stage, symbols in wanted.items():
+            if not symbols:
+                continue
+            keys, name = PERP_STAGES[stage]
+            if any(has.get(k) for k in keys):
+                plan[stage] = symbols
+            else:
+                lacks.append(name)
+        if lacks:
+            log.warning("%s offers no %s: %s not read from it (trades are)", self.exchange_id,
+                        " and no ".join(lacks), "they are" if len(lacks) > 1 else "it is")
+        self.perp_plan = plan
+        return plan
+
+    def _perp_loops(self, stop: asyncio.Event) -> list[Awaitable[None]]:
+        plan = self.plan_perp()
+        loops: list[Awaitable[None]] = []
+        n = 1000
+        for stage, every in (("funding", self.perp.funding_every_s),
+                             ("open_interest", self.perp.open_interest_every_s)):
+            for sym in plan.get(stage, []):
+                loops.append(self._poll(stage, sym, every, self._backoff_factory(n), stop))
+                n += 1
+        liq = plan.get("liquidations", [])
+        if liq:
+            groups = [liq] if self.exchange.has.get("watchLiquidationsForSymbols") else [[s] for s in liq]
+            for g in groups:
+                loops.append(self._watch_liquidations(g, self._backoff_factory(n), stop))
+                n += 1
+        return loops
+
+    async def _poll(self, stage: str, symbol: str, every_s: float, backoff: Backoff, stop: asyncio.Event) -> None:
+        """Poll one symbol's funding rate or open interest every ``every_s`` until stopped."""
+        outage = self._tracker([symbol], stage)
+        fetch = self.exchange.fetch_funding_rate if stage == "funding" else self.exchange.fetch_open_interest
+        while not stop.is_set():
+            try:
+                raw = await self._until_stopped(fetch(symbol), stop)
+            except ccxt.NotSupported as err:
+                await self._perp_unsupported(outage, err)
+                return
+            except Exception as err:  # noqa: BLE001 - network, refusal or a ccxt parse error: retried; trades go on
+                self.stats.perp_failures += 1
+                await self._failed(outage, backoff, err, stop)
+                continue
+            if raw is _STOPPED:
+                return
+            backoff.reset()
+            await self._recovered(outage)
+            await self._deliver_perp(stage, [symbol], [raw])
+            await self._until_stopped(self._sleep(every_s), stop)
+
+    async def _watch_liquidations(self, symbols: list[str], backoff: Backoff, stop: asyncio.Event) -> None:
+        outage = self._tracker(symbols, "liquidations")
+        multi = bool(self.exchange.has.get("watchLiquidationsForSymbols"))
+        while not stop.is_set():
+            try:
+                if multi:
+                    watch = self.exchange.watch_liquidations_for_symbols(symbols)
+                else:
+                    watch = self.exchange.watch_liquidations(symbols[0])
+                batch = await self._until_stopped(watch, stop)
+            except ccxt.NotSupported as err:
+                await self._perp_unsupported(outage, err)
+                return
+            except Exception as err:  # noqa: BLE001 - see _poll
+                self.stats.perp_failures += 1
+                await self._failed(outage, backoff, err, stop)
+                continue
+            if batch is _STOPPED:
+                return
+            backoff.reset()
+            await self._recovered(outage)
+            await self._deliver_perp("liquidations", symbols, list(batch or []))
+
+    async def _perp_unsupported(self, outage: OutageTracker, err: BaseException) -> None:
+        """The venue refuses this perp call for good: one FeedDown and one line; trades go on."""
+        self.stats.perp_failures += 1
+        error = error_line(err)
+        down = outage.failed(error, self._clock())
+        self.last_perp_error = f"{error} ({outage.stage}, attempt {outage.attempts})"
+        log.warning("%s %s: %s not supported (%s); not read from this venue", self.exchange_id,
+                    ",".join(outage.symbols), outage.stage, error)
+        if down is not None:
+            await _call(self.on_event, down)
+
+    async def _deliver_perp(self, stage: str, symbols: list[str], raw: list) -> None:
+        """Normalise ``raw`` structures of ``symbols`` into PerpUpdates (``on_event``); refused ones
+        become ``RejectedTrade`` records."""
+        recv_ts = self._clock()
+        kind = "liquidation" if stage == "liquidations" else stage
+        normalise_perp = NORMALISERS[kind]
+        markets = getattr(self.exchange, "markets", None) or {}
+        for item in raw:
+            sym = item.get("symbol") if isinstance(item, dict) else None
+            sym = sym if isinstance(sym, str) else None
+            if sym is None and len(symbols) == 1:
+                sym = symbols[0]
+            if sym not in symbols:
+                await self._reject(instrument_key(self.exchange_id, str(sym)),
+                                   f"not_subscribed: {kind}: symbol {sym!r} is not read here", item)
+                continue
+            u = normalise_perp(self.exchange_id, item, markets.get(sym), recv_ts)
+            if isinstance(u, str):
+                await self._reject(self._inst[sym].key, u, item)
+                continue
+            self.stats.perp_updates += 1
+            await _call(self.on_event, u)
 
     # -- one streamed batch --------------------------------------------------------------------
 

@@ -5,6 +5,12 @@ feed's callbacks put trades and events on a queue that ``next_batch`` drains int
 ``FrameBatch`` (trades in contract columns, events and refused trades attached). Nothing blocks
 the worker: an empty queue means "wake me in ``idle_ms``".
 
+Perp data (funding, open interest, liquidations; ``PerpPolling``) travels on the same queue and
+lands in ``FrameBatch.events`` as ``PerpUpdate``s with ``seq`` = the offset the partition's next
+trade gets, i.e. each update comes after exactly the trades received before it. What is read comes
+from ``perp`` if given, else the factory's ``perp`` attribute (scripted venues poll fast), else the
+settings (``TAPEFLOW_CCXT_FUNDING_EVERY_S`` etc., from the environment).
+
 A live source has no replayable position: its snapshot is a counter only, so after a restart the
 feed starts from "now" and the backfill closes the hole where the venue allows it (the rest is a
 data-gap event).
@@ -38,12 +44,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
 
+import msgspec
 import polars as pl
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from dataflows.ccxt_feed import (
     CcxtFeed,
     FeedError,
+    PerpPolling,
     UnknownExchangeError,
     UnknownSymbolError,
     check_exchange_id,
@@ -51,6 +59,7 @@ from dataflows.ccxt_feed import (
 )
 from operators.events import from_ingest
 from operators.ingest import Backoff
+from operators.perp import PerpUpdate
 from operators.trades import FrameBatch, Trade
 
 log = logging.getLogger(__name__)
@@ -67,8 +76,9 @@ _COLUMNS = {"exchange": pl.String, "symbol": pl.String, "id": pl.String, "ts": p
 def load_factory(path: Optional[str]) -> ExchangeFactory:
     """``module:callable`` -> a factory ``f(exchange_id) -> ccxt.pro-like exchange``; None -> ccxt.pro.
 
-    The factory may carry a ``backoff`` attribute (``i -> Backoff``, see ``CcxtFeed``): scripted
-    venues in tests use it for millisecond retries without touching the production defaults."""
+    The factory may carry a ``backoff`` attribute (``i -> Backoff``, see ``CcxtFeed``) and a ``perp``
+    attribute (``PerpPolling``): scripted venues in tests use them for millisecond retries and polls
+    without touching the production defaults."""
     if not path:
         return make_exchange
     mod, _, attr = path.partition(":")
@@ -96,9 +106,9 @@ class _FeedThread:
     queue marks the end of the thread (``error`` says why, if it failed)."""
 
     def __init__(self, exchange_id: str, symbols: list[str], factory: ExchangeFactory, out: queue.Queue,
-                 backoff: Optional[BackoffFactory]):
+                 backoff: Optional[BackoffFactory], perp: Optional[PerpPolling] = None):
         self.exchange_id, self.symbols, self.factory, self.out = exchange_id, symbols, factory, out
-        self.backoff = backoff
+        self.backoff, self.perp = backoff, perp
         self.loop = asyncio.new_event_loop()
         self.stop: Optional[asyncio.Event] = None
         self.feed: Optional[CcxtFeed] = None
@@ -120,7 +130,8 @@ class _FeedThread:
         exchange = self.factory(self.exchange_id)
         kw = {"backoff_factory": self.backoff} if self.backoff is not None else {}
         self.feed = CcxtFeed(exchange, self.symbols, lambda ts: self.out.put(("trades", ts)),
-                             lambda ev: self.out.put(("event", ev)), exchange_id=self.exchange_id, **kw)
+                             lambda ev: self.out.put(("event", ev)), exchange_id=self.exchange_id,
+                             perp=self.perp, **kw)
         try:
             await self.feed.run(self.stop)
         finally:
@@ -171,7 +182,8 @@ class _Partition(StatefulSourcePartition[FrameBatch, int]):
         self.src, self.exchange_id, self.offset = src, exchange_id, offset
         self.q: queue.Queue = queue.Queue()
         self.outcome = src.outcomes.setdefault(exchange_id, FeedOutcome())
-        self.feed = _FeedThread(exchange_id, symbols, src.factory(), self.q, src.backoff_factory())
+        self.feed = _FeedThread(exchange_id, symbols, src.factory(), self.q, src.backoff_factory(),
+                                src.perp_polling())
         self.deadline = time.time() + src.duration_s if src.duration_s else None
         self.awake: Optional[datetime] = None
         self.stopping = False  # the feed was asked to stop; the queue is being drained
@@ -197,6 +209,8 @@ class _Partition(StatefulSourcePartition[FrameBatch, int]):
             kind, payload = item
             if kind == "trades":
                 trades.extend(payload)
+            elif isinstance(payload, PerpUpdate):  # after the trades received before it, before the rest
+                events.append(msgspec.structs.replace(payload, seq=self.offset + len(trades)))
             else:
                 events.append(from_ingest(payload, t, f"ccxt:{self.exchange_id}"))
         if not trades and not events:
@@ -251,6 +265,7 @@ class CcxtSource(FixedPartitionedSource[FrameBatch, int]):
     idle_ms: int = 20
     progress: Optional[Callable] = None
     backoff: Optional[BackoffFactory] = None  # i -> Backoff; None: the factory's ``backoff`` or the default
+    perp: Optional[PerpPolling] = None  # perp data to read; None: the factory's ``perp`` or the settings
     _factory: Optional[ExchangeFactory] = field(default=None, repr=False)
     outcomes: dict[str, FeedOutcome] = field(default_factory=dict, repr=False)  # of this process
     aborted: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -273,6 +288,20 @@ class CcxtSource(FixedPartitionedSource[FrameBatch, int]):
 
     def backoff_factory(self) -> Optional[BackoffFactory]:
         return self.backoff or getattr(self.factory(), "backoff", None)
+
+    def perp_polling(self) -> PerpPolling:
+        """What perp data the feeds read: ``perp``, else the factory's ``perp``, else the settings."""
+        if self.perp is None:
+            self.perp = getattr(self.factory(), "perp", None)
+        if self.perp is None:
+            from dataflows.config import ConfigError, load_settings
+
+            try:
+                self.perp = PerpPolling.from_settings(load_settings())
+            except ConfigError as err:  # the command checked its settings already; do not fail the feeds
+                log.warning("perp polling settings unreadable (%s); using the defaults", err)
+                self.perp = PerpPolling()
+        return self.perp
 
     def check(self) -> None:
         """After the dataflow: raise ``FeedError`` if a feed failed for good, or if this was a

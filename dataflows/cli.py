@@ -491,7 +491,7 @@ def _source(source: str, settings: Settings, progress, *, symbols: str, t0: int,
             check()
         return src
     if source == "ccxt":
-        return _ccxt_source(feeds, duration, exchange_factory, settings.batch_size, progress)
+        return _ccxt_source(feeds, duration, exchange_factory, settings, progress)
     from dataflows.kafka import KafkaBatchSource, KafkaUnavailable, default_group, preflight
 
     try:
@@ -733,15 +733,18 @@ def train(ctx: click.Context, folds: int, every: Optional[float], history: Optio
     run_train_command(ctx, settings, folds=folds, every=every, history=history, runs=runs, train_now=once)
 
 
-def _ccxt_source(feeds: Optional[str], duration: Optional[float], factory: Optional[str], batch_size: int,
+def _ccxt_source(feeds: Optional[str], duration: Optional[float], factory: Optional[str], settings: Settings,
                  progress=None):
-    from dataflows.ccxt_source import CcxtSource, parse_symbols
+    from dataflows.ccxt_feed import PerpPolling
+    from dataflows.ccxt_source import CcxtSource, load_factory, parse_symbols
 
     if not feeds:
         raise click.UsageError("--source ccxt needs --feeds 'exchange:SYM,SYM' (e.g. binanceusdm:BTC/USDT:USDT)")
     try:
-        return CcxtSource(parse_symbols(feeds), factory_path=factory, duration_s=duration, batch_size=batch_size,
-                          progress=progress)
+        # perp polling from these settings (--config included); a scripted venue's own ``perp`` wins
+        perp = None if factory and getattr(load_factory(factory), "perp", None) else PerpPolling.from_settings(settings)
+        return CcxtSource(parse_symbols(feeds), factory_path=factory, duration_s=duration,
+                          batch_size=settings.batch_size, progress=progress, perp=perp)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
 
@@ -771,7 +774,7 @@ def ingest(ctx: click.Context, feeds: str, brokers: Optional[str], topic_name: O
         ensure_topic(settings.kafka_brokers, settings.kafka_topic, settings.kafka_partitions)
     except KafkaUnavailable as err:
         raise click.ClickException(str(err)) from None
-    src = _ccxt_source(feeds, duration, exchange_factory, settings.batch_size)
+    src = _ccxt_source(feeds, duration, exchange_factory, settings)
     flow = build_ingest_flow(src, KafkaTapeSink(settings.kafka_brokers, settings.kafka_topic),
                              ParquetTapeSink(record_dir) if record_dir else None,
                              heartbeat_dir=settings.data_dir / "heartbeat")

@@ -128,6 +128,14 @@ class Settings(BaseSettings):
     store_retry_s: float = Field(60.0, ge=0, description="how long transient ClickHouse errors are retried before "
                                                          "the run fails (sinks/clickhouse.py; 0: never)")
 
+    # live feeds (ccxt): perpetual-futures data next to the trades (dataflows/ccxt_feed.py, PerpPolling)
+    ccxt_funding_every_s: float = Field(60.0, ge=0, description="poll each perpetual's funding rate this often "
+                                                                "(fetch_funding_rate; 0: off)")
+    ccxt_open_interest_every_s: float = Field(300.0, ge=0, description="poll each contract's open interest this "
+                                                                       "often (fetch_open_interest; 0: off)")
+    ccxt_liquidations: bool = Field(True, description="watch public liquidations where the venue streams them "
+                                                      "(watch_liquidations)")
+
     # kafka
     kafka_brokers: str = Field("localhost:9092", description="bootstrap servers, comma-separated")
     kafka_topic: str = Field("trades", description="trade topic (key exchange:symbol)")

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import polars as pl
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from operators.perp import PerpUpdate
 from operators.trades import FrameBatch
 
 HEARTBEAT_DIR = "heartbeat"
@@ -72,6 +73,9 @@ class IngestProgress:
         venue = self.venues.setdefault(batch.partition, self._venue([]))
         venue["last_batch_ms"] = now
         for ev in batch.events:
+            if isinstance(ev, PerpUpdate):  # data, not an event of the feed
+                venue["perp_updates"] = venue.get("perp_updates", 0) + 1
+                continue
             kind = getattr(ev, "kind", type(ev).__name__)
             venue["events"][kind] = venue["events"].get(kind, 0) + 1
             venue["last_event"] = {"kind": kind, "at_ms": now, "reason": str(getattr(ev, "reason", ""))[:200]}

@@ -1,8 +1,9 @@
 """The ingest dataflow: exchanges -> ccxt.pro -> Kafka topic ``trades`` (and optionally Parquet).
 
     ccxt      live feeds, one partition per exchange (reconnect, gap detection, REST backfill)
-    kafka     every trade as contract JSON keyed exchange:symbol, events and refused trades in
-              band on the same key; idempotent producer, acks=all
+    kafka     every trade as contract JSON keyed exchange:symbol, events, refused trades and perp
+              data (funding, open interest, liquidations) in band on the same key; idempotent
+              producer, acks=all
     record    (optional) the normalised tape as Parquet files, replayable with --source replay
     heartbeat <data_dir>/heartbeat/ingest.json: per venue and instrument the newest trade (liveness)
 """
@@ -19,8 +20,9 @@ from bytewax.inputs import Source
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 import bytewax.operators as op
 
-from dataflows.kafka import TradeProducer, tape_messages
+from dataflows.kafka import TradeProducer, tape_messages, with_perp
 from operators.events import encode_in_band
+from operators.perp import PerpUpdate
 from operators.trades import FrameBatch
 
 
@@ -30,8 +32,8 @@ class _KafkaPart(StatelessSinkPartition[FrameBatch]):
 
     def write_batch(self, items: list[FrameBatch]) -> None:
         for b in items:
-            self.producer.send_many(tape_messages(b.frame))
-            self.producer.send_many(encode_in_band(e) for e in b.events)
+            self.producer.send_many(with_perp(b.frame, [e for e in b.events if isinstance(e, PerpUpdate)]))
+            self.producer.send_many(encode_in_band(e) for e in b.events if not isinstance(e, PerpUpdate))
         if self.producer.errors:  # a broken broker is an infrastructure failure: stop loudly
             self.producer.flush(10)
 

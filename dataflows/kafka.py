@@ -36,6 +36,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from operators.perp import PerpUpdate, encode as _encode_perp
 from operators.trades import RawBatch
 from sinks.rows import SourcePosition
 
@@ -369,6 +370,23 @@ def tape_messages(frame, exchange_col: str = "exchange", symbol_col: str = "symb
     return out
 
 
+def with_perp(frame: pl.DataFrame, perps: list[PerpUpdate]) -> list[tuple[str, bytes]]:
+    """The frame's trades with the perp updates in between, each after the trades whose ``offset``
+    is below its ``seq`` (in order with the trades of its key; ``seq`` None: after them all)."""
+    if not perps:
+        return tape_messages(frame)
+    offsets = frame["offset"].to_list() if "offset" in frame.columns else list(range(frame.height))
+    out, start = [], 0
+    for u in sorted(perps, key=lambda u: float("inf") if u.seq is None else u.seq):
+        end = start
+        while end < len(offsets) and (u.seq is None or offsets[end] < u.seq):
+            end += 1
+        out += tape_messages(frame.slice(start, end - start))
+        out.append(_encode_perp(u))
+        start = end
+    return out + tape_messages(frame.slice(start))
+
+
 def publish_tape(path, producer: TradeProducer, *, exchange: Optional[str] = None, symbol: Optional[str] = None,
                  speed: Optional[float] = None, batch_size: int = 50_000,
                  progress: Optional[Callable[[int, int], None]] = None, tape=None) -> int:
@@ -392,9 +410,12 @@ def publish_tape(path, producer: TradeProducer, *, exchange: Optional[str] = Non
     sent, t0, ev0 = 0, None, None
     for start in range(0, total, batch_size):
         part = frame.slice(start, batch_size)
-        msgs = tape_messages(part)
+        last = start + part.height >= total
+        # perp rows (funding, open interest, liquidations) in between, each after the trades before it
+        perps = [u for u in getattr(tape, "perp", []) if start <= u.seq < start + part.height or (last and u.seq >= total)]
+        msgs = with_perp(part, perps)
         if speed:
-            ts = part["ts"].cast(pl.Int64, strict=False).to_list()
+            ts = _message_ts(part, perps)
             for (k, m), t in zip(msgs, ts):
                 if t is not None:
                     if t0 is None:
@@ -411,3 +432,18 @@ def publish_tape(path, producer: TradeProducer, *, exchange: Optional[str] = Non
             progress(sent, total)
     producer.flush()
     return sent
+
+
+def _message_ts(part, perps: list) -> list:
+    """Event times of ``with_perp(part, perps)``'s messages, in its order (for pacing)."""
+    import polars as pl
+
+    ts = part["ts"].cast(pl.Int64, strict=False).to_list()
+    offsets = part["offset"].to_list()
+    out, i = [], 0
+    for u in sorted(perps, key=lambda u: u.seq):
+        while i < len(offsets) and offsets[i] < u.seq:
+            out.append(ts[i])
+            i += 1
+        out.append(u.ts)
+    return out + ts[i:]

@@ -38,11 +38,13 @@ from dataflows.config import Settings
 from dataflows.control import ControlInbox
 from operators import bars as B
 from operators import features as F
+from operators import perp as PD
 from operators import labels as L
 from operators import portfolio as P
 from operators import signals as S
 from operators import trades as T
 from operators.events import Event
+from operators.perp import PerpUpdate
 from sinks.rows import SourcePosition
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -75,12 +77,19 @@ def _bar_1m(cfg: B.BarConfig):
         state = state or B.BarState()
         _, chunks = window
         first = chunks[0]
+        news = [x for c in chunks for x in c.news]
+        perps = [x for x in news if isinstance(x, PerpUpdate)]
+        if perps:  # perp data: into the instrument's levels; a window without trades passes them on
+            news = [x for x in news if not isinstance(x, PerpUpdate)]
+            state.perp = PD.absorb(getattr(state, "perp", None), perps)
         trades = chunks[0].trades if len(chunks) == 1 else T.concat_chunks(chunks)
-        if trades.height == 0:  # only news carriers: live, where the wall clock closed the window of
-            return state, []  # their trades first; no bar (rare: a carrier targets a window it has a trade in)
+        if trades.height == 0:  # only news carriers: perp data of a quiet minute, or live, where the wall
+            return state, []  # clock closed the window of their trades first (rare)
         bar = B.make_bar(trades, first.exchange, first.symbol, first.window_start, T.MINUTE_MS, state, cfg)
         bar.closed_at = _wall_ms()
-        bar.news = tuple(x for c in chunks for x in c.news)  # to the portfolio, with the bar
+        bar.news = tuple(news)  # to the portfolio, with the bar
+        bar.perp = getattr(state, "perp", None)
+        state.perp = PD.levels_only(bar.perp)
         return state, [bar]
 
     return step
@@ -273,7 +282,13 @@ def _late_chunk(key_window_chunk: tuple[int, T.Chunk]) -> list:
     the news it carried goes to the portfolio on its own (``News``), as it can no longer ride a bar."""
     _, chunk = key_window_chunk
     out: list = [T.chunk_late(chunk, "window_closed")] if chunk.trades.height else []
-    return out + ([P.News(f"{chunk.exchange}:{chunk.symbol}", chunk.news)] if chunk.news else [])
+    news = tuple(x for x in chunk.news if not isinstance(x, PerpUpdate))
+    perps = [x for x in chunk.news if isinstance(x, PerpUpdate)]
+    if perps:  # stored (raw tables) but too late for any bar: say so
+        out.append(Event(kind="perp_late", ts=max(u.ts for u in perps), exchange=chunk.exchange, symbol=chunk.symbol,
+                         from_ts=min(u.ts for u in perps), to_ts=max(u.ts for u in perps), source="pipeline",
+                         reason=f"{len(perps)} perp update(s) reached a 1m window the wall clock had closed"))
+    return out + ([P.News(f"{chunk.exchange}:{chunk.symbol}", news)] if news else [])
 
 
 def build_flow(
@@ -369,7 +384,7 @@ def build_flow(
         op.filter("scores_out", op.key_rm("scores", scored), lambda x: not isinstance(x, B.Bar)),  # bars: above
         op.key_rm("trading_out", trading),
         op.key_rm("admit_out", is_chunk.falses),
-        op.filter("late_out", op.key_rm("late_rows", late_chunks), lambda x: isinstance(x, T.LateTrades)),
+        op.filter("late_out", op.key_rm("late_rows", late_chunks), lambda x: isinstance(x, (T.LateTrades, Event))),
         dead,
         events,
         *positions,

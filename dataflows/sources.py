@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+import msgspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -61,6 +62,10 @@ class _Pacer:
         return datetime.fromtimestamp(wall0 + (event_ms - ev0) / 1000 / self.speed, tz=timezone.utc)
 
 
+_NO_ROWS = pl.DataFrame(schema={"exchange": pl.String, "symbol": pl.String, "id": pl.String, "ts": pl.Int64,
+                                "price": pl.Float64, "amount": pl.Float64, "side": pl.String, "offset": pl.Int64})
+
+
 def _event_ts(frame: pl.DataFrame) -> np.ndarray:
     return frame["ts"].cast(pl.Int64, strict=False).fill_null(-1).to_numpy()
 
@@ -84,6 +89,9 @@ class _FramePartition(StatefulSourcePartition):
         if self.pending is None:
             self.pending = self._load()
             if self.pending is None:
+                rest = self._take_events(final=True)  # e.g. perp data after the last trade
+                if rest:
+                    return [FrameBatch(self.source_name, self.part, _NO_ROWS, now_ms(), rest)]
                 raise StopIteration
         frame, ts = self.pending, _event_ts(self.pending)
         n = frame.height
@@ -98,8 +106,9 @@ class _FramePartition(StatefulSourcePartition):
         self._released(ready)
         return [FrameBatch(self.source_name, self.part, ready, now_ms(), self._take_events())]
 
-    def _take_events(self) -> list:
-        """Events to attach to the next released batch (none by default)."""
+    def _take_events(self, final: bool = False) -> list:
+        """Events to attach to the next released batch (none by default); ``final``: the input has
+        ended, give everything still held."""
         return []
 
     def next_awake(self) -> Optional[datetime]:
@@ -126,6 +135,7 @@ class _SyntheticPartition(_FramePartition):
         self.emitted = {sp.symbol: resume[sp.symbol][1] if resume else 0 for sp in specs}
         self.base = dict(self.at)
         self.total_minutes = (src.end_ms - src.start_ms) // 60_000
+        self.perp_wait: list = []  # perp updates generated, not yet released (after the trades before them)
 
     def _minute(self) -> int:
         return min(st.minute for st in self.at.values())
@@ -136,8 +146,12 @@ class _SyntheticPartition(_FramePartition):
             parts, codes, n = [], [], 0
             while n < self.src.batch_size and self._minute() < self.total_minutes:
                 for code, sp in enumerate(self.specs):
-                    cols, self.at[sp.symbol] = syn.generate_minute(sp, self.src.seed, self.src.start_ms,
-                                                                   self.at[sp.symbol])
+                    before = self.at[sp.symbol]
+                    cols, self.at[sp.symbol] = syn.generate_minute(sp, self.src.seed, self.src.start_ms, before)
+                    if self.src.perp:  # resumed: what came after the last emitted trade again (deduplicated)
+                        self.perp_wait += [u for u in syn.perp_minute(sp, self.src.seed, self.src.start_ms, before,
+                                                                      self.at[sp.symbol], cols["ts"], self.src.exchange)
+                                           if u.seq >= self.emitted[sp.symbol]]
                     if len(cols["ts"]):
                         parts.append(cols)
                         codes.append(np.full(len(cols["ts"]), code, dtype=np.int32))
@@ -172,6 +186,15 @@ class _SyntheticPartition(_FramePartition):
             self.src.progress(self.part, min(st.minute for st in self.base.values()), self.total_minutes,
                               frame.height)
 
+    def _take_events(self, final: bool = False) -> list:
+        """Perp updates whose trades before them are all released."""
+        if not self.perp_wait:
+            return []
+        out = [u for u in self.perp_wait if final or u.seq <= self.emitted[u.symbol]]
+        if out:
+            self.perp_wait = [u for u in self.perp_wait if u.seq > self.emitted[u.symbol]]
+        return out
+
     def snapshot(self) -> dict:
         return {sym: (self.base[sym], self.emitted[sym]) for sym in self.base}
 
@@ -193,6 +216,7 @@ class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
     progress: Optional[Progress] = None
     source_name: str = "synthetic"
     partitions: Optional[int] = None
+    perp: bool = True  # also funding, open interest and liquidations (operators.synthetic.perp_minute)
 
     def _n_parts(self) -> int:
         return max(1, min(self.partitions or 4, len(self.symbols)))
@@ -534,12 +558,14 @@ class Tape:
     frame: pl.DataFrame
     files: list[TapeFile]
     events: list  # operators.events.Event
+    perp: list = field(default_factory=list)  # operators.perp.PerpUpdate, seq = their place among the trades
 
     def describe(self) -> dict:
-        """Plain numbers for the CLI: rows, files (each a dict of ``TapeFile``), out_of_order."""
+        """Plain numbers for the CLI: rows, files (each a dict of ``TapeFile``), out_of_order,
+        perp updates."""
         return {"rows": self.frame.height, "files": [asdict(f) for f in self.files],
                 "out_of_order": sum(f.out_of_order for f in self.files),
-                "unreadable_ts": sum(f.unreadable_ts for f in self.files)}
+                "unreadable_ts": sum(f.unreadable_ts for f in self.files), "perp_updates": len(self.perp)}
 
     def summary(self) -> str:
         """One line for people, e.g. ``2 files, 12,480 trades; eth.csv: 12,479 rows out of time
@@ -649,9 +675,12 @@ def load_tape(paths, exchange: Optional[str] = None, symbol: Optional[str] = Non
     """
     from operators.events import Event  # events import operators.trades; keep this module light
 
-    parts, files = [], []
+    parts, files, perp = [], [], []
     for path in [Path(p) for p in paths]:
         raw, fmt = open_tape(path)
+        if perp_kind_of(raw) is not None:
+            perp += perp_updates(raw, exchange, symbol, path)
+            continue
         frame, info = normalise_tape(raw, exchange, symbol, path, fmt)
         parts.append(frame.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
                                         pl.lit(info.ids_derived).alias("_derive"),
@@ -659,6 +688,8 @@ def load_tape(paths, exchange: Optional[str] = None, symbol: Optional[str] = Non
         files.append(info)
     # files without ids keep file order within one ms; order the files by time so that a tape
     # split over several files gives the same order whatever the order of --file
+    if not parts:
+        raise _err(Path(paths[0]), "only perp files (funding, open interest, liquidations): a replay needs trades too")
     rank = sorted(range(len(files)), key=lambda i: (files[i].first_ts is None, files[i].first_ts or 0, i))
     rank_of = {i: r for r, i in enumerate(rank)}
     parts = [part.with_columns(pl.lit(rank_of[i], dtype=pl.Int64).alias("_file")) for i, part in enumerate(parts)]
@@ -687,7 +718,73 @@ def load_tape(paths, exchange: Optional[str] = None, symbol: Optional[str] = Non
                                 "by the tick rule", source="replay",
                                 detail=json.dumps({**detail, "ids_derived": f.ids_derived,
                                                    "before_first_tick_called_buy": guessed.get(rank_of[i], 0)})))
-    return Tape(frame, files, events)
+    if perp:  # each after the trades at or before its ts, in one total order
+        perp.sort(key=lambda u: (u.ts, u.exchange, u.symbol, u.kind, u.dedup_key()))
+        ts_sorted = frame["ts"].cast(pl.Int64, strict=False).fill_null(-1).to_numpy()
+        at = np.searchsorted(ts_sorted, [u.ts for u in perp], side="right")
+        perp = [msgspec.structs.replace(u, seq=int(k)) for u, k in zip(perp, at)]
+    return Tape(frame, files, events, perp)
+
+
+# --- perp files ------------------------------------------------------------------------------------
+
+PERP_FILE_COLUMNS = {"funding": ("fundingRate", "funding_rate", "rate"),
+                     "open_interest": ("openInterestAmount", "openInterestValue", "open_interest", "oi_value")}
+
+
+def perp_kind_of(df: pl.DataFrame) -> Optional[str]:
+    """"perp" when the file holds perp data (a ``perp`` or ``kind`` column of funding /
+    open_interest / liquidation rows, or ccxt's funding-rate / open-interest history columns),
+    else None (a trade tape)."""
+    cols = set(df.columns)
+    if "perp" in cols or ("kind" in cols and "price" not in cols) or "fundingRate" in cols or "funding_rate" in cols \
+            or "openInterestAmount" in cols or "openInterestValue" in cols or "open_interest" in cols:
+        return "perp"
+    return None
+
+
+def perp_updates(df: pl.DataFrame, exchange: Optional[str], symbol: Optional[str], path) -> list:
+    """A perp file's rows as ``PerpUpdate``s (ccxt ``fetch_funding_rate_history`` /
+    ``fetch_open_interest_history`` rows, or rows with a ``perp`` column naming the kind and the
+    ``PerpUpdate`` field names). Bad values become dead letters downstream (``perp.problem``); a
+    file whose times cannot be read is refused here."""
+    from operators.perp import KINDS, PerpUpdate
+
+    path = Path(path)
+    cols = set(df.columns)
+    ts_col = _pick(cols, TS_COLUMNS)
+    if ts_col is None:
+        raise _err(path, f"a perp file needs a timestamp column (one of {TS_COLUMNS}); found {df.columns}")
+    ms, _ = epoch_ms(df[ts_col], path, ts_col)
+    if ms.null_count():
+        raise _err(path, f"{ms.null_count():,} rows of {path.name} have a time that cannot be read")
+    if "perp" in cols or "kind" in cols:
+        kinds = df["perp" if "perp" in cols else "kind"].cast(pl.String).to_list()
+    else:
+        kinds = ["funding" if _pick(cols, PERP_FILE_COLUMNS["funding"]) else "open_interest"] * df.height
+    unknown = sorted({k for k in kinds if k not in KINDS}, key=str)
+    if unknown:
+        raise _err(path, f"perp kinds {unknown} are not one of {', '.join(KINDS)}")
+    ren = {"fundingRate": "rate", "funding_rate": "rate", "fundingTimestamp": "funding_time",
+           "fundingTime": "funding_time", "markPrice": "mark_price", "indexPrice": "index_price",
+           "openInterestAmount": "open_interest", "openInterestValue": "oi_value", "contracts": "amount"}
+    fields = set(PerpUpdate.__struct_fields__) - {"kind", "exchange", "symbol", "ts", "seq"}
+    rows = df.rename({k: v for k, v in ren.items() if k in cols and v not in cols}).to_dicts()
+    out = []
+    for kind, t, row in zip(kinds, ms.to_list(), rows):
+        ex = row.get("exchange") or exchange
+        sym = row.get("symbol") or symbol
+        if not ex or not sym:
+            raise _err(path, "a perp row needs exchange and symbol (columns, or --exchange/--symbol)")
+        vals = {k: row[k] for k in fields if row.get(k) is not None}
+        for k in ("rate", "mark_price", "index_price", "open_interest", "oi_value", "price", "amount"):
+            if k in vals and isinstance(vals[k], str):
+                vals[k] = float(vals[k]) if _is_number(vals[k]) else float("nan")
+        if "funding_time" in vals:
+            vals["funding_time"] = int(vals["funding_time"])
+        out.append(PerpUpdate(kind=kind, exchange=str(ex), symbol=str(sym), ts=int(t),
+                              **{**vals, "source": vals.get("source") or f"replay:{path.name}"}))
+    return out
 
 
 class _ReplayPartition(_FramePartition):
@@ -698,6 +795,8 @@ class _ReplayPartition(_FramePartition):
         super().__init__(src.source_name, part, src.speed)
         self.src, self.tape, self.pos, self.loaded = src, tape, resume, resume
         self.events = list(tape.events) if resume == 0 else []  # with the first batch, once
+        # perp updates go out after the trades before them (resumed: from the resume point again; deduplicated)
+        self.perp = [u for u in tape.perp if u.seq >= resume]
 
     def _load(self) -> Optional[pl.DataFrame]:
         if self.loaded >= self.tape.frame.height:
@@ -706,8 +805,12 @@ class _ReplayPartition(_FramePartition):
         self.loaded += frame.height
         return frame
 
-    def _take_events(self) -> list:
+    def _take_events(self, final: bool = False) -> list:
         events, self.events = self.events, []
+        k = len(self.perp) if final else next((i for i, u in enumerate(self.perp) if u.seq > self.pos), len(self.perp))
+        if k:
+            events += self.perp[:k]
+            self.perp = self.perp[k:]
         return events
 
     def _released(self, frame: pl.DataFrame) -> None:

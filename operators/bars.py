@@ -35,6 +35,9 @@ import msgspec
 import numpy as np
 import polars as pl
 
+from operators import perp as PD
+from operators.slippage import TapeWalk, build as build_walk
+
 TIMEFRAMES: dict[str, int] = {
     "1m": 60_000,
     "5m": 300_000,
@@ -170,6 +173,8 @@ class Bar(msgspec.Struct, kw_only=True):
     partial: bool = False  # emitted at EOF before its period ended; replaced when the period completes
     closed_at: int = 0  # wall ms when its last 1m window closed (latency accounting; not stored)
     news: tuple = ()  # 1m bars: data-quality news its window carried to the portfolio (trades.carry_news; not stored)
+    perp: PD.PerpSnap | None = None  # perpetual-futures levels and liquidations (operators.perp; features, funding)
+    walk: TapeWalk | None = None  # 1m bars: the start of the tape, for size-dependent fills (operators.slippage)
 
     @property
     def instrument(self) -> str:
@@ -202,10 +207,11 @@ class BarState:
     n_orders: int = 0
     profile_bin: float | None = None
     pool: np.ndarray = field(default_factory=lambda: np.empty(0))  # all history notionals, sorted
+    perp: PD.PerpSnap | None = None  # perp levels so far, and liquidations not yet in a bar (immutable)
 
     def __deepcopy__(self, memo: dict) -> "BarState":
         # arrays in the history are never modified in place: copying the containers is enough
-        return BarState(deque(self.history), self.n_orders, self.profile_bin, self.pool)
+        return BarState(deque(self.history), self.n_orders, self.profile_bin, self.pool, getattr(self, "perp", None))
 
 
 def default_bin(price: float, bps: float) -> float:
@@ -351,6 +357,7 @@ def make_bar(
         amateurs_gross=float(notional[amateur].sum()), amateurs_net=float(signed[amateur].sum()),
         pro_threshold=hi, amateur_threshold=lo, profile_bin=_scaled_bin(bin_size, scale), profile=profile,
         profile_scale=scale, va_fraction=cfg.value_area,
+        walk=build_walk(price, amount, buy, float(price.max()), float(price.min())),
     )
 
 
@@ -407,13 +414,14 @@ def merge(acc: Bar, bar: Bar, tf: str, start: int, end: int, value_area_fraction
         largest_notional=max(acc.largest_notional, bar.largest_notional),
         pro_threshold=bar.pro_threshold, amateur_threshold=bar.amateur_threshold,
         profile_bin=profile_bin, profile=profile, profile_scale=scale, va_fraction=value_area_fraction,
+        perp=PD.merge(acc.perp, bar.perp),
     )
 
 
 def as_period(bar: Bar, tf: str, start: int, end: int) -> Bar:
     """A 1m bar relabelled as the first sub-bar of a higher-timeframe period (profiles are
     never modified, so the period shares the minute's)."""
-    return msgspec.structs.replace(bar, tf=tf, start=start, end=end)
+    return msgspec.structs.replace(bar, tf=tf, start=start, end=end, walk=None)
 
 
 class BarGroup(msgspec.Struct, frozen=True):

@@ -23,6 +23,10 @@ Rules every feature follows:
 - Smoothings start as TA-Lib's do (the mean of the first n inputs), so after the warm-up a value
   depends (negligibly, like (1 - 1/n)^t) on where the series started.
 
+Perpetual-futures features (``operators.perp.SPEC``: funding, basis, open interest, liquidations)
+follow the primary row's features when the bars carry perp data (``Bar.perp``); they are None on a
+tape without it and do not hold back ``warm``.
+
 Multi-timeframe: ``align`` / ``OverlayBook`` attach the latest CLOSED overlay rows (default 15m and
 1h) to a primary row (default 5m), prefixed like ``15m_rsi``; an overlay that ends after the
 primary bar, or is older than two of its intervals, is missing (None values, overlay_ok False).
@@ -44,6 +48,7 @@ import polars as pl
 
 from operators import indicators as I
 from operators import labels as L
+from operators import perp as PD
 from operators.bars import TIMEFRAMES, Bar
 
 YEAR_MS = 365 * 86_400_000
@@ -163,6 +168,7 @@ WARM_BARS = max(WARMUP.values())  # first warm row is index WARM_BARS - 1
 INPUT_COLUMNS = ("high", "low", "close", "volume", "vwap", "trades", "delta", "min_delta", "max_delta",
                  "s_top", "s_bot", "s_mood", "poc", "vah", "val")
 KEY_COLUMNS = ("exchange", "symbol", "tf", "start", "end", "close")
+PERP_COLUMNS = tuple(PD.PerpSnap.__struct_fields__)  # optional bar columns: the bar's perp data
 
 
 def _cvd_weights(n: int) -> tuple[float, ...]:
@@ -261,6 +267,7 @@ class FeatureState:
         self.swing_high: Optional[float] = None  # last confirmed, not yet broken
         self.swing_low: Optional[float] = None
         self.structure = 0
+        self.perp = PD.PerpFeatures()
 
     def __len__(self) -> int:
         return self.count
@@ -412,7 +419,10 @@ class FeatureState:
         # -- smart-money structures
         self._fair_value_gaps(i, h, l, atr, f)
         self._break_of_structure(h, l, c, f)
-        return {name: f[name] for name in FEATURE_NAMES}
+        out = {name: f[name] for name in FEATURE_NAMES}
+        perp = self.__dict__.get("perp") or self.__dict__.setdefault("perp", PD.PerpFeatures())  # older snapshots
+        out.update(perp.step(getattr(b, "perp", None), r1, v * vwap))
+        return out
 
     # ------------------------------------------------------------------------- pieces of step
 
@@ -537,19 +547,26 @@ def compute_features(bars: pl.DataFrame, tf_ms: int) -> pl.DataFrame:
     oldest first; finite values and positive prices, as ``operators.bars`` makes them), computed
     by one ``FeatureState`` stepping through the rows: what streaming gives, bar for bar.
 
-    Returns the KEY_COLUMNS present in ``bars``, FEATURE_NAMES (Float64, null while undefined),
-    ``regime`` (String, null while undefined) and ``warm`` (Boolean: the row has WARM_BARS bars of
-    history, from which on every feature is defined)."""
+    Perp data comes from the optional columns ``PERP_COLUMNS`` (a bar's ``PerpSnap`` fields; without
+    them the perp features are null).
+
+    Returns the KEY_COLUMNS present in ``bars``, FEATURE_NAMES and the perp features (Float64, null
+    while undefined), ``regime`` (String, null while undefined) and ``warm`` (Boolean: the row has
+    WARM_BARS bars of history, from which on every FEATURE_NAMES feature is defined)."""
     missing = [c for c in INPUT_COLUMNS if c not in bars.columns]
     if missing:
         raise ValueError(f"compute_features needs bar columns {missing}")
     if tf_ms <= 0:
         raise ValueError(f"compute_features needs a positive tf_ms, got {tf_ms}")
     keys = [k for k in KEY_COLUMNS if k in bars.columns]
+    perp_cols = [c for c in PERP_COLUMNS if c in bars.columns]
     state = FeatureState()
-    rows = [state.step(SimpleNamespace(**r), tf_ms) for r in bars.select(INPUT_COLUMNS).iter_rows(named=True)]
-    out = pl.DataFrame({name: [r[name] for r in rows] for name in FEATURE_NAMES},
-                       schema={name: pl.Float64 for name in FEATURE_NAMES})
+    rows = []
+    for r in bars.select(*INPUT_COLUMNS, *perp_cols).iter_rows(named=True):
+        snap = PD.PerpSnap(**{c: r.pop(c) for c in perp_cols}) if perp_cols else None
+        rows.append(state.step(SimpleNamespace(**r, perp=snap), tf_ms))
+    names = FEATURE_NAMES + PD.NAMES
+    out = pl.DataFrame({name: [r[name] for r in rows] for name in names}, schema={name: pl.Float64 for name in names})
     return pl.concat([bars.select(keys), out], how="horizontal").with_columns(
         pl.Series("regime", [regime_of(r["adx"], r["atr_pct"]) for r in rows], dtype=pl.String),
         (pl.int_range(pl.len()) >= WARM_BARS - 1).alias("warm"),
@@ -614,8 +631,9 @@ def _prefixed(tf: str) -> tuple[str, ...]:
 
 
 def aligned_feature_names(overlay_tfs: list[str] | tuple[str, ...]) -> list[str]:
-    """Key order of ``AlignedRow.features``: the primary's features, then each overlay's."""
-    return list(FEATURE_NAMES) + [f"{tf}_{f}" for tf in overlay_tfs for f in FEATURE_NAMES]
+    """Key order of ``AlignedRow.features``: the primary's features, its perp features
+    (``operators.perp.NAMES``), then each overlay's features."""
+    return list(FEATURE_NAMES) + PD.NAMES + [f"{tf}_{f}" for tf in overlay_tfs for f in FEATURE_NAMES]
 
 
 def overlay_usable(primary_end: int, overlay: Optional[FeatureRow], interval_ms: int,

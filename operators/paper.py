@@ -3,13 +3,21 @@
 - An order decided at time T (a primary bar's close) waits as a pending order and fills at the
   OPEN of the first 1m bar of its instrument that starts at or after T -- the next bar, never the
   decision bar's close. Its quantity is fixed then: notional / fill price.
-- Every fill pays the taker fee (``fee_bps`` of the fill's notional) and slippage
-  (``slippage_bps``) against us: buys fill above the reference price, sells below.
+- Every fill pays the taker fee (``fee_bps`` of the fill's notional) and slippage against us:
+  buys fill above the reference price, sells below. At a 1m open the order walks that bar's tape
+  (``operators.slippage``): it pays the volume-weighted price of the next trades on its side until
+  its size is filled (never better than the open), times ``slippage_bps`` on top, so a large order
+  pays more than a small one. Bars without a tape (tests, old snapshots) pay ``slippage_bps`` alone.
 - Protective exits (stops, targets) fill inside the bar at their level (or at the open on a gap),
   also with slippage and fee.
-- Accounting is for linear perpetuals: ``cash`` = initial equity + realised gross PnL - fees;
-  equity = cash + unrealised PnL of open positions marked at each instrument's last 1m close.
-- A trade's net PnL (``Fill.realised_pnl`` on the exit) = gross PnL - entry fee - exit fee.
+- Accounting is for linear perpetuals: ``cash`` = initial equity + realised gross PnL - fees +
+  funding; equity = cash + unrealised PnL of open positions marked at each instrument's last 1m close.
+- Funding (``settle_funding``): a position open at a funding time T (the first 1m bar of its
+  instrument starting at or after T comes before that bar's fills) receives
+  ``-side x qty x mark x rate`` (longs pay a positive rate), with the rate and mark of the latest
+  funding update before T (``note_funding``, from the bars' ``perp``). Each payment is a
+  ``FundingPayment`` row and is in the trade's net PnL.
+- A trade's net PnL (``Fill.realised_pnl`` on the exit) = gross PnL - entry fee - exit fee + funding.
 - A position's id comes from the data that opened it (``position_id``), never from a counter: a
   restart, a replay of the same input or a second run writes its fills under the same keys.
 """
@@ -21,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from operators.decision import Tagged
+from operators.perp import PerpSnap
+from operators.slippage import TapeWalk, walk_price
 
 
 class Fill(Tagged, kw_only=True):
@@ -44,6 +54,18 @@ class Fill(Tagged, kw_only=True):
     arm: str = ""              # the arm that opened the position
 
 
+class FundingPayment(Tagged, kw_only=True):
+    ts: int                    # the funding time
+    exchange: str
+    symbol: str
+    position_id: int
+    position_side: int
+    qty: float
+    mark_price: float
+    rate: float
+    amount: float              # to the book: > 0 received, < 0 paid
+
+
 class EquityPoint(Tagged, kw_only=True):
     ts: int                    # the 1m bar close (end) at which equity was marked
     seq: int                   # n-th mark of this ts (1, 2, ... one per instrument's bar ending at ts):
@@ -58,6 +80,7 @@ class EquityPoint(Tagged, kw_only=True):
     peak: float
     drawdown: float
     halted: bool
+    funding: float = 0.0       # funding received (> 0) or paid (< 0) so far, in cash
 
 
 def position_id(tags: dict, exchange: str, symbol: str, decision_ts: int, side: int) -> int:
@@ -108,6 +131,7 @@ class Position:
     trough: float              # lowest price since entry
     bars_held: int = 0         # 1m bars seen since the fill (the fill bar included)
     closing: bool = False      # a close order is pending
+    funding: float = 0.0       # funding received (> 0) or paid while open
 
     @property
     def best(self) -> float:
@@ -147,6 +171,9 @@ class PaperBook:
     wins: int = 0
     gross_profit: float = 0.0
     gross_loss: float = 0.0
+    funding: float = 0.0                            # funding received (> 0) or paid, in cash
+    funding_next: dict = field(default_factory=dict)  # instrument -> (funding time, rate, mark or None)
+    funding_done: dict = field(default_factory=dict)  # instrument -> last funding time settled
 
     def __post_init__(self) -> None:
         if self.cash == 0.0:
@@ -156,6 +183,13 @@ class PaperBook:
     def slipped(self, ref: float, buy: bool) -> float:
         s = self.slippage_bps / 1e4
         return ref * (1 + s) if buy else ref * (1 - s)
+
+    def fill_price(self, ref: float, buy: bool, qty: float, walk: Optional[TapeWalk]) -> float:
+        """At a bar's open: the tape-walk price for ``qty`` (never better than ``ref``), slipped."""
+        walked = walk_price(walk, qty, buy)
+        if walked is not None:
+            ref = max(ref, walked) if buy else min(ref, walked)
+        return self.slipped(ref, buy)
 
     def fee_of(self, notional: float) -> float:
         return abs(notional) * self.fee_bps / 1e4
@@ -192,21 +226,21 @@ class PaperBook:
     def has_order(self, instrument: str) -> bool:
         return instrument in self.pending
 
-    def fill_pending(self, instrument: str, bar_start: int,
-                     bar_open: float) -> tuple[list[Fill], Optional[ClosedTrade]]:
+    def fill_pending(self, instrument: str, bar_start: int, bar_open: float,
+                     walk: Optional[TapeWalk] = None) -> tuple[list[Fill], Optional[ClosedTrade]]:
         """Fill the instrument's pending order at this bar's open if it was decided at or before the
-        bar's start."""
+        bar's start, walking the bar's tape (``walk``) when it has one."""
         order = self.pending.get(instrument)
         if order is None or order.decision_ts > bar_start:
             return [], None
         del self.pending[instrument]
         if order.kind == "open":
-            return [self._open(order, bar_start, bar_open)], None
-        fill, closed = self.close(instrument, bar_start, bar_open, order.reason, order.decision_ts)
+            return [self._open(order, bar_start, bar_open, walk)], None
+        fill, closed = self.close(instrument, bar_start, bar_open, order.reason, order.decision_ts, walk)
         return [fill], closed
 
-    def _open(self, o: PendingOrder, ts: int, ref: float) -> Fill:
-        price = self.slipped(ref, buy=o.side > 0)
+    def _open(self, o: PendingOrder, ts: int, ref: float, walk: Optional[TapeWalk] = None) -> Fill:
+        price = self.fill_price(ref, o.side > 0, o.notional / ref, walk)
         qty = o.notional / price
         notional = qty * price
         fee = self.fee_of(notional)
@@ -219,22 +253,24 @@ class PaperBook:
         self.marks.setdefault(o.instrument, ref)
         return Fill(**self.tags, ts=ts, exchange=o.exchange, symbol=o.symbol, side="buy" if o.side > 0 else "sell",
                     qty=qty, price=price, ref_price=ref, notional=notional, fee=fee,
-                    slippage_bps=self.slippage_bps, reason="entry", position_id=o.position_id,
+                    slippage_bps=_adverse_bps(price, ref, o.side > 0), reason="entry", position_id=o.position_id,
                     position_side=o.side, decision_ts=o.decision_ts, arm=o.arm)
 
-    def close(self, instrument: str, ts: int, ref: float, reason: str, decision_ts: int) -> tuple[Fill, ClosedTrade]:
-        """Close the whole position at ``ref`` (slippage and fee applied)."""
+    def close(self, instrument: str, ts: int, ref: float, reason: str, decision_ts: int,
+              walk: Optional[TapeWalk] = None) -> tuple[Fill, ClosedTrade]:
+        """Close the whole position at ``ref`` (slippage and fee applied; at a bar's open, ``walk``
+        is its tape)."""
         pos = self.positions.pop(instrument)
         if instrument in self.pending and self.pending[instrument].kind == "close":
             del self.pending[instrument]  # a protective exit came first
-        price = self.slipped(ref, buy=pos.side < 0)
+        price = self.fill_price(ref, pos.side < 0, pos.qty, walk)
         notional = pos.qty * price
         fee = self.fee_of(notional)
         gross = pos.side * pos.qty * (price - pos.entry_price)
         self.cash += gross - fee
         self.realised_gross += gross
         self.fees += fee
-        net = gross - pos.entry_fee - fee
+        net = gross - pos.entry_fee - fee + getattr(pos, "funding", 0.0)
         bps = net / pos.entry_notional * 1e4 if pos.entry_notional > 0 else 0.0
         self.trades += 1
         if net > 0:
@@ -245,9 +281,36 @@ class PaperBook:
         fill = Fill(**self.tags, ts=ts, exchange=pos.exchange, symbol=pos.symbol,
                     side="sell" if pos.side > 0 else "buy",
                     qty=pos.qty, price=price, ref_price=ref, notional=notional, fee=fee,
-                    slippage_bps=self.slippage_bps, reason=reason, position_id=pos.position_id,
+                    slippage_bps=_adverse_bps(price, ref, pos.side < 0), reason=reason, position_id=pos.position_id,
                     position_side=pos.side, realised_pnl=net, pnl_bps=bps, decision_ts=decision_ts, arm=pos.arm)
         return fill, ClosedTrade(pos.position_id, pos.arm, net, bps, ts, reason)
+
+    # ---- funding
+    def note_funding(self, instrument: str, snap: Optional[PerpSnap]) -> None:
+        """Remember the latest funding update a bar carried (used at its funding time)."""
+        if snap is not None and snap.funding_rate is not None and snap.funding_time is not None:
+            self.__dict__.setdefault("funding_next", {})[instrument] = (snap.funding_time, snap.funding_rate,
+                                                                        snap.mark_price)
+
+    def settle_funding(self, instrument: str, bar_start: int) -> list[FundingPayment]:
+        """Pay or receive the funding due at or before ``bar_start`` (call before the bar's fills)."""
+        due = self.__dict__.setdefault("funding_next", {}).get(instrument)
+        done = self.__dict__.setdefault("funding_done", {})
+        if due is None or due[0] > bar_start or done.get(instrument, -1) >= due[0]:
+            return []
+        t, rate, mark = due
+        done[instrument] = t
+        pos = self.positions.get(instrument)
+        if pos is None:
+            return []
+        mark = mark if mark is not None else self.marks.get(instrument, pos.entry_price)
+        amount = -pos.side * pos.qty * mark * rate
+        self.cash += amount
+        self.funding = getattr(self, "funding", 0.0) + amount
+        pos.funding = getattr(pos, "funding", 0.0) + amount
+        return [FundingPayment(**self.tags, ts=t, exchange=pos.exchange, symbol=pos.symbol,
+                               position_id=pos.position_id, position_side=pos.side, qty=pos.qty, mark_price=mark,
+                               rate=rate, amount=amount)]
 
     # ---- marks
     def mark(self, instrument: str, price: float) -> None:
@@ -267,8 +330,13 @@ class PaperBook:
         return len(self.positions) + sum(1 for o in self.pending.values() if o.kind == "open")
 
     def mark_to_exit_bps(self, pos: Position, mark: float) -> float:
-        """Net PnL in bps of closing ``pos`` at ``mark`` now (exit slippage and both fees included)."""
+        """Net PnL in bps of closing ``pos`` at ``mark`` now (exit slippage, both fees and funding included)."""
         price = self.slipped(mark, buy=pos.side < 0)
         gross = pos.side * pos.qty * (price - pos.entry_price)
-        net = gross - pos.entry_fee - self.fee_of(pos.qty * price)
+        net = gross - pos.entry_fee - self.fee_of(pos.qty * price) + getattr(pos, "funding", 0.0)
         return net / pos.entry_notional * 1e4 if pos.entry_notional > 0 else 0.0
+
+
+def _adverse_bps(price: float, ref: float, buy: bool) -> float:
+    """How much worse than ``ref`` the fill was, in bps (>= 0)."""
+    return ((price / ref - 1.0) if buy else (1.0 - price / ref)) * 1e4 if ref > 0 else 0.0

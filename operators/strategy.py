@@ -43,7 +43,7 @@ from typing import Optional
 from operators.bars import TIMEFRAMES, Bar
 from operators.decision import (ArmSignal, Decision, GaussianThompson, StrategyConfig, consensus,
                                 evaluate_arms, p_win, reward_from_bps, size_position)
-from operators.paper import ClosedTrade, EquityPoint, Fill, PaperBook
+from operators.paper import ClosedTrade, EquityPoint, Fill, FundingPayment, PaperBook
 from operators.risk import (RiskEvent, RiskState, Trip, check_exit, drawdown, is_opposite, time_stop_due,
                             trip_detail)
 from operators.signals import ScoredRow
@@ -51,7 +51,7 @@ from operators.signals import ScoredRow
 MINUTES_PER_YEAR = 365 * 24 * 60
 MARK_MEMORY_MS = 6 * 3_600_000  # how far back EquityPoint.seq remembers mark times (see _mark_seq)
 
-__all__ = ["StrategyEngine", "Decision", "Fill", "EquityPoint", "RiskEvent", "StrategyConfig", "ArmSignal"]
+__all__ = ["StrategyEngine", "Decision", "Fill", "FundingPayment", "EquityPoint", "RiskEvent", "StrategyConfig", "ArmSignal"]
 
 
 @dataclass
@@ -239,6 +239,9 @@ class StrategyEngine:
         inst = f"{bar.exchange}:{bar.symbol}"
         out: list = self._advance(bar.start)
 
+        # 0. funding due at or before this bar's start, on the position held through it
+        out.extend(self.book.settle_funding(inst, bar.start))
+
         # 1. pending order -> fill at this bar's open (entries are dropped if a guard tripped since)
         order = self.book.pending.get(inst)
         if order is not None and order.kind == "open" and order.decision_ts <= bar.start:
@@ -248,7 +251,7 @@ class StrategyEngine:
                 self.rewards = [r for r in self.rewards if r.position_id != order.position_id]
                 out.append(self._event(bar.start, Trip("order_cancelled", blocked[0], {
                     "position_id": order.position_id, "decision_ts": order.decision_ts, "blocked": blocked}), inst))
-        fills, closed = self.book.fill_pending(inst, bar.start, bar.open)
+        fills, closed = self.book.fill_pending(inst, bar.start, bar.open, getattr(bar, "walk", None))
         out.extend(fills)
         if closed is not None:
             out.extend(self._on_closed(closed, inst))
@@ -268,8 +271,9 @@ class StrategyEngine:
                 if not pos.closing and time_stop_due(cfg, pos.entry_ts, bar.end, pos.primary_ms):
                     self.book.submit_close(inst, bar.end, "time_stop")
 
-        # 3. mark, guards
+        # 3. mark, the funding this bar announced, guards
         self.book.mark(inst, bar.close)
+        self.book.note_funding(inst, getattr(bar, "perp", None))
         equity = self.book.equity()
         for trip in self.risk.on_mark(cfg, bar.end, equity, day_ts=bar.start):
             out.append(self._event(bar.end, trip, inst if trip.kind != "kill_switch" else ""))
@@ -285,7 +289,8 @@ class StrategyEngine:
             **self.tags, ts=bar.end, seq=self._mark_seq(bar.end), equity=equity, cash=self.book.cash,
             realised_pnl=self.book.realised_gross, unrealised_pnl=equity - self.book.cash, fees=self.book.fees,
             exposure=self.book.exposure(), open_positions=len(self.book.positions), peak=self.risk.peak,
-            drawdown=drawdown(equity, self.risk.peak), halted=self.risk.halted))
+            drawdown=drawdown(equity, self.risk.peak), halted=self.risk.halted,
+            funding=getattr(self.book, "funding", 0.0)))
         return out
 
     def _mark_seq(self, ts: int) -> int:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from operators.perp import PerpUpdate
+
 RANGE, TREND, VOLATILE = 0, 1, 2
 REGIME_NAMES = {RANGE: "range", TREND: "trend", VOLATILE: "volatile"}
 _MINUTE = 60_000
@@ -187,6 +189,57 @@ def generate_minute(spec: InstrumentSpec, seed: int, start_ms: int, st: GenState
     nxt = replace(st, minute=st.minute + 1, price=p1, anchor=anchor, regime=regime, trend_sign=trend_sign, flow=flow,
                   last_ret=ret, next_id=st.next_id + m, offset=st.offset + m)
     return cols, nxt
+
+
+FUNDING_EVERY_MS = 8 * 3_600_000  # funding times: 00:00, 08:00, 16:00 UTC
+OI_EVERY_MINUTES = 5
+
+
+def perp_minute(spec: InstrumentSpec, seed: int, start_ms: int, before: GenState, after: GenState,
+                trade_ts: np.ndarray, exchange: str) -> list[PerpUpdate]:
+    """Perp data of minute ``before.minute`` (seeded by (seed, instrument, minute), apart from the
+    trades' generator, so the trade tape is the same with or without it):
+
+    - a funding update near the minute's end: the rate leans with the informed flow (crowded buyers
+      pay), mark = last price x (1 + rate / 2 + noise), index = last price;
+    - open interest every 5 minutes, growing with the flow and with volatile regimes;
+    - liquidations, more of them after a large move, mostly against the move (a fall liquidates longs).
+
+    ``seq`` places each update among the instrument's trades: after the trades of the minute with a
+    ts at or before its own (``trade_ts``: that minute's trade times)."""
+    m = before.minute
+    rng = np.random.default_rng([seed, zlib.crc32(spec.symbol.encode()), m, 0x9E37])
+    base = start_ms + m * _MINUTE
+    last = after.price
+
+    def seq(ts: int) -> int:
+        return before.offset + int(np.searchsorted(trade_ts, ts, side="right"))
+
+    out = []
+    ts = base + 59_000 + int(rng.integers(0, 1_000))
+    rate = float(np.clip(1e-4 + 3e-4 * np.tanh(0.6 * after.flow) + rng.normal(0, 2e-5), -0.0075, 0.0075))
+    out.append(PerpUpdate(kind="funding", exchange=exchange, symbol=spec.symbol, ts=ts, rate=rate,
+                          funding_time=(ts // FUNDING_EVERY_MS + 1) * FUNDING_EVERY_MS,
+                          mark_price=last * (1 + rate / 2 + float(rng.normal(0, 5e-5))), index_price=last,
+                          source="synthetic", seq=seq(ts)))
+    if m % OI_EVERY_MINUTES == 0:
+        ts = base + 30_000
+        oi = spec.rate * 3_600 * spec.min_amount * 40 * float(np.exp(0.15 * after.flow + 0.2 * (after.regime == VOLATILE)
+                                                                    + rng.normal(0, 0.01)))
+        out.append(PerpUpdate(kind="open_interest", exchange=exchange, symbol=spec.symbol, ts=ts, open_interest=oi,
+                              oi_value=oi * last, source="synthetic", seq=seq(ts)))
+    vol = _VOL[after.regime]
+    shock = abs(after.last_ret) / vol
+    n = int(rng.poisson(0.03 + 2.0 * max(0.0, shock - 1.5)))
+    for t in np.sort(rng.integers(0, _MINUTE, n)):
+        down = after.last_ret < 0
+        side = "sell" if (down if rng.random() < 0.85 else not down) else "buy"
+        price = last * (1 + float(rng.normal(0, vol / 3)))
+        amount = float(np.round((rng.pareto(1.5) + 1.0) * spec.min_amount * 20, 8))
+        ts = base + int(t)
+        out.append(PerpUpdate(kind="liquidation", exchange=exchange, symbol=spec.symbol, ts=ts, side=side,
+                              price=price, amount=amount, source="synthetic", seq=seq(ts)))
+    return out
 
 
 def generate(spec: InstrumentSpec, seed: int, start_ms: int, minutes: int,

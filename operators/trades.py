@@ -29,6 +29,8 @@ import msgspec
 import numpy as np
 import polars as pl
 
+from operators.perp import PERP_DECODER, PerpUpdate, problem as perp_problem
+
 MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 MIN_TS_MS = 1_262_304_000_000  # 2010-01-01: anything earlier is a unit mistake (seconds?) or junk
@@ -74,6 +76,8 @@ LATE_REASONS = {
     "ts_outlier": "ts jumped more than jump_ms away from its instrument's stream and the stream did not follow",
     "ts_jump_unconfirmed": "ts jumped more than jump_ms ahead and the input ended before the jump was confirmed",
 }
+
+replace_struct = msgspec.structs.replace
 
 _I64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
@@ -278,8 +282,15 @@ def _decode_one(batch: RawBatch, i: int, limits: DecodeLimits) -> Union[Trade, D
         try:  # an in-band event (gap, reconnect, refused trade)?
             return decode_in_band(EVENT_DECODER.decode(p), batch.source, batch.partition, batch.offsets[i],
                                   batch.recv_ts)
-        except Exception:  # noqa: BLE001 - not an event either: classify the trade error
+        except Exception:  # noqa: BLE001 - not an event: perp data?
             pass
+        if b'"perp"' in p:
+            try:
+                return replace_struct(PERP_DECODER.decode(p), seq=batch.offsets[i])
+            except (msgspec.DecodeError, msgspec.ValidationError) as perr:
+                return dead(_classify_msgspec_error(perr, p), f"perp update: {str(perr)[:500]}")
+            except Exception:  # noqa: BLE001 - classify as a trade below
+                pass
         try:
             return dead(_classify_msgspec_error(err, p), str(err)[:500])
         except Exception as inner:  # noqa: BLE001
@@ -331,8 +342,26 @@ def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int, limits: Decode
             DeadLetter(batch.source, batch.partition, batch.offsets[i], _text(payloads[i], limits),
                        row["_reason"], explain(row["_reason"], row, now_ms, max_future_ms, limits), batch.recv_ts)
         )
+    events = _check_perps(events, dead, batch.source, batch.partition, batch.recv_ts, now_ms, max_future_ms, limits)
     dead.sort(key=lambda d: d.offset)
     return Decoded(good, dead, events)
+
+
+def _check_perps(events: list, dead: list, source: str, partition: str, recv_ts: int, now_ms: int,
+                 max_future_ms: int, limits: DecodeLimits) -> list:
+    """Perp updates that cannot be used become dead letters (into ``dead``); the rest stay."""
+    if not any(isinstance(e, PerpUpdate) for e in events):
+        return events
+    kept = []
+    for e in events:
+        bad = perp_problem(e, MIN_TS_MS, now_ms + max_future_ms) if isinstance(e, PerpUpdate) else None
+        if bad is None:
+            kept.append(e)
+        else:
+            payload = _cut(msgspec.json.encode(replace_struct(e, seq=None)).decode(), limits)
+            dead.append(DeadLetter(source, partition, e.seq if e.seq is not None else -1, payload, bad[0], bad[1],
+                                   recv_ts))
+    return kept
 
 
 _NUMERIC = {"ts": pl.Int64, "price": pl.Float64, "amount": pl.Float64, "recv_ts": pl.Int64}
@@ -383,8 +412,10 @@ def _decode_frame(batch: FrameBatch, now_ms: int, max_future_ms: int, limits: De
                            _cut(msgspec.json.encode(orig, enc_hook=str).decode(), limits), row["_reason"],
                            explain(row["_reason"], row, now_ms, max_future_ms, limits), batch.recv_ts)
             )
-    live_dead = [e for e in batch.events if isinstance(e, DeadLetter)]
-    return Decoded(good, dead + live_dead, [e for e in batch.events if not isinstance(e, DeadLetter)])
+    dead += [e for e in batch.events if isinstance(e, DeadLetter)]
+    events = _check_perps([e for e in batch.events if not isinstance(e, DeadLetter)], dead, batch.source,
+                          batch.partition, batch.recv_ts, now_ms, max_future_ms, limits)
+    return Decoded(good, dead, events)
 
 
 def _cut(text: str, limits: DecodeLimits) -> str:
@@ -407,25 +438,26 @@ def decode_batch(batch: RawBatch | FrameBatch, now_ms: int, max_future_ms: int =
 
 def split_instruments(frame: pl.DataFrame, events: list = ()) -> list[tuple[str, Any]]:
     """``[("exchange:symbol", trades of that instrument in arrival order), ...]``; an instrument
-    with data-gap events in the batch gets an ``InstrumentSlice`` (its trades, or None, and its
-    events), so the events travel with its trades (``admit``: news carried to the portfolio)."""
-    gaps: dict[str, list] = {}
+    with data-gap events or perp updates (``operators.perp``) in the batch gets an
+    ``InstrumentSlice`` (its trades, or None, and those items), so they travel with its trades
+    (``admit``: news carried to the portfolio, perp data placed in its bars)."""
+    extra: dict[str, list] = {}
     for ev in events:
-        if getattr(ev, "kind", None) == "data_gap" and ev.exchange and ev.symbol:
-            gaps.setdefault(f"{ev.exchange}:{ev.symbol}", []).append(ev)
+        if isinstance(ev, PerpUpdate) or (getattr(ev, "kind", None) == "data_gap" and ev.exchange and ev.symbol):
+            extra.setdefault(f"{ev.exchange}:{ev.symbol}", []).append(ev)
     parts = {} if frame.height == 0 else {
         f"{ex}:{sym}": part for (ex, sym), part in
         frame.partition_by("exchange", "symbol", as_dict=True, maintain_order=True).items()}
     out: list[tuple[str, Any]] = []
     for inst, part in parts.items():
-        out.append((inst, InstrumentSlice(part, tuple(gaps.pop(inst))) if inst in gaps else part))
-    out.extend((inst, InstrumentSlice(None, tuple(evs))) for inst, evs in gaps.items())
+        out.append((inst, InstrumentSlice(part, tuple(extra.pop(inst))) if inst in extra else part))
+    out.extend((inst, InstrumentSlice(None, tuple(evs))) for inst, evs in extra.items())
     return out
 
 
 @dataclass(frozen=True)
 class InstrumentSlice:
-    """One instrument's part of a batch when it carries data-gap events (else a bare frame)."""
+    """One instrument's part of a batch when it carries data-gap events or perp updates (else a bare frame)."""
 
     trades: pl.DataFrame | None
     events: tuple
@@ -460,11 +492,12 @@ class AdmitState:
     n_seen: int = 0
     pending: pl.DataFrame | None = None
     news: tuple = ()  # data-gap events that came before any accepted trade: carried by the first chunk
+    perp: tuple = ()  # perp updates ahead of every accepted trade: placed when the trades reach their ts
 
     def __deepcopy__(self, memo: dict) -> "AdmitState":
         # ids are immutable strings in immutable tuples, frames are immutable: copying containers is enough
         return AdmitState(self.max_ts, set(self.seen), deque(self.expiry), self.n_seen, self.pending,
-                          getattr(self, "news", ()))
+                          getattr(self, "news", ()), getattr(self, "perp", ()))
 
 
 @dataclass(frozen=True)
@@ -510,11 +543,13 @@ class Admitted:
     late: LateTrades | None  # behind the watermark
     duplicates: int
     outliers: LateTrades | None = None  # ts_outlier / ts_jump_unconfirmed
+    extra: list = field(default_factory=list)  # events (perp updates that could not be placed)
 
     def records(self) -> list:
-        """What goes downstream: chunks, late and outlier rows, the duplicate count."""
+        """What goes downstream: chunks, late and outlier rows, events, the duplicate count."""
         out: list[Any] = list(self.chunks)
         out += [x for x in (self.late, self.outliers) if x is not None]
+        out += self.extra
         if self.duplicates:
             out.append(Counter("duplicates", self.duplicates))
         return out
@@ -531,11 +566,14 @@ def admit(state: AdmitState, trades: pl.DataFrame | InstrumentSlice | None, cfg:
         trades, events = trades.trades, trades.events
     frontier_before = state.max_ts
     got = _admit(state, trades, cfg) if trades is not None and trades.height else Admitted([], None, 0)
-    return carry_news(state, got, events, frontier_before, cfg)
+    perps = tuple(e for e in events if isinstance(e, PerpUpdate))
+    if perps:
+        events = tuple(e for e in events if not isinstance(e, PerpUpdate))
+    return carry_news(state, got, events, frontier_before, cfg, perps)
 
 
 def carry_news(state: AdmitState, got: Admitted, events: tuple, frontier_before: int | None,
-               cfg: AdmitConfig) -> Admitted:
+               cfg: AdmitConfig, perps: tuple = ()) -> Admitted:
     """Put what the data-quality gate must learn into the instrument's own chunks, so it reaches
     the portfolio with the instrument's bars, in their order (the order it is applied in then does
     not depend on how partitions and processes interleave, issue 11).
@@ -545,8 +583,14 @@ def carry_news(state: AdmitState, got: Admitted, events: tuple, frontier_before:
       trade, still open, and the same whatever the batch cuts;
     - data-gap events: carried by the window of the frontier before this slice (the gap's trades
       come after it), or by the first chunk ever when there is no frontier yet.
+    - perp updates (``operators.perp``): by the window ``place_perp`` gives them.
     Ts outliers are not counted: their ts says nothing about which bar they belong to."""
     news: dict[int, list] = {}  # window start -> items
+    events_of = events  # for _instrument_of when the slice has no trade
+    if perps or getattr(state, "perp", ()):
+        for w, u in place_perp(state, got, perps, frontier_before, cfg):
+            news.setdefault(w, []).append(u)
+            events_of = (*events_of, u)
     if got.late is not None:
         df = got.late.trades
         carrier = (pl.col("watermark") + cfg.lateness_ms)
@@ -572,7 +616,7 @@ def carry_news(state: AdmitState, got: Admitted, events: tuple, frontier_before:
         if c is not None:
             chunks[w] = replace(c, news=c.news + tuple(items))
         else:  # no on-time trade of that window in this slice: an empty chunk carries it
-            ex, sym = (first.exchange, first.symbol) if first else _instrument_of(got, events)
+            ex, sym = (first.exchange, first.symbol) if first else _instrument_of(got, events_of)
             chunks[w] = Chunk(ex, sym, w, min(w + cfg.window_ms - 1, state.max_ts or w), _EMPTY_CHUNK, tuple(items))
     got.chunks = sorted(chunks.values(), key=lambda c: c.window_start)
     return got
@@ -635,14 +679,77 @@ def flush(state: AdmitState, cfg: AdmitConfig) -> Admitted:
     established stream is a ``ts_jump_unconfirmed`` row (a trailing bad timestamp must not make a bar)."""
     held, state.pending = state.pending, None
     if held is None:
-        return Admitted([], None, 0)
+        return _unplaced(state, Admitted([], None, 0))
     exchange, symbol = held["exchange"][0], held["symbol"][0]
     if held.height >= 2 or state.max_ts is None:
         labels, marks = _classify_run(held["ts"].to_numpy(), state, cfg)
-        return carry_news(state, _split(held, labels, marks, exchange, symbol, cfg), (), state.max_ts, cfg)
+        got = carry_news(state, _split(held, labels, marks, exchange, symbol, cfg), (), state.max_ts, cfg)
+        return _unplaced(state, got)
     mark = state.max_ts if state.max_ts is not None else 0
-    return Admitted([], None, 0, LateTrades(exchange, symbol, held.with_columns(
-        pl.lit(mark, dtype=pl.Int64).alias("watermark")), "ts_jump_unconfirmed"))
+    return _unplaced(state, Admitted([], None, 0, LateTrades(exchange, symbol, held.with_columns(
+        pl.lit(mark, dtype=pl.Int64).alias("watermark")), "ts_jump_unconfirmed")))
+
+
+def place_perp(state: AdmitState, got: Admitted, perps: tuple, frontier_before: int | None,
+               cfg: AdmitConfig) -> list[tuple[int, PerpUpdate]]:
+    """(window start, update) for the perp updates that can be placed now (``operators.perp``).
+
+    An update's frontier is the newest accepted trade ts before its position (``seq``). Behind that
+    frontier's watermark it rides the frontier's window (like a late trade's count); otherwise its
+    own window, at once if the frontier has reached its ts, else when a later trade does (held in
+    ``state.perp``). Repeated updates (same content) are dropped. Every rule reads the data, not the
+    batch cuts."""
+    w = cfg.window_ms
+    fresh = []
+    for u in perps:
+        key = u.dedup_key()
+        if key not in state.seen:
+            fresh.append(u)
+            _remember(state, [key], state.max_ts if state.max_ts is not None else u.ts, cfg)
+    if fresh and got.chunks:
+        acc = pl.concat([c.trades.select("seq", "ts") for c in got.chunks]).sort("seq")
+        seqs, run_max = acc["seq"].to_numpy(), np.maximum.accumulate(acc["ts"].to_numpy())
+    else:
+        seqs = run_max = None
+    out: list[tuple[int, PerpUpdate]] = []
+    held = list(getattr(state, "perp", ()))
+    for u in fresh:
+        front = frontier_before
+        if seqs is not None and len(seqs):
+            k = len(seqs) if u.seq is None else int(np.searchsorted(seqs, u.seq))
+            if k:
+                front = int(run_max[k - 1]) if front is None else max(front, int(run_max[k - 1]))
+        if front is None or u.ts > front:
+            held.append(u)
+        else:
+            at = u.ts if u.ts >= front - cfg.lateness_ms else front
+            out.append((at - at % w, u))
+    keep = []
+    for u in held:
+        if state.max_ts is not None and u.ts <= state.max_ts:
+            out.append((u.ts - u.ts % w, u))
+        else:
+            keep.append(u)
+    state.perp = tuple(keep)
+    return out
+
+
+def _unplaced(state: AdmitState, got: Admitted) -> Admitted:
+    """At the end of the input, perp updates still ahead of every trade of their instrument are
+    reported (an ``Event`` added to ``got``), not silently dropped."""
+    held = getattr(state, "perp", ())
+    if not held:
+        return got
+    from operators.events import Event
+
+    state.perp = ()
+    u = held[0]
+    ev = Event(kind="perp_unplaced", ts=max(x.ts for x in held), exchange=u.exchange, symbol=u.symbol,
+               from_ts=min(x.ts for x in held), to_ts=max(x.ts for x in held),
+               reason=f"{len(held)} perp update(s) later than the instrument's last trade at the end of the input",
+               source="pipeline")
+    got.extra.append(ev)
+    return got
 
 
 def _needs_care(prev: int, trades: pl.DataFrame, cfg: AdmitConfig) -> bool:

@@ -11,7 +11,8 @@ import json
 
 from operators.bars import Bar
 from operators.decision import Decision
-from operators.paper import EquityPoint, Fill
+from operators.paper import EquityPoint, Fill, FundingPayment
+from operators.perp import FUNDING_TABLE, LIQ_TABLE, OI_TABLE, PerpUpdate
 from operators.risk import RiskEvent
 from operators.events import Event
 from operators.features import AlignedRow
@@ -45,8 +46,17 @@ FILL_COLUMNS = TAG_COLUMNS + [
     "ts", "exchange", "symbol", "side", "qty", "price", "ref_price", "notional", "fee", "slippage_bps", "reason",
     "position_id", "position_side", "realised_pnl", "pnl_bps", "decision_ts", "arm"]
 EQUITY_COLUMNS = TAG_COLUMNS + [
-    "ts", "seq", "equity", "cash", "realised_pnl", "unrealised_pnl", "fees", "exposure", "open_positions", "peak",
-    "drawdown", "halted"]
+    "ts", "seq", "equity", "cash", "realised_pnl", "unrealised_pnl", "fees", "funding", "exposure", "open_positions",
+    "peak", "drawdown", "halted"]
+FUNDING_PAYMENT_COLUMNS = TAG_COLUMNS + [
+    "ts", "exchange", "symbol", "position_id", "position_side", "qty", "mark_price", "rate", "amount"]
+#: perp update kind -> (table, columns; ``notional`` is derived)
+PERP_TABLES = {
+    "funding": (FUNDING_TABLE, ["exchange", "symbol", "ts", "rate", "funding_time", "mark_price", "index_price",
+                                "source"]),
+    "open_interest": (OI_TABLE, ["exchange", "symbol", "ts", "open_interest", "oi_value", "source"]),
+    "liquidation": (LIQ_TABLE, ["exchange", "symbol", "ts", "side", "price", "amount", "notional", "source"]),
+}
 
 
 @dataclass
@@ -126,6 +136,8 @@ def count(stats: Any, rec: Any) -> None:
         stats.dead_letters += 1
         key = f"dead.{rec.reason}"
         stats.counters[key] = stats.counters.get(key, 0) + 1
+    elif isinstance(rec, PerpUpdate):
+        stats.counters[f"perp.{rec.kind}"] = stats.counters.get(f"perp.{rec.kind}", 0) + 1
     elif isinstance(rec, Event):
         stats.counters[f"events.{rec.kind}"] = stats.counters.get(f"events.{rec.kind}", 0) + 1
     elif isinstance(rec, Counter):
@@ -170,6 +182,11 @@ def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
         elif isinstance(rec, RiskEvent):
             ev = rec.as_event()
             add("events", EVENT_COLUMNS, [[getattr(ev, c) for c in EVENT_COLUMNS]])
+        elif isinstance(rec, PerpUpdate):
+            table, cols = PERP_TABLES[rec.kind]
+            add(table, cols, [[getattr(rec, c) for c in cols]])
+        elif isinstance(rec, FundingPayment):
+            add("funding_payments", FUNDING_PAYMENT_COLUMNS, [[getattr(rec, c) for c in FUNDING_PAYMENT_COLUMNS]])
         elif isinstance(rec, VariantMetrics):
             add("variant_metrics", VARIANT_METRICS_COLUMNS, [rec.row()])
         elif isinstance(rec, (Counter, SourcePosition)):

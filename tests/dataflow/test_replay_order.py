@@ -216,3 +216,37 @@ def test_a_trade_stamped_far_ahead_loses_no_other_trade_and_is_accounted_for(fre
     assert stats.trades_in_bars + stats.late_trades + stats.dead_letters == ccxt.height
     assert stats.trades_in_bars == ccxt.height - len(bad_ids)
     assert stored_bars(bad_store).equals(stored_bars(clean_store))
+
+
+def test_publish_tape_puts_perp_rows_between_the_trades_at_their_place(tmp_path):
+    """A replay's funding file published to Kafka: each update right after the trades at or before
+    its ts (what ``--source replay`` gives), paced or not."""
+    trades = pl.DataFrame({"id": [str(i) for i in range(6)], "timestamp": [1_000, 2_000, 3_000, 4_000, 5_000, 6_000],
+                           "price": 10.0, "amount": 1.0, "side": "buy"}).with_columns(
+        pl.col("timestamp") + 1_704_067_200_000)
+    trades.write_csv(tmp_path / "t.csv")
+    pl.DataFrame({"timestamp": [1_704_067_202_500, 1_704_067_209_000], "fundingRate": [1e-4, 2e-4]}).write_csv(
+        tmp_path / "f.csv")
+
+    class Collect:  # the producer's two calls, recorded (the broker is not what this checks)
+        def __init__(self):
+            self.msgs, self.producer = [], self
+
+        def send_many(self, msgs):
+            self.msgs += list(msgs)
+
+        def send(self, k, m):
+            self.msgs.append((k, m))
+
+        def poll(self, _):
+            pass
+
+        def flush(self):
+            pass
+
+    for speed, batch in ((None, 4), (1e9, 2)):
+        p = Collect()
+        sent = publish_tape([tmp_path / "t.csv", tmp_path / "f.csv"], p, exchange="x", symbol="A", speed=speed,
+                            batch_size=batch)
+        kinds = [msgspec.json.decode(m).get("perp", "trade") for _, m in p.msgs]
+        assert sent == 8 and kinds == ["trade", "trade", "funding", "trade", "trade", "trade", "trade", "funding"]

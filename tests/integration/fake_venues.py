@@ -14,14 +14,31 @@
 
 `unreachable` and `flaky` carry millisecond backoffs (the ``backoff`` attribute the source reads
 from its factory), so a test waits milliseconds between retries without changing the defaults.
+
+`perp`: binanceusdm BTC with perp data (issue 13): 15 minutes of trades (``PERP_TAPE``, one every
+2 s) streamed a minute at a time; funding polled every 40 ms (``PERP_FUNDING`` rates, each stamped
+with the venue's clock, i.e. its newest trade (+ the poll's number in ms), the third one without its
+rate: refused), open
+interest every 120 ms (``PERP_OI``), and two batches of liquidations; any other exchange id is a
+bybit ETH venue with trades only. Its ``perp`` attribute is the fast ``PerpPolling``.
 """
 
 import asyncio
 
 import ccxt
 
+from dataflows.ccxt_feed import PerpPolling
 from operators.ingest import Backoff
-from tests.unit.test_ccxt_feed import ETH, BTC, T0, FakeExchange, tape
+from tests.unit.test_ccxt_feed import (
+    ETH,
+    BTC,
+    T0,
+    FakeExchange,
+    ccxt_funding,
+    ccxt_liq,
+    ccxt_oi,
+    tape,
+)
 
 BTC_TAPE = tape(BTC, 300, t0=T0, step=1000)
 ETH_TAPE = tape(ETH, 300, t0=T0 + 500, step=1000, uuids=True)
@@ -61,3 +78,35 @@ def flaky(exchange_id: str):
 
 
 flaky.backoff = _fast_backoff
+
+
+PERP_TAPE = tape(BTC, 450, t0=T0, step=2000)  # 15 minutes: three 5m bars
+PERP_FUNDING = [round(1e-4 + i * 1e-5, 8) for i in range(12)]
+PERP_BAD_FUNDING = 2  # the third poll answers without a rate: a dead letter
+PERP_OI = [1_000.0 + 10 * i for i in range(5)]
+PERP_LIQ = [("sell", 2.0), ("buy", 0.5), ("sell", 1.5)]
+
+
+def _now(fake: FakeExchange) -> int:
+    return fake.venue_ts if fake.venue_ts is not None else T0
+
+
+def perp(exchange_id: str):
+    if exchange_id != "binanceusdm":
+        eth = tape(ETH, 450, t0=T0 + 500, step=2000, uuids=True)
+        return _ready(FakeExchange(exchange_id, {ETH: eth}, {"*": [eth[i:i + 30] for i in range(0, 450, 30)]}))
+    stream = [x for i in range(0, 450, 30) for x in (0.05, PERP_TAPE[i:i + 30])]  # a minute every 50 ms
+    # (+ i ms: two polls between the same trades still show two times, as a venue's clock would)
+    funding = [(lambda f, i=i, r=r: ccxt_funding(BTC, _now(f) + i, r, mark=PERP_TAPE[0]["price"] * (1 + r)))
+               for i, r in enumerate(PERP_FUNDING)]
+    funding.insert(PERP_BAD_FUNDING, lambda f: ccxt_funding(BTC, _now(f), None))
+    oi = [(lambda f, i=i, a=a: ccxt_oi(BTC, _now(f) + i, a)) for i, a in enumerate(PERP_OI)]
+    liq = [0.2, lambda f: [ccxt_liq(BTC, _now(f) + k, side, 100.0, amount)
+                           for k, (side, amount) in enumerate(PERP_LIQ[:2])],
+           0.3, lambda f: [ccxt_liq(BTC, _now(f), PERP_LIQ[2][0], 100.0, PERP_LIQ[2][1])]]
+    return _ready(FakeExchange("binanceusdm", {BTC: PERP_TAPE}, {"*": stream}, funding={BTC: funding},
+                               open_interest={BTC: oi}, liquidations={"*": liq}))
+
+
+perp.backoff = _fast_backoff
+perp.perp = PerpPolling(funding_every_s=0.04, open_interest_every_s=0.12)

@@ -9,7 +9,9 @@ nothing loosened: default strategy gates, consensus on, default deployment gate)
 - against the oracle (the generator's own state): it beats everyone, and the models capture a
   positive share of its edge;
 - the ensemble's feature importances (issue 13) are in ``model_importances`` as in its manifest, and
-  the Models dashboard's importance panel shows its top 25.
+  the Models dashboard's importance panel shows its top 25;
+- the synthetic source's perp data (issue 13) is stored and in the features, and every production
+  position held over a funding time (00:00, 08:00, 16:00) has its payment, which equity includes.
 
 The main job takes about a minute; everything is asserted on one run."""
 
@@ -135,3 +137,26 @@ def test_the_ensembles_feature_importances_reach_the_store_and_the_models_dashbo
     assert len(m.features) > 25 and len(shown) == 25
     assert [(r[0], r[1], r[2], r[4], r[5]) for r in shown] == [
         (k, f, share, m.version, "accepted") for k, f, _, share in want[:25]]
+
+
+def test_synthetic_perp_data_is_stored_in_features_and_funding_is_paid(main_job):
+    _, _, store, _ = main_job
+    counts = {t: store.query(f"SELECT count() FROM {t}")[1][0][0]
+              for t in ("funding_rates", "open_interest", "liquidations")}
+    assert counts["funding_rates"] == 3 * 48 * 60 and counts["open_interest"] == 3 * 48 * 12
+    assert counts["liquidations"] > 0, counts
+    _, (row,) = store.query("SELECT count(), countIf(mapContains(values, 'funding_bps')), "
+                            "countIf(mapContains(values, 'oi_chg')) FROM features FINAL")
+    assert row[1] == row[0] and row[2] >= row[0] - 3 * 2, row  # oi_chg: from each instrument's 2nd bar
+    # positions of the production book over a funding time: entry before it, exit after it (or never)
+    _, spans = store.query(
+        "SELECT position_id, minIf(ts, reason = 'entry') AS a, maxIf(ts, reason != 'entry') AS b "
+        "FROM fills FINAL WHERE origin = 'production' GROUP BY position_id")
+    h8 = 8 * 3_600_000
+    due = {(pid, t) for pid, a, b in spans for t in range(T0 + h8, T0 + 48 * 3_600_000, h8)  # the input ends at 48 h
+           if a.timestamp() * 1000 < t and (b.timestamp() < 1 or b.timestamp() * 1000 >= t)}
+    _, paid = store.query("SELECT position_id, toUnixTimestamp64Milli(ts), amount FROM funding_payments FINAL "
+                          "WHERE origin = 'production'")
+    assert {(pid, t) for pid, t, _ in paid} == due and due, (len(due), len(paid))
+    _, ((last_funding,),) = store.query("SELECT argMax(funding, (ts, seq)) FROM equity FINAL WHERE origin = 'production'")
+    assert last_funding == pytest.approx(sum(a for _, _, a in paid))

@@ -22,6 +22,7 @@ import pytest
 from dataflows.ccxt_feed import (
     CcxtFeed,
     FeedError,
+    PerpPolling,
     UnknownExchangeError,
     UnknownSymbolError,
     check_exchange_id,
@@ -32,6 +33,7 @@ from dataflows.ccxt_feed import (
 from dataflows.ccxt_source import CcxtSource, FeedOutcome
 from operators.events import Event
 from operators.ingest import Backoff, DataGapEvent, FeedDown, FeedUp, GapEvent, RejectedTrade
+from operators.perp import PerpUpdate
 
 T0 = 1_718_870_400_000
 NOW = T0 + 3_600_000
@@ -68,13 +70,33 @@ class MaxRng:
 
 
 class FakeExchange:
+    """Scripted venue. Perp data (all optional; a venue without it does not ``has`` the method):
+    ``funding`` / ``open_interest``: {symbol: [response, ...]} served one per ``fetch_funding_rate``
+    / ``fetch_open_interest`` call; ``liquidations``: {"*": [batch, ...]} for
+    ``watch_liquidations_for_symbols`` or {symbol: [...]} for ``watch_liquidations``. A step may
+    be an exception (raised; ``ccxt.NotSupported`` also ends its script: the feed does not ask
+    again), a callable (``step(fake)`` at call time) or a float (a real pause in seconds before the
+    next step). When every script is used up the fake sets ``stop``."""
+
     def __init__(self, exchange_id, tapes, scripts, *, multi=True, recent_only=None, history_from_ts=None,
-                 fetch_failures=0, load_failures=0, load_error=None):
+                 fetch_failures=0, load_failures=0, load_error=None, funding=None, open_interest=None,
+                 liquidations=None):
         self.id = exchange_id
         self.has = {"watchTradesForSymbols": multi, "watchTrades": True, "fetchTrades": True}
         self.markets = {s: market(s) for s in tapes}
         self.tapes = tapes
         self.scripts = {k: deque(v) for k, v in scripts.items()}  # key "*" = watch_trades_for_symbols
+        for kind, steps in (("funding", funding), ("open_interest", open_interest), ("liquidations", liquidations)):
+            for k, v in (steps or {}).items():
+                self.scripts[(kind, k)] = deque(v)
+        if funding is not None:
+            self.has["fetchFundingRate"] = True
+        if open_interest is not None:
+            self.has["fetchOpenInterest"] = True
+        if liquidations is not None:
+            self.has["watchLiquidations"] = True
+            self.has["watchLiquidationsForSymbols"] = "*" in liquidations
+        self.venue_ts = None  # the newest trade ts the stream delivered: the venue's "now"
         self.recent_only = recent_only  # REST sees only the newest N trades (bybit/okx/kucoin style)
         self.history_from_ts = history_from_ts  # REST history starts here
         self.fetch_failures = fetch_failures  # first N fetches raise NetworkError (-1: all)
@@ -101,17 +123,44 @@ class FakeExchange:
         self.calls.append(("watch_trades", symbol, dict(params)))
         return await self._step(symbol)
 
+    async def fetch_funding_rate(self, symbol, params={}):
+        self.calls.append(("fetch_funding_rate", symbol))
+        return await self._step(("funding", symbol))
+
+    async def fetch_open_interest(self, symbol, params={}):
+        self.calls.append(("fetch_open_interest", symbol))
+        return await self._step(("open_interest", symbol))
+
+    async def watch_liquidations_for_symbols(self, symbols, since=None, limit=None, params={}):
+        self.calls.append(("watch_liquidations_for_symbols", tuple(symbols)))
+        return await self._step(("liquidations", "*"))
+
+    async def watch_liquidations(self, symbol, since=None, limit=None, params={}):
+        self.calls.append(("watch_liquidations", symbol))
+        return await self._step(("liquidations", symbol))
+
     async def _step(self, key):
         await asyncio.sleep(0)
         script = self.scripts[key]
+        while script and isinstance(script[0], float):
+            await asyncio.sleep(script.popleft())
         if not script:
             self._done.add(key)
             if self._done == set(self.scripts):
                 self.stop.set()
             await asyncio.Event().wait()  # a quiet stream, until the feed is stopped
         step = script.popleft()
+        if isinstance(step, ccxt.NotSupported) and not script:
+            self._done.add(key)
+            if self._done == set(self.scripts):
+                self.stop.set()
         if isinstance(step, BaseException):
             raise step
+        if callable(step):
+            step = step(self)
+        if isinstance(key, str) and isinstance(step, list):  # trades: the venue's clock moves on
+            ts = [t["timestamp"] for t in step if isinstance(t, dict) and isinstance(t.get("timestamp"), int)]
+            self.venue_ts = max([*ts, self.venue_ts or 0]) if ts else self.venue_ts
         return copy.deepcopy(step)
 
     async def fetch_trades(self, symbol, since=None, limit=None, params={}):
@@ -571,3 +620,201 @@ def test_make_exchange_reads_credentials_from_env_only():
     assert "TAPEFLOW_HYPERLIQUID_PRIVATE_KEY" in credential_env_names("hyperliquid")
     with pytest.raises(ValueError, match="unknown exchange 'not_an_exchange'"):
         make_exchange("not_an_exchange", {})
+
+
+# -- perp data: funding, open interest, liquidations (issue 13) ----------------------------------
+
+def ccxt_funding(symbol, ts, rate, mark=100.5, index=100.0):
+    """A ccxt funding-rate structure (fetch_funding_rate)."""
+    return {"info": {}, "symbol": symbol, "markPrice": mark, "indexPrice": index, "timestamp": ts, "datetime": None,
+            "fundingRate": rate, "fundingTimestamp": T0 + 8 * 3_600_000, "fundingDatetime": None,
+            "nextFundingTimestamp": None}
+
+
+def ccxt_oi(symbol, ts, amount, value=None):
+    return {"info": {}, "symbol": symbol, "openInterestAmount": amount, "openInterestValue": value,
+            "baseVolume": None, "quoteVolume": None, "timestamp": ts, "datetime": None}
+
+
+def ccxt_liq(symbol, ts, side, price, contracts):
+    """A ccxt liquidation structure (watch_liquidations)."""
+    return {"info": {}, "symbol": symbol, "contracts": contracts, "contractSize": 1.0, "price": price, "side": side,
+            "baseValue": None, "quoteValue": None, "timestamp": ts, "datetime": None}
+
+
+def perps(events, kind=None):
+    return [e for e in events if isinstance(e, PerpUpdate) and (kind is None or e.kind == kind)]
+
+
+def test_funding_open_interest_and_liquidations_come_out_as_perp_updates():
+    btc, eth = tape(BTC, 20), tape(ETH, 10)
+    fake = FakeExchange(
+        "binanceusdm", {BTC: btc, ETH: eth}, {"*": [btc[0:10] + eth[0:5], btc[10:20] + eth[5:10]]},
+        funding={BTC: [ccxt_funding(BTC, T0 + 500, 0.0001), ccxt_funding(BTC, T0 + 1500, -0.0002, mark=101.0)],
+                 ETH: [ccxt_funding(ETH, T0 + 700, 0.0003, mark=None, index=None)]},
+        open_interest={BTC: [ccxt_oi(BTC, T0 + 800, 5_000.0, 500_000.0)], ETH: [ccxt_oi(ETH, T0 + 900, 12.5)]},
+        liquidations={"*": [[ccxt_liq(BTC, T0 + 1200, "sell", 99.0, 2.0), ccxt_liq(ETH, T0 + 1300, "buy", 101.0, 0.5)],
+                            [ccxt_liq(BTC, T0 + 1900, "buy", 102.0, 1.0)]]})
+    fake.markets[ETH] = market(ETH, contract_size=0.1)  # contracts of 0.1 ETH
+    feed, batches, events, sleeps = run_feed(
+        fake, [BTC, ETH], perp=PerpPolling(funding_every_s=60, open_interest_every_s=300))
+
+    assert_exactly_once(delivered(batches, BTC), btc)  # the trades as ever
+    assert_exactly_once(delivered(batches, ETH), eth)
+    fund = {(u.symbol, u.ts): u for u in perps(events, "funding")}
+    assert fund[(BTC, T0 + 500)] == PerpUpdate(
+        kind="funding", exchange="binanceusdm", symbol=BTC, ts=T0 + 500, rate=0.0001,
+        funding_time=T0 + 8 * 3_600_000, mark_price=100.5, index_price=100.0, source="ccxt:binanceusdm")
+    assert (fund[(BTC, T0 + 1500)].rate, fund[(BTC, T0 + 1500)].mark_price) == (-0.0002, 101.0)
+    assert (fund[(ETH, T0 + 700)].rate, fund[(ETH, T0 + 700)].mark_price) == (0.0003, None)
+    oi = {u.symbol: u for u in perps(events, "open_interest")}
+    assert (oi[BTC].ts, oi[BTC].open_interest, oi[BTC].oi_value) == (T0 + 800, 5_000.0, 500_000.0)
+    assert oi[ETH].open_interest == pytest.approx(1.25)  # 12.5 contracts of 0.1 ETH
+    liq = sorted(perps(events, "liquidation"), key=lambda u: u.ts)
+    assert [(u.symbol, u.side, u.price, u.amount) for u in liq] == [
+        (BTC, "sell", 99.0, 2.0), (ETH, "buy", 101.0, pytest.approx(0.05)), (BTC, "buy", 102.0, 1.0)]
+    assert all(u.seq is None and u.exchange == "binanceusdm" for u in perps(events))
+    assert feed.stats.perp_updates == 8 and feed.stats.perp_failures == 0
+    # polled once per symbol and interval: the funding loops wait 60 s, open interest 300 s
+    assert sleeps.count(60) >= 2 and sleeps.count(300) >= 2
+    assert {c[1] for c in fake.calls if c[0] == "fetch_funding_rate"} == {BTC, ETH}
+    assert [c[1] for c in fake.calls if c[0] == "watch_liquidations_for_symbols"][0] == (BTC, ETH)
+    assert feed.perp_plan == {"funding": [BTC, ETH], "open_interest": [BTC, ETH], "liquidations": [BTC, ETH]}
+    assert not [e for e in events if not isinstance(e, PerpUpdate)]  # nothing failed, nothing refused
+
+
+def test_unusable_perp_data_is_refused_not_dropped_and_per_symbol_liquidation_watches():
+    btc = tape(BTC, 6, uuids=True)
+    fake = FakeExchange(
+        "bybit", {BTC: btc}, {"*": [btc[0:3], btc[3:6]]},
+        funding={BTC: [ccxt_funding(BTC, T0, None), ccxt_funding(BTC, T0 + 1, 0.0001)]},
+        liquidations={BTC: [[ccxt_liq(BTC, T0 + 5, "Buy", 100.0, 3.0), ccxt_liq(BTC, T0 + 6, "up", 100.0, 1.0),
+                             ccxt_liq("DOGE/USDT:USDT", T0 + 7, "sell", 0.1, 10.0), "junk"]]})
+    feed, batches, events, _ = run_feed(fake, [BTC], perp=PerpPolling(open_interest_every_s=0))
+
+    assert_exactly_once(delivered(batches), btc)
+    assert [c for c in fake.calls if c[0] == "watch_liquidations"] == [("watch_liquidations", BTC)] * 2
+    assert not [c for c in fake.calls if c[0] == "fetch_open_interest"]  # switched off
+    (liq,) = perps(events, "liquidation")
+    assert (liq.side, liq.amount) == ("sell", 3.0)  # bybit's "Buy" is a long liquidated: a sell order
+    assert [u.rate for u in perps(events, "funding")] == [0.0001]
+    rejected = of_type(events, RejectedTrade)
+    assert sorted(r.reason.split(":")[0] for r in rejected) == ["missing_field", "not_subscribed", "unknown_side",
+                                                               "wrong_type"]
+    by_code = {r.reason.split(":")[0]: r for r in rejected}
+    assert by_code["missing_field"].reason == "missing_field: funding: fundingRate"
+    missing = by_code["missing_field"]
+    assert missing.instrument == f"bybit:{BTC}" and '"fundingRate": null' in missing.payload
+    assert by_code["not_subscribed"].instrument == "bybit:DOGE/USDT:USDT"
+    assert feed.stats.rejected == 4
+
+
+def test_a_venue_without_perp_data_streams_trades_and_says_once_what_it_lacks(caplog):
+    btc, spot = tape(BTC, 10), tape("BTC/USDT", 4, first=100)
+    fake = FakeExchange("kucoinfutures", {BTC: btc}, {"*": [btc[0:5], btc[5:10]]})
+    caplog.set_level(logging.WARNING, logger="dataflows.ccxt_feed")
+    feed, batches, events, sleeps = run_feed(fake, [BTC])
+
+    assert [t.id for t in delivered(batches)] == [str(i) for i in range(1, 11)]
+    assert events == [] and sleeps == [] and feed.perp_plan == {}
+    assert [c[0] for c in fake.calls if "watch" not in c[0]] == ["load_markets"]
+    assert feed_log(caplog) == ["kucoinfutures offers no funding rates (fetchFundingRate) and no open interest "
+                                "(fetchOpenInterest) and no liquidations (watchLiquidations): they are not read from "
+                                "it (trades are)"]
+    # a spot market has no perp data: nothing to lack, nothing said
+    caplog.clear()
+    spot_fake = FakeExchange("binance", {"BTC/USDT": spot}, {"*": [spot]}, funding={"BTC/USDT": [{}]})
+    spot_fake.markets["BTC/USDT"] = {**market(BTC), "symbol": "BTC/USDT", "type": "spot", "spot": True,
+                                     "swap": False, "contract": False}
+    spot_fake.scripts.pop(("funding", "BTC/USDT"))  # never asked
+    feed, batches, events, _ = run_feed(spot_fake, ["BTC/USDT"])
+    assert len(delivered(batches)) == 4 and feed.perp_plan == {} and feed_log(caplog) == []
+    assert not [c for c in spot_fake.calls if c[0] == "fetch_funding_rate"]
+
+
+def test_failing_perp_calls_are_outages_of_their_own_and_never_stop_the_trades(caplog):
+    btc = tape(BTC, 30)
+    err = ccxt.NetworkError
+    fake = FakeExchange(
+        "binanceusdm", {BTC: btc}, {"*": [btc[0:10], btc[10:20], btc[20:30]]},
+        funding={BTC: [err("funding timeout"), err("funding timeout"), ccxt_funding(BTC, T0 + 100, 0.0001)]},
+        open_interest={BTC: [ccxt.NotSupported("binanceusdm fetchOpenInterest() is not supported yet")]},
+        liquidations={"*": [ccxt.ExchangeError("liquidation stream refused"), KeyError("o"),
+                            [ccxt_liq(BTC, T0 + 200, "sell", 100.0, 1.0)]]})
+    caplog.set_level(logging.WARNING, logger="dataflows.ccxt_feed")
+    feed, batches, events, sleeps = run_feed(
+        fake, [BTC], perp=PerpPolling(funding_every_s=60, open_interest_every_s=300),
+        backoff_factory=lambda i: Backoff(base=1.0, cap=4.0, rng=MaxRng()))
+
+    assert [t.id for t in delivered(batches)] == [str(i) for i in range(1, 31)]
+    outages = [(type(e).__name__, e.stage) for e in events if isinstance(e, (FeedDown, FeedUp))]
+    assert sorted(outages) == sorted([("FeedDown", "funding"), ("FeedUp", "funding"), ("FeedDown", "open_interest"),
+                                      ("FeedDown", "liquidations"), ("FeedUp", "liquidations")])
+    ups = {e.stage: e for e in of_type(events, FeedUp)}
+    assert (ups["funding"].attempts, ups["funding"].error) == (2, "NetworkError: funding timeout")
+    assert (ups["liquidations"].attempts, ups["liquidations"].error) == (2, "KeyError: 'o'")  # a ccxt parse error too
+    (oi_down,) = [e for e in of_type(events, FeedDown) if e.stage == "open_interest"]
+    assert oi_down.error.startswith("NotSupported: binanceusdm fetchOpenInterest()")
+    assert len([c for c in fake.calls if c[0] == "fetch_open_interest"]) == 1  # not asked again
+    assert sorted(u.kind for u in perps(events)) == ["funding", "liquidation"]
+    assert feed.stats.perp_failures == 5 and feed.stats.disconnects == 0
+    # the trades never failed: a duration run is judged on them alone (CcxtSource.check)
+    assert feed.last_error is None and feed.last_perp_error is not None
+    assert sorted(d for d in sleeps if d not in (60, 300)) == [1.0, 1.0, 2.0, 2.0]  # each loop its own backoff
+    assert any("open_interest not supported" in m for m in feed_log(caplog))
+    assert any("unreachable (NetworkError: funding timeout)" in m for m in feed_log(caplog))
+
+
+def test_source_places_each_perp_update_after_the_trades_received_before_it():
+    from operators.trades import Trade
+
+    src = CcxtSource({"binanceusdm": [BTC]}, factory_path="tests.integration.fake_venues:unreachable",
+                     perp=PerpPolling())
+    part = src.build_part("ccxt", "binanceusdm", 7)  # resumed: the next trade gets offset 7
+    assert part.feed.close()  # a quiet feed: this test writes the queue itself
+    while not part.q.empty():
+        part.q.get_nowait()
+
+    def trade(i):
+        return Trade("binanceusdm", BTC, str(i), T0 + i, 100.0, 1.0, "buy", 100.0, None, NOW)
+
+    def update(kind, ts, **kw):
+        return PerpUpdate(kind=kind, exchange="binanceusdm", symbol=BTC, ts=ts, **kw)
+
+    a, b = update("funding", T0 + 2, rate=1e-4), update("open_interest", T0 + 3, open_interest=5.0)
+    c = update("liquidation", T0 + 4, side="sell", price=100.0, amount=1.0)
+    for item in [("trades", [trade(1), trade(2), trade(3)]), ("event", a), ("event", b), ("trades", [trade(4)]),
+                 ("event", c)]:
+        part.q.put(item)
+    (batch,) = part.next_batch()
+    assert batch.frame["offset"].to_list() == [7, 8, 9, 10]
+    assert [(u.kind, u.seq) for u in batch.events] == [("funding", 10), ("open_interest", 10), ("liquidation", 11)]
+    part.q.put(("event", a))  # nothing but perp data: a batch without trades, placed after all of them
+    (batch,) = part.next_batch()
+    assert batch.frame.height == 0 and [(u.kind, u.seq) for u in batch.events] == [("funding", 11)]
+    part.close()
+
+
+def test_source_delivers_a_scripted_venues_perp_data_in_its_batches():
+    from tests.integration.fake_venues import PERP_FUNDING, PERP_LIQ, PERP_OI, PERP_TAPE
+
+    src = CcxtSource({"binanceusdm": [BTC]}, factory_path="tests.integration.fake_venues:perp", duration_s=1.5)
+    assert src.perp_polling() == PerpPolling(funding_every_s=0.04, open_interest_every_s=0.12)  # the factory's
+    batches = _drain([src.build_part("ccxt", "binanceusdm", None)])
+    assert sum(b.frame.height for b in batches) == len(PERP_TAPE)
+    ups, seqs = [], []
+    for b in batches:
+        first = b.frame["offset"][0] if b.frame.height else None
+        for e in b.events:
+            if isinstance(e, PerpUpdate):
+                ups.append(e)
+                seqs.append(e.seq)
+                # after the trades received before it: within its batch's offsets (or right after them)
+                assert first is None or first <= e.seq <= first + b.frame.height
+    assert seqs == sorted(seqs) and 0 <= seqs[0] and seqs[-1] <= len(PERP_TAPE)
+    assert [u.rate for u in ups if u.kind == "funding"] == PERP_FUNDING
+    assert [u.open_interest for u in ups if u.kind == "open_interest"] == PERP_OI
+    assert [(u.side, u.amount) for u in ups if u.kind == "liquidation"] == PERP_LIQ
+    dead = [e for b in batches for e in b.events if not isinstance(e, (PerpUpdate, Event))]
+    assert [(d.reason, d.detail) for d in dead] == [("missing_field", "missing_field: funding: fundingRate")]
+    src.check()

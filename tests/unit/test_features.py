@@ -14,6 +14,7 @@ import pytest
 import talib
 
 from operators import features as F
+from operators import perp as PD
 from operators.bars import Bar
 from operators.features import (
     FEATURE_NAMES, WARMUP, WARM_BARS, AlignedRow, FeatureRow, FeatureState, OverlayBook, align,
@@ -106,6 +107,7 @@ def bars_of(df: pl.DataFrame, exchange="x", symbol="A/USDT:USDT", tf="5m") -> li
             s_top=r["s_top"], s_bot=r["s_bot"], s_mood=r["s_mood"], pro_threshold=0.0,
             amateur_threshold=0.0, poc=r.get("poc", r["close"]), vah=r.get("vah", r["high"]),
             val=r.get("val", r["low"]), profile_bin=0.01,
+            perp=PD.PerpSnap(**{c: r[c] for c in F.PERP_COLUMNS}) if "funding_rate" in r else None,
         ))
     return out
 
@@ -321,8 +323,9 @@ def test_at_least_60_features_the_original_22_kept_each_with_warmup_and_formula(
 
 def test_output_columns_and_types():
     out = compute_features(random_frame(80), M5)
-    assert out.columns == ["start", "end", "close", *FEATURE_NAMES, "regime", "warm"]
-    assert all(out.schema[f] == pl.Float64 for f in FEATURE_NAMES)
+    assert out.columns == ["start", "end", "close", *FEATURE_NAMES, *PD.NAMES, "regime", "warm"]
+    assert all(out.schema[f] == pl.Float64 for f in FEATURE_NAMES + PD.NAMES)
+    assert all(out[f].null_count() == 80 for f in PD.NAMES)  # no perp data: no perp features
     assert out.schema["regime"] == pl.String and out.schema["warm"] == pl.Boolean
     assert out.height == 80
 
@@ -677,6 +680,27 @@ def test_warm_up_rows_are_marked_and_hold_nulls_not_values():
     assert col(out, "regime")[WARMUP["regime"] - 2] is None and col(out, "regime")[WARMUP["regime"] - 1] is not None
 
 
+def with_perp(df: pl.DataFrame, seed: int = 5) -> pl.DataFrame:
+    """``df`` with perp columns (``features.PERP_COLUMNS``): a funding rate that drifts, mark and
+    index near the close, open interest that wanders, liquidations in about a third of the bars."""
+    rng = np.random.default_rng(seed)
+    n, close = df.height, df["close"].to_numpy()
+    liq = rng.random(n) < 0.35
+    return df.with_columns(
+        pl.Series("funding_rate", 1e-4 + np.cumsum(rng.normal(0, 2e-5, n))),
+        pl.Series("funding_time", (df["end"].to_numpy() // 28_800_000 + 1) * 28_800_000),
+        pl.Series("funding_ts", df["end"].to_numpy() - 1),
+        pl.Series("mark_price", close * (1 + rng.normal(0, 3e-4, n))),
+        pl.Series("index_price", close * (1 + rng.normal(0, 3e-4, n))),
+        pl.Series("open_interest", 1e4 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))),
+        pl.lit(None, dtype=pl.Float64).alias("oi_value"),
+        pl.Series("oi_ts", df["end"].to_numpy() - 1),
+        pl.Series("liq_buy", np.where(liq & (rng.random(n) < 0.5), rng.uniform(10, 500, n), 0.0)),
+        pl.Series("liq_sell", np.where(liq, rng.uniform(10, 500, n), 0.0)),
+        pl.Series("liq_count", np.where(liq, 2, 0)),
+    )
+
+
 def test_short_history_is_all_cold():
     out = compute_features(random_frame(10), M5)
     assert not any(col(out, "warm"))
@@ -684,11 +708,12 @@ def test_short_history_is_all_cold():
 
 
 PERTURBED = ("open", "high", "low", "close", "volume", "vwap", "delta", "min_delta", "max_delta",
-             "s_top", "s_bot", "s_mood", "poc", "vah", "val")
+             "s_top", "s_bot", "s_mood", "poc", "vah", "val", "funding_rate", "mark_price", "open_interest",
+             "liq_buy", "liq_sell")
 
 
 def test_no_lookahead_changing_later_bars_leaves_earlier_rows_unchanged_for_every_feature():
-    df = random_frame(300, seed=3, tick=0.01)
+    df = with_perp(random_frame(300, seed=3, tick=0.01))
     base = compute_features(df, M5)
     rng = np.random.default_rng(99)
     changed_later = set()
@@ -699,27 +724,30 @@ def test_no_lookahead_changing_later_bars_leaves_earlier_rows_unchanged_for_ever
         ).with_columns(pl.when(later).then(pl.col("trades") * 7).otherwise(pl.col("trades")))
         again = compute_features(changed, M5)
         assert again.head(i + 1).equals(base.head(i + 1)), f"rows <= {i} changed"
-        for name in FEATURE_NAMES:
+        for name in FEATURE_NAMES + PD.NAMES:
             if not again[name].tail(300 - i - 1).equals(base[name].tail(300 - i - 1)):
                 changed_later.add(name)
     # every feature does react to the bars it is allowed to see: the test covers all of them
-    assert changed_later == set(FEATURE_NAMES)
+    assert changed_later == set(FEATURE_NAMES + PD.NAMES)
 
 
 # ------------------------------------------------------------------------------ streaming
 
 
 def test_streaming_equals_batch_bar_for_bar():
-    df = random_frame(400, seed=11)
+    df = with_perp(random_frame(400, seed=11))
     bars = bars_of(df)
     state = FeatureState()
     batch = compute_features(df, M5)
+    names = FEATURE_NAMES + PD.NAMES
     for i, bar in enumerate(bars):
         row = update(state, bar)
         want = batch.row(i, named=True)
         assert (row.start, row.end, row.close, row.tf) == (bar.start, bar.end, bar.close, "5m")
-        assert row.values == {f: want[f] for f in FEATURE_NAMES}, f"bar {i}"
-        assert list(row.values) == FEATURE_NAMES
+        assert row.values == {f: want[f] for f in names}, f"bar {i}"
+        assert list(row.values) == names
+        if i >= 12:
+            assert all(row.values[f] is not None for f in PD.NAMES), f"bar {i}"
         assert row.warm == want["warm"]
         assert row.regime == (want["regime"] or F.REGIME_UNKNOWN)
 
@@ -756,7 +784,7 @@ def test_feature_row_regime_is_unknown_while_cold():
 def frow(tf: str, end: int, marker: float = 1.0, warm: bool = True) -> FeatureRow:
     """A FeatureRow whose every value is ``marker`` (so a test can see which row was used)."""
     return FeatureRow(exchange="x", symbol="A/USDT:USDT", tf=tf, start=end - TFS[tf], end=end,
-                      close=100.0, warm=warm, regime=F.RANGING, values={f: marker for f in FEATURE_NAMES})
+                      close=100.0, warm=warm, regime=F.RANGING, values={f: marker for f in FEATURE_NAMES + PD.NAMES})
 
 
 def test_acceptance_overlay_ending_after_the_primary_end_is_never_used():
@@ -859,7 +887,7 @@ def test_acceptance_pipeline_of_streams_uses_only_closed_fresh_overlays():
             want = closed[-1] if closed and a.end - closed[-1].end <= 2 * TFS[tf] else None
             assert a.overlay_ok[tf] == (want is not None), (tf, a.end)
             got = {f: a.features[f"{tf}_{f}"] for f in FEATURE_NAMES}
-            assert got == (want.values if want else {f: None for f in FEATURE_NAMES})
+            assert got == ({f: want.values[f] for f in FEATURE_NAMES} if want else {f: None for f in FEATURE_NAMES})
             if want is not None:
                 assert want.end <= a.end  # closed: never a bar that ends after the primary
             stale += want is None and bool(closed)

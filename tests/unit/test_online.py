@@ -20,6 +20,7 @@ from models.online import (
     share_distribution_rngs,
 )
 from operators.features import FEATURE_NAMES, AlignedRow, aligned_feature_names
+from operators.perp import NAMES as PERP_NAMES
 from operators.labels import Label
 
 H = 3
@@ -205,7 +206,7 @@ def messy(rows):
 
 def test_state_survives_pickle_and_deepcopy_and_is_deterministic():
     names = aligned_feature_names(("15m", "1h"))
-    assert len(names) == 3 * len(FEATURE_NAMES)  # primary + 15m + 1h
+    assert len(names) == 3 * len(FEATURE_NAMES) + len(PERP_NAMES)  # primary + its perp features + 15m + 1h
     rows, labels = stream(160, seed=5, signal=True, names=names)
     rows = messy(rows)
     cfg = OnlineConfig(seed=11, warmup_labels=20)

@@ -273,7 +273,7 @@ def test_7_fills_at_the_next_bar_open_with_fee_and_slippage():
     (f,) = of(r.bars(bar(T0, 101.0, h=102.0, l=100.5, c=101.5)), Fill)
     assert f.ts == T0 and f.ref_price == 101.0 and f.price == pytest.approx(101.0 * 1.0002)
     assert f.price != 100.0
-    assert f.fee == pytest.approx(f.qty * f.price * 0.0005) and f.fee > 0 and f.slippage_bps == 2.0
+    assert f.fee == pytest.approx(f.qty * f.price * 0.0005) and f.fee > 0 and f.slippage_bps == pytest.approx(2.0)
     assert f.decision_ts == d.ts and f.position_id == d.position_id and f.arm == "model_online"
     assert f.qty * f.price == pytest.approx(d.notional)
     # the exit pays slippage the other way and its fee
