@@ -59,9 +59,41 @@ def _is_sentinel(m) -> bool:
     return type(m).__module__.startswith("bytewax")
 
 
-def frame_batches(frame: pl.DataFrame, size: int) -> list[FrameBatch]:
-    """A trade frame (exchange, symbol, id, ts, price, amount, side, offset) cut into batches."""
-    return [FrameBatch("test", "0", frame.slice(i, size), RECV) for i in range(0, frame.height, size)]
+def frame_batches(frame: pl.DataFrame, size: int, perp: list = ()) -> list[FrameBatch]:
+    """A trade frame (exchange, symbol, id, ts, price, amount, side, offset) cut into batches;
+    ``perp`` updates ride the batch of the trade at their ``seq`` (the last batch: any later)."""
+    starts = list(range(0, frame.height, size))
+    return [FrameBatch("test", "0", frame.slice(i, size), RECV,
+                       [u for u in perp if i <= u.seq < i + size or (i == starts[-1] and u.seq >= frame.height)])
+            for i in starts]
+
+
+def perp_updates(frame: pl.DataFrame, seed: int, since_ms: int = 0) -> list:
+    """Seeded perp updates for a synthetic tape's instruments (funding every minute, open interest
+    every 5, a liquidation in about a fifth of the minutes), from ``since_ms`` on; ``seq`` places
+    each after the frame's trades (in its arrival order) up to its ts."""
+    from operators.perp import PerpUpdate
+
+    import zlib
+
+    run_max = np.maximum.accumulate(frame["ts"].to_numpy())
+    out = []
+    for sym in frame["symbol"].unique().sort().to_list():
+        price = float(frame.filter(pl.col("symbol") == sym)["price"][0])
+        for m in range(max(frame["ts"].min(), since_ms) // 60_000, frame["ts"].max() // 60_000 + 1):
+            rng = np.random.default_rng([seed, zlib.crc32(sym.encode()), m])  # the same minute, the same data
+            t = m * 60_000 + int(rng.integers(0, 200))  # mostly before the minute's first trade
+            out.append(PerpUpdate(kind="funding", exchange="x", symbol=sym, ts=t, rate=float(rng.normal(1e-4, 1e-4)),
+                                  funding_time=(t // 28_800_000 + 1) * 28_800_000, mark_price=price * (1 + rng.normal(0, 1e-4)),
+                                  index_price=price))
+            if m % 5 == 0:
+                out.append(PerpUpdate(kind="open_interest", exchange="x", symbol=sym, ts=t + int(rng.integers(0, 59_000)),
+                                      open_interest=float(1e4 * np.exp(rng.normal(0, 0.05)))))
+            if rng.random() < 0.2:
+                out.append(PerpUpdate(kind="liquidation", exchange="x", symbol=sym, ts=t + int(rng.integers(0, 59_000)),
+                                      side="buy" if rng.random() < 0.5 else "sell", price=price,
+                                      amount=float(rng.uniform(0.1, 5.0))))
+    return [msgspec.structs.replace(u, seq=int(np.searchsorted(run_max, u.ts, side="right"))) for u in out]
 
 
 def synthetic_tape(symbols: list[str], minutes: int, start_ms: int = T0, seed: int = 3,

@@ -4,6 +4,7 @@ ClickHouse): the ONNX hot swap mid-stream, and no lookahead anywhere downstream 
 import shutil
 from datetime import datetime, timedelta, timezone
 
+import msgspec
 import polars as pl
 from bytewax.testing import TestingSource, run_main
 
@@ -12,7 +13,7 @@ from dataflows.training import data_origin, run_facts
 from models.onnx_ensemble import OnnxEnsemble
 from models.train import train
 from sinks.clickhouse import ClickHouseSink
-from tests.helpers import T0, frame_batches, run_pipeline, settings, stored, synthetic_tape
+from tests.helpers import T0, frame_batches, perp_updates, run_pipeline, settings, stored, synthetic_tape
 from tests.unit.synthetic_models import BAR_MS, HORIZON, LABEL_DEFINITION, NAMES, synthetic_frame
 
 MIN = 60_000
@@ -87,9 +88,14 @@ def test_no_lookahead_in_features_labels_predictions_and_decisions(store, other_
     altered = pl.concat([base.filter(pl.col("ts") < cut),
                          other.filter(pl.col("ts") >= cut).with_columns(pl.col("price") * 0.7)])
     altered = altered.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("offset"))
+    # perp data too (funding, open interest, liquidations): the same before the cut, other after it
+    base_perp = perp_updates(base, seed=5)
+    altered_perp = [u for u in perp_updates(altered, seed=5) if u.ts < cut] + perp_updates(altered, 6, since_ms=cut)
+    strip = lambda ups: [msgspec.structs.replace(u, seq=None) for u in ups if u.ts < cut]  # noqa: E731
+    assert strip(base_perp) == strip(altered_perp) and len(strip(base_perp)) > 1000
     cfg = settings(tmp_path / "data", online_warmup_labels=10, strategy={"require_warm": False})
-    run_pipeline(frame_batches(base, 3000), store, cfg)
-    run_pipeline(frame_batches(altered, 3000), other_store, cfg)
+    run_pipeline(frame_batches(base, 3000, base_perp), store, cfg)
+    run_pipeline(frame_batches(altered, 3000, altered_perp), other_store, cfg)
 
     def before(st, table, order, time_col, exclude=()):
         df = stored(st, table, order, exclude)
@@ -106,6 +112,15 @@ def test_no_lookahead_in_features_labels_predictions_and_decisions(store, other_
         assert a.equals(b), f"{table}: rows ending by the cut differ"
     preds = before(store, "predictions", "exchange, symbol, tf, start, model", "end")
     assert {"river_lr", "river_arf"} <= set(preds["model"])  # the online models were predicting
+    from operators.perp import NAMES as PERP
+
+    feats = before(store, "features", "exchange, symbol, tf, start", "end")
+    for sym in syms:  # every perp feature defined once it has its history (oi_chg_12: 13 bars)
+        vals = feats.filter(pl.col("symbol") == sym)["values"].to_list()
+        assert len(vals) > 40 and all(v.get(f) is not None for v in vals[13:] for f in PERP), sym
+    later = [stored(st, "features", "exchange, symbol, tf, start").filter(pl.col("end").dt.epoch("ms") > cut)
+             for st in (store, other_store)]
+    assert all(any(a[f] != b.get(f) for a, b in zip(later[0]["values"], later[1]["values"])) for f in PERP)
     labels = stored(store, "labels", "start")
     assert labels.filter(pl.col("matured_at") < pl.col("end")).height == 0
     # and something downstream did change after the cut
