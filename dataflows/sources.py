@@ -25,8 +25,6 @@ from typing import Callable, Optional
 import msgspec
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.csv as pacsv
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from operators import synthetic as syn
@@ -317,6 +315,9 @@ def _read_csv(path: Path) -> tuple[pl.DataFrame, str]:
     first = next((line for line in text.splitlines() if line.strip()), None)
     if first is None:
         raise _err(path, "the file is empty (no header, no rows); export trades into it or leave it out")
+    import pyarrow as pa  # here: ~50 MB resident that only a CSV replay needs
+    import pyarrow.csv as pacsv
+
     header = [c.strip() for c in next(csv.reader([first]))]
     fmt = "csv"
     if len(header) >= 2 and all(_is_number(h) for h in header[:2]):  # headerless dumps

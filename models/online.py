@@ -82,7 +82,46 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Mapping
 
-from river import base, compose, forest, linear_model, optim, preprocessing
+import importlib.util
+import os
+import sys
+import types
+
+
+def _defer_river_datasets() -> None:
+    """Put a stand-in for ``river.drift.datasets`` in ``sys.modules`` that imports the real module
+    on first attribute access (PEP 562 ``__getattr__``). River's drift detectors (which ARF uses)
+    import it for their example data sets, and through it ``river.datasets`` and ``river.stream``,
+    which import scikit-learn and pandas: ~110 MB resident that the pipeline never calls. Code
+    that uses those data sets still gets them, on first use. (``importlib.util.LazyLoader`` does
+    not help here: the import system reads ``__spec__``, which would load the module at once.)"""
+    name = "river.drift.datasets"
+    root = importlib.util.find_spec("river")
+    if name in sys.modules or root is None or not root.submodule_search_locations:
+        return
+    init = os.path.join(list(root.submodule_search_locations)[0], "drift", "datasets", "__init__.py")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
+    if spec is None or spec.loader is None:
+        return
+
+    def load(attr: str):
+        real = importlib.util.module_from_spec(spec)
+        sys.modules[name] = real
+        spec.loader.exec_module(real)
+        parent = sys.modules.get("river.drift")
+        if parent is not None:
+            parent.datasets = real
+        return getattr(real, attr)
+
+    stub = types.ModuleType(name)
+    stub.__spec__, stub.__path__, stub.__file__ = spec, spec.submodule_search_locations, init
+    stub.__getattr__ = load
+    sys.modules[name] = stub
+
+
+_defer_river_datasets()
+
+from river import base, compose, forest, linear_model, optim, preprocessing  # noqa: E402
 
 from models.calibration import RollingCalibrator
 from operators.signals import DOWN, FLAT, UP, Prediction, make_prediction

@@ -35,11 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import clickhouse_connect
 import tenacity
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
-from clickhouse_connect.driver.exceptions import Error as ClickHouseDriverError
-from clickhouse_connect.driver.exceptions import OperationalError
 
 from sinks.health import HEALTH_COLUMNS, HealthMeter
 from sinks.rows import Rows, to_rows
@@ -95,6 +92,9 @@ def is_transient(err: BaseException) -> bool:
     ``OperationalError``, or a bare ``ConnectionError``/``TimeoutError``); an HTTP 5xx from something in front of the server
     (a proxy's 502/503/504 carries no ClickHouse code). Everything else, our own bugs included, is
     permanent: retrying would only delay the error."""
+    from clickhouse_connect.driver.exceptions import Error as ClickHouseDriverError  # imported on use: ~30 MB
+    from clickhouse_connect.driver.exceptions import OperationalError
+
     if isinstance(err, ClickHouseDriverError):
         if err.code is not None:
             return err.code in TRANSIENT_CODES
@@ -157,6 +157,8 @@ class Store:
             self.apply_schema()
 
     def _connect(self):
+        import clickhouse_connect  # imported on use: a run without a store does without it
+
         admin = clickhouse_connect.get_client(dsn=self.dsn)
         try:
             admin.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
