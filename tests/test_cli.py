@@ -68,33 +68,6 @@ def test_clear_errors(tmp_path):
     assert res.returncode != 0 and "lateness_ms" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_main_job_trains_on_the_first_part_then_scores_and_trades_the_rest(tmp_path):
-    # enough bars (and orders per bar) for an ensemble that passes the deployment gate (issue 12)
-    res = tapeflow("run", "--data-dir", str(tmp_path), "--hours", "36", "--rate", "2", "--quiet",
-                   "--summary-json", str(tmp_path / "s.json"))
-    out = res.stdout
-    assert "ONNX ensemble" in out and "model quality on the scored part" in out and "strategies (paper)" in out
-    split = 1704067200000 + 18 * 3_600_000
-    onnx = sql_json(tmp_path, "SELECT min(toUnixTimestamp64Milli(start)) AS first, count() AS n, "
-                              "uniqExact(version) AS versions FROM predictions FINAL WHERE model = 'onnx_ensemble'")[0]
-    assert onnx["n"] > 100 and onnx["versions"] == 1
-    assert onnx["first"] >= split - 5 * 60_000  # scored only once trained (the bar closing at the split)
-    river = sql_json(tmp_path, "SELECT count() AS n FROM predictions FINAL WHERE model = 'river_lr' "
-                               f"AND toUnixTimestamp64Milli(start) < {split}")[0]
-    assert river["n"] > 0  # the online models ran from the start
-    strat = sql_json(tmp_path, "SELECT origin, count() AS decisions FROM decisions FINAL GROUP BY origin")
-    assert strat and strat[0]["origin"] == "production" and strat[0]["decisions"] > 300
-    # the printed per-strategy summary is what the store holds
-    summary = json.loads((tmp_path / "s.json").read_text())
-    (prod,) = [r for r in summary["strategies"] if r["origin"] == "production"]
-    trades = sql_json(tmp_path, "SELECT count() AS n, countIf(realised_pnl > 0) AS w FROM fills FINAL "
-                                "WHERE realised_pnl IS NOT NULL AND origin = 'production'")[0]
-    assert prod["trades"] == trades["n"]
-    assert prod["trades"] == 0 or abs(prod["win_rate"] - trades["w"] / trades["n"]) < 1e-12
-    assert {"pnl", "sharpe", "max_drawdown"} <= set(prod)
-    assert {r["model"] for r in summary["model_quality"]} >= {"onnx_ensemble", "river_lr", "river_arf"}
-
-
 def test_optimizer_status_prints_the_leaderboard_from_the_store(tmp_path):
     env = {**__import__("os").environ, "TAPEFLOW_OPTIMIZER": '{"enabled": true, "max_variants": 3, "metrics_every_bars": 6}',
            "TAPEFLOW_STRATEGY": '{"conf_min": 0.4, "alpha_min": 0.02, "no_trade_conf": 0.35, "require_warm": false}'}

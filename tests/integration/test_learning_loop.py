@@ -39,6 +39,7 @@ def main_job(tmp_path_factory):
                           "--summary-json", str(data / "summary.json")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
+    (data / "stdout.txt").write_text(res.stdout)
     from dataflows.config import load_settings
     from sinks.clickhouse import Store
 
@@ -160,3 +161,28 @@ def test_synthetic_perp_data_is_stored_in_features_and_funding_is_paid(main_job)
     assert {(pid, t) for pid, t, _ in paid} == due and due, (len(due), len(paid))
     _, ((last_funding,),) = store.query("SELECT argMax(funding, (ts, seq)) FROM equity FINAL WHERE origin = 'production'")
     assert last_funding == pytest.approx(sum(a for _, _, a in paid))
+
+
+def test_main_job_trains_on_the_first_part_then_scores_and_trades_the_rest(main_job):
+    """(Moved from tests/test_cli.py, which ran a second main job for it.)"""
+    data, _, store, summary = main_job
+    out = (data / "stdout.txt").read_text()
+    assert "ONNX ensemble" in out and "model quality on the scored part" in out and "strategies (paper)" in out
+    _, ((first, n, versions),) = store.query(
+        "SELECT min(toUnixTimestamp64Milli(start)), count(), uniqExact(version) FROM predictions FINAL "
+        "WHERE model = 'onnx_ensemble'")
+    assert n > 100 and versions == 1
+    assert first >= SPLIT - 5 * 60_000  # scored only once trained (the bar closing at the split)
+    _, ((river,),) = store.query("SELECT count() FROM predictions FINAL WHERE model = 'river_lr' "
+                                 f"AND toUnixTimestamp64Milli(start) < {SPLIT}")
+    assert river > 0  # the online models ran from the start
+    _, strat = store.query("SELECT origin, count() FROM decisions FINAL GROUP BY origin")
+    assert strat and strat[0][0] == "production" and strat[0][1] > 300
+    # the printed per-strategy summary is what the store holds
+    (prod,) = [r for r in summary["strategies"] if r["origin"] == "production"]
+    _, ((trades, wins),) = store.query("SELECT count(), countIf(realised_pnl > 0) FROM fills FINAL "
+                                       "WHERE realised_pnl IS NOT NULL AND origin = 'production'")
+    assert prod["trades"] == trades
+    assert prod["trades"] == 0 or abs(prod["win_rate"] - wins / trades) < 1e-12
+    assert {"pnl", "sharpe", "max_drawdown"} <= set(prod)
+    assert {r["model"] for r in summary["model_quality"]} >= {"onnx_ensemble", "river_lr", "river_arf"}
