@@ -250,6 +250,13 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _symbol_of(item: Any, symbols: list[str]) -> Optional[str]:
+    """The symbol a ccxt structure names (a watch of one symbol may leave it out)."""
+    sym = item.get("symbol") if isinstance(item, dict) else None
+    sym = sym if isinstance(sym, str) else None
+    return symbols[0] if sym is None and len(symbols) == 1 else sym
+
+
 def _is_contract(market: Any) -> bool:
     return isinstance(market, dict) and bool(market.get("contract") or market.get("swap") or market.get("future"))
 
@@ -471,49 +478,40 @@ class CcxtFeed:
                 n += 1
         return loops
 
-    async def _poll(self, stage: str, symbol: str, every_s: float, backoff: Backoff, stop: asyncio.Event) -> None:
+    def _poll(self, stage: str, symbol: str, every_s: float, backoff: Backoff, stop: asyncio.Event) -> Awaitable[None]:
         """Poll one symbol's funding rate or open interest every ``every_s`` until stopped."""
-        outage = self._tracker([symbol], stage)
         fetch = self.exchange.fetch_funding_rate if stage == "funding" else self.exchange.fetch_open_interest
-        while not stop.is_set():
-            try:
-                raw = await self._until_stopped(fetch(symbol), stop)
-            except ccxt.NotSupported as err:
-                await self._perp_unsupported(outage, err)
-                return
-            except Exception as err:  # noqa: BLE001 - network, refusal or a ccxt parse error: retried; trades go on
-                self.stats.perp_failures += 1
-                await self._failed(outage, backoff, err, stop)
-                continue
-            if raw is _STOPPED:
-                return
-            backoff.reset()
-            await self._recovered(outage)
-            await self._deliver_perp(stage, [symbol], [raw])
-            await self._until_stopped(self._sleep(every_s), stop)
+        return self._perp_loop(stage, [symbol], lambda: fetch(symbol), lambda raw: [raw], every_s, backoff, stop)
 
-    async def _watch_liquidations(self, symbols: list[str], backoff: Backoff, stop: asyncio.Event) -> None:
-        outage = self._tracker(symbols, "liquidations")
-        multi = bool(self.exchange.has.get("watchLiquidationsForSymbols"))
+    def _watch_liquidations(self, symbols: list[str], backoff: Backoff, stop: asyncio.Event) -> Awaitable[None]:
+        if self.exchange.has.get("watchLiquidationsForSymbols"):
+            call = lambda: self.exchange.watch_liquidations_for_symbols(symbols)  # noqa: E731
+        else:
+            call = lambda: self.exchange.watch_liquidations(symbols[0])  # noqa: E731
+        return self._perp_loop("liquidations", symbols, call, lambda batch: list(batch or []), 0.0, backoff, stop)
+
+    async def _perp_loop(self, stage: str, symbols: list[str], call: Callable[[], Awaitable], items: Callable,
+                         every_s: float, backoff: Backoff, stop: asyncio.Event) -> None:
+        """``call()`` until stopped (sleeping ``every_s`` after each answer), delivering ``items(answer)``;
+        failures are retried with ``backoff`` and reported like a trade stream's; trades go on."""
+        outage = self._tracker(symbols, stage)
         while not stop.is_set():
             try:
-                if multi:
-                    watch = self.exchange.watch_liquidations_for_symbols(symbols)
-                else:
-                    watch = self.exchange.watch_liquidations(symbols[0])
-                batch = await self._until_stopped(watch, stop)
+                got = await self._until_stopped(call(), stop)
             except ccxt.NotSupported as err:
                 await self._perp_unsupported(outage, err)
                 return
-            except Exception as err:  # noqa: BLE001 - see _poll
+            except Exception as err:  # noqa: BLE001 - network, refusal or a ccxt parse error: retried
                 self.stats.perp_failures += 1
                 await self._failed(outage, backoff, err, stop)
                 continue
-            if batch is _STOPPED:
+            if got is _STOPPED:
                 return
             backoff.reset()
             await self._recovered(outage)
-            await self._deliver_perp("liquidations", symbols, list(batch or []))
+            await self._deliver_perp(stage, symbols, items(got))
+            if every_s:
+                await self._until_stopped(self._sleep(every_s), stop)
 
     async def _perp_unsupported(self, outage: OutageTracker, err: BaseException) -> None:
         """The venue refuses this perp call for good: one FeedDown and one line; trades go on."""
@@ -534,10 +532,7 @@ class CcxtFeed:
         normalise_perp = NORMALISERS[kind]
         markets = getattr(self.exchange, "markets", None) or {}
         for item in raw:
-            sym = item.get("symbol") if isinstance(item, dict) else None
-            sym = sym if isinstance(sym, str) else None
-            if sym is None and len(symbols) == 1:
-                sym = symbols[0]
+            sym = _symbol_of(item, symbols)
             if sym not in symbols:
                 await self._reject(instrument_key(self.exchange_id, str(sym)),
                                    f"not_subscribed: {kind}: symbol {sym!r} is not read here", item)
@@ -555,10 +550,7 @@ class CcxtFeed:
         recv_ts = self._clock()
         by_symbol: dict[str, list] = {s: [] for s in symbols}
         for ct in batch:
-            sym = ct.get("symbol") if isinstance(ct, dict) else None
-            sym = sym if isinstance(sym, str) else None
-            if sym is None and len(symbols) == 1:
-                sym = symbols[0]
+            sym = _symbol_of(ct, symbols)
             if sym not in by_symbol:
                 await self._reject(instrument_key(self.exchange_id, str(sym)),
                                    f"not_a_trade: symbol {sym!r} is not subscribed here", ct)
