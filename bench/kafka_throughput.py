@@ -94,9 +94,11 @@ def plain_loop(brokers: str, topic: str, partitions: int) -> tuple[int, int, flo
     return n, len(bars), time.time() - t0
 
 
-def pipeline(brokers: str, topic: str, processes: int, store: bool) -> dict:
+def pipeline(brokers: str, topic: str, processes: int, store: bool, symbols: int) -> dict:
+    # the topic's instruments named, as a production run should (deterministic trading rows)
+    universe = "synthetic:" + ",".join(f"S{i:02d}/USDT:USDT" for i in range(symbols))
     return run_summary(["--source", "kafka", "--brokers", brokers, "--topic", topic, "--eof", "--processes",
-                        str(processes)] + ([] if store else ["--no-store"]))
+                        str(processes), "--instruments", universe] + ([] if store else ["--no-store"]))
 
 
 def main() -> None:
@@ -125,7 +127,7 @@ def main() -> None:
         print(f"floor (confluent-kafka + msgspec + dict 1m OHLCV loop): {n:,} trades -> {nbars:,} 1m bars, "
               f"median {rate:,.0f} trades/s (incl. start-up)")
         for p in (1, 2):
-            runs = [pipeline(brokers, topic, p, args.store) for _ in range(args.repeat)]
+            runs = [pipeline(brokers, topic, p, args.store, args.symbols) for _ in range(args.repeat)]
             r = statistics.median(x["trades_in"] / x["wall_s"] for x in runs)
             inside = statistics.median(x["trades_per_s"] for x in runs)
             bars = runs[0]["sink"]["bars"]
