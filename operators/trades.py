@@ -707,8 +707,10 @@ def place_perp(state: AdmitState, got: Admitted, perps: tuple, frontier_before: 
             fresh.append(u)
             _remember(state, [key], state.max_ts if state.max_ts is not None else u.ts, cfg)
     if fresh and got.chunks:
-        acc = pl.concat([c.trades.select("seq", "ts") for c in got.chunks]).sort("seq")
-        seqs, run_max = acc["seq"].to_numpy(), np.maximum.accumulate(acc["ts"].to_numpy())
+        seqs = np.concatenate([c.trades["seq"].to_numpy() for c in got.chunks])
+        order = np.argsort(seqs, kind="stable")
+        seqs = seqs[order]
+        run_max = np.maximum.accumulate(np.concatenate([c.trades["ts"].to_numpy() for c in got.chunks])[order])
     else:
         seqs = run_max = None
     out: list[tuple[int, PerpUpdate]] = []
