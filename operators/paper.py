@@ -5,8 +5,8 @@
   decision bar's close. Its quantity is fixed then: notional / fill price.
 - Every fill pays the taker fee (``fee_bps`` of the fill's notional) and slippage against us:
   buys fill above the reference price, sells below. At a 1m open the order walks that bar's tape
-  (``operators.slippage``): it pays the volume-weighted price of the next trades on its side until
-  its size is filled (never better than the open), times ``slippage_bps`` on top, so a large order
+  (``operators.slippage``): the next trades on its side until its size is filled, each at the worst
+  price reached by then (never better than the open), and ``slippage_bps`` on top, so a large order
   pays more than a small one. Bars without a tape (tests, old snapshots) pay ``slippage_bps`` alone.
 - Protective exits (stops, targets) fill inside the bar at their level (or at the open on a gap),
   also with slippage and fee.
@@ -15,8 +15,8 @@
 - Funding (``settle_funding``): a position open at a funding time T (the first 1m bar of its
   instrument starting at or after T comes before that bar's fills) receives
   ``-side x qty x mark x rate`` (longs pay a positive rate), with the rate and mark of the latest
-  funding update before T (``note_funding``, from the bars' ``perp``). Each payment is a
-  ``FundingPayment`` row and is in the trade's net PnL.
+  update announcing T made before the bar (``note_funding``, from the bars' ``perp``; even when the
+  minute before T had no trade). Each payment is a ``FundingPayment`` row and is in the trade's net PnL.
 - A trade's net PnL (``Fill.realised_pnl`` on the exit) = gross PnL - entry fee - exit fee + funding.
 - A position's id comes from the data that opened it (``position_id``), never from a counter: a
   restart, a replay of the same input or a second run writes its fills under the same keys.
@@ -172,7 +172,7 @@ class PaperBook:
     gross_profit: float = 0.0
     gross_loss: float = 0.0
     funding: float = 0.0                            # funding received (> 0) or paid, in cash
-    funding_next: dict = field(default_factory=dict)  # instrument -> (funding time, rate, mark or None)
+    funding_next: dict = field(default_factory=dict)  # instrument -> {funding time: (announced at, rate, mark or None)}
     funding_done: dict = field(default_factory=dict)  # instrument -> last funding time settled
 
     def __post_init__(self) -> None:
@@ -286,31 +286,42 @@ class PaperBook:
         return fill, ClosedTrade(pos.position_id, pos.arm, net, bps, ts, reason)
 
     # ---- funding
-    def note_funding(self, instrument: str, snap: Optional[PerpSnap]) -> None:
-        """Remember the latest funding update a bar carried (used at its funding time)."""
-        if snap is not None and snap.funding_rate is not None and snap.funding_time is not None:
-            self.__dict__.setdefault("funding_next", {})[instrument] = (snap.funding_time, snap.funding_rate,
-                                                                        snap.mark_price)
+    def note_funding(self, instrument: str, snap: Optional[PerpSnap], before: Optional[int] = None) -> None:
+        """Remember the funding announcements a bar carried (``before``: only those made earlier),
+        the latest for each funding time; each is paid at its time (``settle_funding``)."""
+        if snap is None:
+            return
+        notes = self.__dict__.setdefault("funding_next", {}).setdefault(instrument, {})
+        done = self.__dict__.setdefault("funding_done", {}).get(instrument, -1)
+        for t, ts, rate, mark in getattr(snap, "fundings", ()):
+            if t > done and (before is None or ts < before) and (t not in notes or ts >= notes[t][0]):
+                notes[t] = (ts, rate, mark)
 
     def settle_funding(self, instrument: str, bar_start: int) -> list[FundingPayment]:
-        """Pay or receive the funding due at or before ``bar_start`` (call before the bar's fills)."""
-        due = self.__dict__.setdefault("funding_next", {}).get(instrument)
+        """Pay or receive the funding due at or before ``bar_start`` (call before the bar's fills),
+        oldest funding time first, each once."""
+        notes = self.__dict__.setdefault("funding_next", {}).get(instrument)
+        if not notes:
+            return []
         done = self.__dict__.setdefault("funding_done", {})
-        if due is None or due[0] > bar_start or done.get(instrument, -1) >= due[0]:
-            return []
-        t, rate, mark = due
-        done[instrument] = t
-        pos = self.positions.get(instrument)
-        if pos is None:
-            return []
-        mark = mark if mark is not None else self.marks.get(instrument, pos.entry_price)
-        amount = -pos.side * pos.qty * mark * rate
-        self.cash += amount
-        self.funding = getattr(self, "funding", 0.0) + amount
-        pos.funding = getattr(pos, "funding", 0.0) + amount
-        return [FundingPayment(**self.tags, ts=t, exchange=pos.exchange, symbol=pos.symbol,
-                               position_id=pos.position_id, position_side=pos.side, qty=pos.qty, mark_price=mark,
-                               rate=rate, amount=amount)]
+        out = []
+        for t in sorted(t for t in notes if t <= bar_start):
+            _, rate, mark = notes.pop(t)
+            if t <= done.get(instrument, -1):
+                continue
+            done[instrument] = t
+            pos = self.positions.get(instrument)
+            if pos is None:
+                continue
+            mark = mark if mark is not None else self.marks.get(instrument, pos.entry_price)
+            amount = -pos.side * pos.qty * mark * rate
+            self.cash += amount
+            self.funding = getattr(self, "funding", 0.0) + amount
+            pos.funding = getattr(pos, "funding", 0.0) + amount
+            out.append(FundingPayment(**self.tags, ts=t, exchange=pos.exchange, symbol=pos.symbol,
+                                      position_id=pos.position_id, position_side=pos.side, qty=pos.qty,
+                                      mark_price=mark, rate=rate, amount=amount))
+        return out
 
     # ---- marks
     def mark(self, instrument: str, price: float) -> None:

@@ -123,6 +123,9 @@ class PerpSnap(msgspec.Struct, frozen=True, kw_only=True):
     liq_buy: float = 0.0  # notional of liquidation buys (shorts liquidated) in the bar
     liq_sell: float = 0.0  # notional of liquidation sells (longs liquidated)
     liq_count: int = 0
+    # the latest announcement (funding_time, ts, rate, mark) of each of the last two funding times:
+    # a quiet minute before a funding time must not let the next time's first update hide this one's
+    fundings: tuple = ()
 
 
 def absorb(snap: Optional[PerpSnap], updates) -> PerpSnap:
@@ -130,6 +133,12 @@ def absorb(snap: Optional[PerpSnap], updates) -> PerpSnap:
     s = snap or PerpSnap()
     f = msgspec.structs.asdict(s)
     for u in sorted(updates, key=lambda u: (u.ts, u.kind)):
+        if u.kind == "funding" and u.funding_time is not None:
+            by_time = {a[0]: a for a in f["fundings"]}
+            old = by_time.get(u.funding_time)
+            if old is None or u.ts >= old[1]:
+                by_time[u.funding_time] = (u.funding_time, u.ts, u.rate, u.mark_price)
+                f["fundings"] = tuple(sorted(by_time.values())[-2:])
         if u.kind == "funding" and (f["funding_ts"] is None or u.ts >= f["funding_ts"]):
             f.update(funding_rate=u.rate, funding_time=u.funding_time, funding_ts=u.ts)
             f["mark_price"] = u.mark_price if u.mark_price is not None else f["mark_price"]

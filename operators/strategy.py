@@ -239,7 +239,9 @@ class StrategyEngine:
         inst = f"{bar.exchange}:{bar.symbol}"
         out: list = self._advance(bar.start)
 
-        # 0. funding due at or before this bar's start, on the position held through it
+        # 0. funding due at or before this bar's start, on the position held through it (announcements
+        # this bar carries from before its start count: the minute before may have had no trade)
+        self.book.note_funding(inst, getattr(bar, "perp", None), before=bar.start)
         out.extend(self.book.settle_funding(inst, bar.start))
 
         # 1. pending order -> fill at this bar's open (entries are dropped if a guard tripped since)

@@ -132,7 +132,8 @@ H8 = 8 * 3_600_000
 
 def test_funding_is_paid_by_a_position_held_through_the_funding_time_only():
     b = book()
-    snap = PD.PerpSnap(funding_rate=1e-3, funding_time=T0 + H8, mark_price=200.0)
+    snap = PD.absorb(None, [PerpUpdate(kind="funding", exchange="x", symbol="A", ts=T0 + H8 - 1_000, rate=1e-3,
+                                       funding_time=T0 + H8, mark_price=200.0)])
     b.submit_open("x:A", "x", "A", +1, 1_000.0, T0, "a", None, 300_000)
     b.fill_pending("x:A", T0, 100.0)  # long 10 at 100
     b.note_funding("x:A", snap)
@@ -168,3 +169,25 @@ def test_the_tape_walk_price_never_falls_with_size():
         assert (steps >= -1e-9).all()
         assert got[-1] == pytest.approx(walk.high if buy else walk.low, rel=1e-3)  # beyond the kept trades: the extreme
     assert walk_price(None, 1.0, True) is None
+
+
+def test_a_funding_time_after_a_quiet_minute_is_paid_with_the_announcement_from_before_it():
+    """No trade in the minute before 08:00: the 07:59 announcement (rate for 08:00) reaches the book
+    in the same bar as the first one for 16:00 (made after 08:00). 08:00 is paid at the 07:59 rate;
+    16:00's announcement, made inside the bar, waits for a later bar."""
+    u = dict(kind="funding", exchange="x", symbol="A")
+    snap = PD.absorb(None, [PerpUpdate(ts=T0 + H8 - 30_000, rate=1e-3, funding_time=T0 + H8, mark_price=100.0, **u),
+                            PerpUpdate(ts=T0 + H8 + 90_000, rate=-4e-3, funding_time=T0 + 2 * H8, mark_price=100.0,
+                                       **u)])
+    assert [a[0] for a in snap.fundings] == [T0 + H8, T0 + 2 * H8] and snap.funding_rate == -4e-3
+    b = book()
+    b.submit_open("x:A", "x", "A", +1, 1_000.0, T0, "a", None, 300_000)
+    b.fill_pending("x:A", T0, 100.0)
+    start = T0 + H8 + 60_000  # the bar after the quiet minute
+    b.note_funding("x:A", snap, before=start)
+    (pay,) = b.settle_funding("x:A", start)
+    assert (pay.ts, pay.rate, pay.amount) == (T0 + H8, 1e-3, pytest.approx(-10 * 100.0 * 1e-3))
+    b.note_funding("x:A", snap)  # the bar's end: now the 16:00 announcement too
+    assert b.settle_funding("x:A", start + 60_000) == []
+    (later,) = b.settle_funding("x:A", T0 + 2 * H8)
+    assert later.rate == -4e-3 and later.amount == pytest.approx(+4.0)
