@@ -58,7 +58,7 @@ from dataflows.ccxt_feed import (
     make_exchange,
 )
 from operators.events import from_ingest
-from operators.ingest import Backoff
+from operators.ingest import Backoff, parse_symbols  # noqa: F401 - parse_symbols: part of this module's API
 from operators.perp import PerpUpdate
 from operators.trades import FrameBatch, Trade
 
@@ -333,16 +333,3 @@ class CcxtSource(FixedPartitionedSource[FrameBatch, int]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]) -> _Partition:
         return _Partition(self, for_part, self.symbols[for_part], resume_state or 0)
-
-
-def parse_symbols(spec: str) -> dict[str, list[str]]:
-    """``"binanceusdm:BTC/USDT:USDT,ETH/USDT:USDT;bybit:BTC/USDT:USDT"`` -> {exchange: [symbols]}."""
-    out: dict[str, list[str]] = {}
-    for part in filter(None, (p.strip() for p in spec.split(";"))):
-        ex, sep, syms = part.partition(":")
-        if not sep or not syms:
-            raise ValueError(f"expected 'exchange:SYM1,SYM2' in {part!r}")
-        out.setdefault(ex.strip(), []).extend(s.strip() for s in syms.split(",") if s.strip())
-    if not out:
-        raise ValueError("no exchange:symbols given")
-    return out

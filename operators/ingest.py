@@ -84,6 +84,19 @@ FETCH_LIMIT: Mapping[str, int] = MappingProxyType(
 PUBLIC_TRADE_HISTORY: Mapping[str, bool] = MappingProxyType({"hyperliquid": False})
 
 
+def parse_symbols(spec: str) -> dict[str, list[str]]:
+    """``"binanceusdm:BTC/USDT:USDT,ETH/USDT:USDT;bybit:BTC/USDT:USDT"`` -> {exchange: [symbols]}."""
+    out: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        ex, sep, syms = part.partition(":")
+        if not sep or not syms:
+            raise ValueError(f"expected 'exchange:SYM1,SYM2' in {part!r}")
+        out.setdefault(ex.strip(), []).extend(s.strip() for s in syms.split(",") if s.strip())
+    if not out:
+        raise ValueError("no exchange:symbols given")
+    return out
+
+
 def instrument_key(exchange: str, symbol: str) -> str:
     """The instrument key used everywhere downstream: ``"exchange:symbol"``."""
     return f"{exchange}:{symbol}"
