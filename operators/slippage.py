@@ -23,19 +23,30 @@ from __future__ import annotations
 
 from typing import Optional
 
-import msgspec
 import numpy as np
 
 WALK_TRADES = 128  # trades kept per side: enough for an order many times the typical trade
 
 
-class TapeWalk(msgspec.Struct, frozen=True):
-    buy_qty: np.ndarray  # cumulative amounts of the first buy trades after the open
-    buy_notional: np.ndarray  # cumulative notionals at the running worst price
-    sell_qty: np.ndarray
-    sell_notional: np.ndarray
-    high: float
-    low: float
+class TapeWalk:
+    """The start of a bar's tape, per side: cumulative amounts and cumulative notionals at the
+    running worst price (numpy arrays, never modified), and the bar's high and low."""
+
+    __slots__ = ("buy_qty", "buy_notional", "sell_qty", "sell_notional", "high", "low")
+
+    def __init__(self, buy_qty: np.ndarray, buy_notional: np.ndarray, sell_qty: np.ndarray,
+                 sell_notional: np.ndarray, high: float, low: float):
+        self.buy_qty, self.buy_notional, self.sell_qty, self.sell_notional = buy_qty, buy_notional, sell_qty, sell_notional
+        self.high, self.low = high, low
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TapeWalk) and all(
+            np.array_equal(getattr(self, k), getattr(other, k)) for k in self.__slots__)
+
+    __hash__ = None  # compared by value
+
+    def __repr__(self) -> str:
+        return f"TapeWalk(buys={len(self.buy_qty)}, sells={len(self.sell_qty)}, high={self.high}, low={self.low})"
 
 
 def build(price: np.ndarray, amount: np.ndarray, is_buy: np.ndarray, high: float, low: float) -> TapeWalk:

@@ -15,8 +15,10 @@ SYN = source_fingerprint("synthetic", symbols=["BTC/USDT:USDT"], start_ms=0, hou
 
 
 def _equity_row(store, ts=1_000):
-    store.insert("equity", Rows(EQUITY_COLUMNS, [["production", "ensemble", "base", "h", ts, 1, 1e4, 1e4, 0.0, 0.0,
-                                                  0.0, 0.0, 0, 1e4, 0.0, 0]]))
+    row = dict(origin="production", strategy_id="ensemble", variant_id="base", config_hash="h", ts=ts, seq=1,
+               equity=1e4, cash=1e4, realised_pnl=0.0, unrealised_pnl=0.0, fees=0.0, funding=0.0, exposure=0.0,
+               open_positions=0, peak=1e4, drawdown=0.0, halted=0)
+    store.insert("equity", Rows(EQUITY_COLUMNS, [[row[c] for c in EQUITY_COLUMNS]]))
 
 
 def test_identity_is_input_and_settings_that_make_rows_not_where_they_live(tmp_path):

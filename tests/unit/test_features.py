@@ -107,7 +107,7 @@ def bars_of(df: pl.DataFrame, exchange="x", symbol="A/USDT:USDT", tf="5m") -> li
             s_top=r["s_top"], s_bot=r["s_bot"], s_mood=r["s_mood"], pro_threshold=0.0,
             amateur_threshold=0.0, poc=r.get("poc", r["close"]), vah=r.get("vah", r["high"]),
             val=r.get("val", r["low"]), profile_bin=0.01,
-            perp=PD.PerpSnap(**{c: r[c] for c in F.PERP_COLUMNS}) if "funding_rate" in r else None,
+            perp=PD.PerpSnap(**{c: r[c] for c in F.PERP_COLUMNS if c in r}) if "funding_rate" in r else None,
         ))
     return out
 
