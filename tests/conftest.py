@@ -44,3 +44,15 @@ def store(chdb_dsn):
 def other_store(chdb_dsn):
     with scratch_store(chdb_dsn) as st:
         yield st
+
+
+# The longest modules first (measured: `./tapeflow test --durations=30`): with one worker per core
+# they then overlap with the many short ones instead of running alone at the end. Order only.
+SLOW_FIRST = ("tests/integration/test_determinism.py", "tests/integration/test_learning_loop.py",
+              "tests/integration/test_malformed_kafka.py", "tests/integration/test_kafka_pipeline.py",
+              "tests/integration/test_ingest.py", "tests/integration/test_compose.py", "tests/test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOW_FIRST)))  # stable: the rest keep their order
