@@ -370,6 +370,17 @@ def tape_messages(frame, exchange_col: str = "exchange", symbol_col: str = "symb
     return out
 
 
+def _interleave(offsets: list, perps: list[PerpUpdate]) -> list[tuple[int, PerpUpdate]]:
+    """Each perp update with the number of rows before it: it comes after the rows whose offset is
+    below its ``seq`` (``seq`` None: after them all), in ``seq`` order."""
+    out, end = [], 0
+    for u in sorted(perps, key=lambda u: float("inf") if u.seq is None else u.seq):
+        while end < len(offsets) and (u.seq is None or offsets[end] < u.seq):
+            end += 1
+        out.append((end, u))
+    return out
+
+
 def with_perp(frame: pl.DataFrame, perps: list[PerpUpdate]) -> list[tuple[str, bytes]]:
     """The frame's trades with the perp updates in between, each after the trades whose ``offset``
     is below its ``seq`` (in order with the trades of its key; ``seq`` None: after them all)."""
@@ -377,10 +388,7 @@ def with_perp(frame: pl.DataFrame, perps: list[PerpUpdate]) -> list[tuple[str, b
         return tape_messages(frame)
     offsets = frame["offset"].to_list() if "offset" in frame.columns else list(range(frame.height))
     out, start = [], 0
-    for u in sorted(perps, key=lambda u: float("inf") if u.seq is None else u.seq):
-        end = start
-        while end < len(offsets) and (u.seq is None or offsets[end] < u.seq):
-            end += 1
+    for end, u in _interleave(offsets, perps):
         out += tape_messages(frame.slice(start, end - start))
         out.append(_encode_perp(u))
         start = end
@@ -439,11 +447,8 @@ def _message_ts(part, perps: list) -> list:
     import polars as pl
 
     ts = part["ts"].cast(pl.Int64, strict=False).to_list()
-    offsets = part["offset"].to_list()
-    out, i = [], 0
-    for u in sorted(perps, key=lambda u: u.seq):
-        while i < len(offsets) and offsets[i] < u.seq:
-            out.append(ts[i])
-            i += 1
-        out.append(u.ts)
-    return out + ts[i:]
+    out, start = [], 0
+    for end, u in _interleave(part["offset"].to_list(), perps):
+        out += ts[start:end] + [u.ts]
+        start = end
+    return out + ts[start:]

@@ -679,7 +679,7 @@ def load_tape(paths, exchange: Optional[str] = None, symbol: Optional[str] = Non
     parts, files, perp = [], [], []
     for path in [Path(p) for p in paths]:
         raw, fmt = open_tape(path)
-        if perp_kind_of(raw) is not None:
+        if is_perp_file(raw):
             perp += perp_updates(raw, exchange, symbol, path)
             continue
         frame, info = normalise_tape(raw, exchange, symbol, path, fmt)
@@ -729,19 +729,17 @@ def load_tape(paths, exchange: Optional[str] = None, symbol: Optional[str] = Non
 
 # --- perp files ------------------------------------------------------------------------------------
 
-PERP_FILE_COLUMNS = {"funding": ("fundingRate", "funding_rate", "rate"),
-                     "open_interest": ("openInterestAmount", "openInterestValue", "open_interest", "oi_value")}
+#: columns that make a file a perp file (besides a ``perp`` column), by the kind they mean
+PERP_FILE_COLUMNS = {"funding": ("fundingRate", "funding_rate"),
+                     "open_interest": ("openInterestAmount", "openInterestValue", "open_interest")}
 
 
-def perp_kind_of(df: pl.DataFrame) -> Optional[str]:
-    """"perp" when the file holds perp data (a ``perp`` or ``kind`` column of funding /
-    open_interest / liquidation rows, or ccxt's funding-rate / open-interest history columns),
-    else None (a trade tape)."""
+def is_perp_file(df: pl.DataFrame) -> bool:
+    """Does the file hold perp data (a ``perp`` column, a ``kind`` column without prices, or ccxt's
+    funding-rate / open-interest history columns) rather than trades?"""
     cols = set(df.columns)
-    if "perp" in cols or ("kind" in cols and "price" not in cols) or "fundingRate" in cols or "funding_rate" in cols \
-            or "openInterestAmount" in cols or "openInterestValue" in cols or "open_interest" in cols:
-        return "perp"
-    return None
+    return ("perp" in cols or ("kind" in cols and "price" not in cols)
+            or any(_pick(cols, names) for names in PERP_FILE_COLUMNS.values()))
 
 
 def perp_updates(df: pl.DataFrame, exchange: Optional[str], symbol: Optional[str], path) -> list:

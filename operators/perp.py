@@ -94,8 +94,10 @@ def problem(u: PerpUpdate, min_ts: int, max_ts: int) -> Optional[tuple[str, str]
             return "missing_field", f"a {u.kind} update needs {name}"
     if u.kind == "open_interest" and u.open_interest is None and u.oi_value is None:
         return "missing_field", "an open_interest update needs open_interest or oi_value"
-    if u.rate is not None and (not math.isfinite(u.rate) or abs(u.rate) > 0.1):
-        return "non_finite" if not math.isfinite(u.rate) else "wrong_type", f"funding rate {u.rate} (|rate| > 10%?)"
+    if u.rate is not None and not math.isfinite(u.rate):
+        return "non_finite", f"funding rate {u.rate} is not a finite number"
+    if u.rate is not None and abs(u.rate) > 0.1:
+        return "wrong_type", f"funding rate {u.rate}: |rate| > 10% per funding (a percentage, not a fraction?)"
     for name in ("mark_price", "index_price", "price", "amount"):
         if _bad_number(getattr(u, name), positive=True):
             return "non_positive", f"{name} {getattr(u, name)} must be a positive finite number"
@@ -133,16 +135,16 @@ def absorb(snap: Optional[PerpSnap], updates) -> PerpSnap:
     s = snap or PerpSnap()
     f = msgspec.structs.asdict(s)
     for u in sorted(updates, key=lambda u: (u.ts, u.kind)):
-        if u.kind == "funding" and u.funding_time is not None:
+        if u.kind == "funding":
             by_time = {a[0]: a for a in f["fundings"]}
             old = by_time.get(u.funding_time)
-            if old is None or u.ts >= old[1]:
+            if u.funding_time is not None and (old is None or u.ts >= old[1]):
                 by_time[u.funding_time] = (u.funding_time, u.ts, u.rate, u.mark_price)
                 f["fundings"] = tuple(sorted(by_time.values())[-2:])
-        if u.kind == "funding" and (f["funding_ts"] is None or u.ts >= f["funding_ts"]):
-            f.update(funding_rate=u.rate, funding_time=u.funding_time, funding_ts=u.ts)
-            f["mark_price"] = u.mark_price if u.mark_price is not None else f["mark_price"]
-            f["index_price"] = u.index_price if u.index_price is not None else f["index_price"]
+            if f["funding_ts"] is None or u.ts >= f["funding_ts"]:
+                f.update(funding_rate=u.rate, funding_time=u.funding_time, funding_ts=u.ts)
+                f["mark_price"] = u.mark_price if u.mark_price is not None else f["mark_price"]
+                f["index_price"] = u.index_price if u.index_price is not None else f["index_price"]
         elif u.kind == "open_interest" and (f["oi_ts"] is None or u.ts >= f["oi_ts"]):
             f.update(open_interest=u.open_interest, oi_value=u.oi_value, oi_ts=u.ts)
         elif u.kind == "liquidation":

@@ -77,8 +77,6 @@ LATE_REASONS = {
     "ts_jump_unconfirmed": "ts jumped more than jump_ms ahead and the input ended before the jump was confirmed",
 }
 
-replace_struct = msgspec.structs.replace
-
 _I64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
@@ -286,7 +284,7 @@ def _decode_one(batch: RawBatch, i: int, limits: DecodeLimits) -> Union[Trade, D
             pass
         if b'"perp"' in p:
             try:
-                return replace_struct(PERP_DECODER.decode(p), seq=batch.offsets[i])
+                return msgspec.structs.replace(PERP_DECODER.decode(p), seq=batch.offsets[i])
             except (msgspec.DecodeError, msgspec.ValidationError) as perr:
                 return dead(_classify_msgspec_error(perr, p), f"perp update: {str(perr)[:500]}")
             except Exception:  # noqa: BLE001 - classify as a trade below
@@ -342,14 +340,16 @@ def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int, limits: Decode
             DeadLetter(batch.source, batch.partition, batch.offsets[i], _text(payloads[i], limits),
                        row["_reason"], explain(row["_reason"], row, now_ms, max_future_ms, limits), batch.recv_ts)
         )
-    events = _check_perps(events, dead, batch.source, batch.partition, batch.recv_ts, now_ms, max_future_ms, limits)
+    events = _check_perps(events, dead, batch.source, batch.partition, batch.recv_ts, now_ms, max_future_ms, limits,
+                          dict(zip(batch.offsets, payloads)))
     dead.sort(key=lambda d: d.offset)
     return Decoded(good, dead, events)
 
 
 def _check_perps(events: list, dead: list, source: str, partition: str, recv_ts: int, now_ms: int,
-                 max_future_ms: int, limits: DecodeLimits) -> list:
-    """Perp updates that cannot be used become dead letters (into ``dead``); the rest stay."""
+                 max_future_ms: int, limits: DecodeLimits, payloads: dict | None = None) -> list:
+    """Perp updates that cannot be used become dead letters (into ``dead``) with their payload as it
+    came (``payloads``: offset -> raw message) or, from a frame source, as JSON; the rest stay."""
     if not any(isinstance(e, PerpUpdate) for e in events):
         return events
     kept = []
@@ -358,7 +358,9 @@ def _check_perps(events: list, dead: list, source: str, partition: str, recv_ts:
         if bad is None:
             kept.append(e)
         else:
-            payload = _cut(msgspec.json.encode(replace_struct(e, seq=None)).decode(), limits)
+            raw = payloads.get(e.seq) if payloads else None
+            payload = _text(raw, limits) if raw is not None else _cut(
+                msgspec.json.encode(msgspec.structs.replace(e, seq=None)).decode(), limits)
             dead.append(DeadLetter(source, partition, e.seq if e.seq is not None else -1, payload, bad[0], bad[1],
                                    recv_ts))
     return kept

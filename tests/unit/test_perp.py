@@ -120,6 +120,7 @@ def test_an_unusable_perp_message_is_a_dead_letter_with_its_reason(raw, reason):
     d = decode_batch(RawBatch("t", "0", [7, 8], [good, raw], T0), now_ms=T0)
     assert [(x.kind, x.seq) for x in d.events] == [("funding", 7)]
     assert [(x.offset, x.reason) for x in d.dead] == [(8, reason)]
+    assert d.dead[0].payload == raw.decode()  # the message as it came, not a re-encoding
 
 
 def book():
