@@ -36,15 +36,20 @@ from bytewax.outputs import Sink
 from dataflows.clock import PacedEventClock, utc_now
 from dataflows.config import Settings
 from dataflows.control import ControlInbox
-from operators import bars as B
-from operators import features as F
-from operators import perp as PD
-from operators import labels as L
-from operators import portfolio as P
-from operators import signals as S
-from operators import trades as T
+from operators.bars import (
+    Bar, BarConfig, BarGroup, BarState, RollupState, close_until, make_bar, open_periods, rollup,
+)
+from operators.features import FeatureStage
+from operators.labels import Label
+from operators.portfolio import BatchQuality, News, PORTFOLIO_KEY, Portfolio, Sequencer
+from operators.signals import ScoredRow, metrics_rows, scored
+from operators.records import MINUTE_MS
+from operators.trades import (
+    AdmitConfig, AdmitState, Chunk, LateTrades, admit, chunk_late, concat_chunks, decode_batch, flush,
+    split_instruments,
+)
 from operators.events import Event
-from operators.perp import PerpUpdate
+from operators.perp import PerpUpdate, absorb, levels_only
 from sinks.rows import SourcePosition
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -59,37 +64,37 @@ class AdmitLogic(StatefulLogic):
     """Per instrument: dedup, lateness and the jump rule (``operators.trades.admit``); at the end of
     the input, what a held jump becomes (``operators.trades.flush``)."""
 
-    def __init__(self, resume: Optional[T.AdmitState], cfg: T.AdmitConfig):
-        self.state, self.cfg = resume or T.AdmitState(), cfg
+    def __init__(self, resume: Optional[AdmitState], cfg: AdmitConfig):
+        self.state, self.cfg = resume or AdmitState(), cfg
 
     def on_item(self, trades) -> tuple[list, bool]:
-        return T.admit(self.state, trades, self.cfg).records(), StatefulLogic.RETAIN
+        return admit(self.state, trades, self.cfg).records(), StatefulLogic.RETAIN
 
     def on_eof(self) -> tuple[list, bool]:
-        return T.flush(self.state, self.cfg).records(), StatefulLogic.RETAIN
+        return flush(self.state, self.cfg).records(), StatefulLogic.RETAIN
 
-    def snapshot(self) -> T.AdmitState:
+    def snapshot(self) -> AdmitState:
         return copy.deepcopy(self.state)
 
 
-def _bar_1m(cfg: B.BarConfig):
-    def step(state: Optional[B.BarState], window: tuple[int, list[T.Chunk]]) -> tuple[B.BarState, list]:
-        state = state or B.BarState()
+def _bar_1m(cfg: BarConfig):
+    def step(state: Optional[BarState], window: tuple[int, list[Chunk]]) -> tuple[BarState, list]:
+        state = state or BarState()
         _, chunks = window
         first = chunks[0]
         news = [x for c in chunks for x in c.news]
         perps = [x for x in news if isinstance(x, PerpUpdate)]
         if perps:  # perp data: into the instrument's levels; a window without trades passes them on
             news = [x for x in news if not isinstance(x, PerpUpdate)]
-            state.perp = PD.absorb(getattr(state, "perp", None), perps)
-        trades = chunks[0].trades if len(chunks) == 1 else T.concat_chunks(chunks)
+            state.perp = absorb(getattr(state, "perp", None), perps)
+        trades = chunks[0].trades if len(chunks) == 1 else concat_chunks(chunks)
         if trades.height == 0:  # only news carriers: perp data of a quiet minute, or live, where the wall
             return state, []  # clock closed the window of their trades first (rare)
-        bar = B.make_bar(trades, first.exchange, first.symbol, first.window_start, T.MINUTE_MS, state, cfg)
+        bar = make_bar(trades, first.exchange, first.symbol, first.window_start, MINUTE_MS, state, cfg)
         bar.closed_at = _wall_ms()
         bar.news = tuple(news)  # to the portfolio, with the bar
         bar.perp = getattr(state, "perp", None)
-        state.perp = PD.levels_only(bar.perp)
+        state.perp = levels_only(bar.perp)
         return state, [bar]
 
     return step
@@ -104,26 +109,26 @@ class RollupLogic(StatefulLogic):
     kept, so a continued run re-emits them complete (same key: the row is replaced).
     """
 
-    def __init__(self, state: Optional[B.RollupState], timeframes: list[str], va: float,
+    def __init__(self, state: Optional[RollupState], timeframes: list[str], va: float,
                  pace: Optional[float], grace_ms: int, now_getter: Callable[[], datetime]):
-        self.state = state or B.RollupState()
+        self.state = state or RollupState()
         self.timeframes, self.va, self.pace, self.grace_ms = timeframes, va, pace, grace_ms
         self.now_getter = now_getter
         self.seen_at = now_getter()  # system time when the newest 1m bar came in
 
-    def on_item(self, bar: B.Bar) -> tuple[Iterable[B.BarGroup], bool]:
+    def on_item(self, bar: Bar) -> tuple[Iterable[BarGroup], bool]:
         self.seen_at = self.now_getter()
-        return [B.BarGroup([bar, *B.rollup(self.state, bar, self.timeframes, self.va)])], StatefulLogic.RETAIN
+        return [BarGroup([bar, *rollup(self.state, bar, self.timeframes, self.va)])], StatefulLogic.RETAIN
 
     def _watermark(self) -> int:
         elapsed = (self.now_getter() - self.seen_at) / timedelta(milliseconds=1)
         return int((self.state.last_end or 0) + elapsed * (self.pace or 0) - self.grace_ms)
 
-    def on_notify(self) -> tuple[Iterable[B.BarGroup], bool]:
-        return _group(B.close_until(self.state, self._watermark(), self.va)), StatefulLogic.RETAIN
+    def on_notify(self) -> tuple[Iterable[BarGroup], bool]:
+        return _group(close_until(self.state, self._watermark(), self.va)), StatefulLogic.RETAIN
 
-    def on_eof(self) -> tuple[Iterable[B.BarGroup], bool]:
-        return _group(B.open_periods(self.state, self.va)), StatefulLogic.RETAIN
+    def on_eof(self) -> tuple[Iterable[BarGroup], bool]:
+        return _group(open_periods(self.state, self.va)), StatefulLogic.RETAIN
 
     def notify_at(self) -> Optional[datetime]:
         if self.pace is None or not self.state.open or self.state.last_end is None:
@@ -132,17 +137,17 @@ class RollupLogic(StatefulLogic):
         wait_ms = (first_end + self.grace_ms - self.state.last_end) / self.pace
         return self.seen_at + timedelta(milliseconds=max(wait_ms, 0))
 
-    def snapshot(self) -> B.RollupState:
+    def snapshot(self) -> RollupState:
         return copy.deepcopy(self.state)
 
 
-def _group(bars: list[B.Bar]) -> list[B.BarGroup]:
-    return [B.BarGroup(bars)] if bars else []
+def _group(bars: list[Bar]) -> list[BarGroup]:
+    return [BarGroup(bars)] if bars else []
 
 
 def _features(settings: Settings):
-    def step(state: Optional[F.FeatureStage], group: B.BarGroup) -> tuple[F.FeatureStage, list]:
-        state = state or F.FeatureStage(settings.primary_tf, tuple(settings.overlay_tfs), settings.feature_history,
+    def step(state: Optional[FeatureStage], group: BarGroup) -> tuple[FeatureStage, list]:
+        state = state or FeatureStage(settings.primary_tf, tuple(settings.overlay_tfs), settings.feature_history,
                                         settings.label_horizon, settings.label_band_k)
         # the group's 1m bar goes last, on to the portfolio behind every row of its minute (on this
         # path an instrument's items keep their order: the Sequencer's progress; not to the sink)
@@ -161,19 +166,19 @@ def _score(settings: Settings, ensemble):
     def step(state, item) -> tuple[Any, list]:
         if state is None:
             state = OnlineModels(cfg) if settings.online_models else False
-        if isinstance(item, B.Bar):  # a 1m bar on its way to the portfolio
+        if isinstance(item, Bar):  # a 1m bar on its way to the portfolio
             return state, [item]
-        if isinstance(item, L.Label):
+        if isinstance(item, Label):
             if not state:
                 return state, [item]
             state.learn(item)
-            return state, [item, *S.metrics_rows(item, state.metrics())]
+            return state, [item, *metrics_rows(item, state.metrics())]
         preds = state.predict(item) if state else {}
         refusals = []
         if ensemble is not None:  # per bar: it may not score instruments or bars it was not meant for
             preds.update(ensemble.score(item.features, instrument=f"{item.exchange}:{item.symbol}", start=item.start))
             refusals = ensemble.take_events()  # model_refused events -> the events table
-        return state, [item, S.scored(item, preds, _wall_ms(), item.closed_at), *refusals]
+        return state, [item, scored(item, preds, _wall_ms(), item.closed_at), *refusals]
 
     return step
 
@@ -196,8 +201,8 @@ class PortfolioLogic(StatefulBatchLogic):
     inbox offers again every request this run's lineage took, so one taken just before a crash is
     applied again to the state restored from the snapshot before it (``dataflows.control``)."""
 
-    def __init__(self, state: Optional[tuple], make: Callable[[], P.Portfolio], inbox,
-                 make_seq: Callable[[], Optional[P.Sequencer]] = P.Sequencer):
+    def __init__(self, state: Optional[tuple], make: Callable[[], Portfolio], inbox,
+                 make_seq: Callable[[], Optional[Sequencer]] = Sequencer):
         if state is None:
             state = (make(), make_seq(), {})
         self.p, self.seq, self.applied = state
@@ -216,15 +221,15 @@ class PortfolioLogic(StatefulBatchLogic):
             out.extend(self.p.reset_kill_switch(at, req.get("by", "operator"), req.get("strategy", "production")))
         market = []
         for item in items:
-            if isinstance(item, (S.ScoredRow, B.Bar)):
+            if isinstance(item, (ScoredRow, Bar)):
                 market.append(item)
-            elif isinstance(item, T.LateTrades):
+            elif isinstance(item, LateTrades):
                 self.p.quality.on_late(f"{item.exchange}:{item.symbol}", item.trades["ts"].to_list())
-            elif isinstance(item, P.News):
+            elif isinstance(item, News):
                 self.p.quality.on_news(item.instrument, item.items)
             elif isinstance(item, Event):
                 self.p.quality.on_event(item)
-            elif isinstance(item, P.BatchQuality):
+            elif isinstance(item, BatchQuality):
                 self.p.quality.on_batch(item)
         if self.seq is None:
             for item in market:
@@ -241,7 +246,7 @@ class PortfolioLogic(StatefulBatchLogic):
         return out
 
     def _market(self, item) -> list:
-        if isinstance(item, B.Bar):
+        if isinstance(item, Bar):
             return self.p.on_bar(item)
         return self.p.on_scored(item, _wall_ms())
 
@@ -263,7 +268,7 @@ class PortfolioLogic(StatefulBatchLogic):
         return copy.deepcopy((self.p, self.seq, self.applied))
 
 
-def _upgrade_sequencer(old, new: P.Sequencer) -> P.Sequencer:
+def _upgrade_sequencer(old, new: Sequencer) -> Sequencer:
     """A ``Sequencer`` snapshotted by the previous release (``last_end``; its buffer held the same
     ``(t, rank, instrument, n, item)`` tuples, as a list)."""
     new.progress = dict(getattr(old, "last_end", {}))
@@ -277,18 +282,18 @@ def _position(batch) -> Optional[SourcePosition]:
     return SourcePosition(batch.source, batch.partition, offsets[-1] + 1) if offsets else None
 
 
-def _late_chunk(key_window_chunk: tuple[int, T.Chunk]) -> list:
+def _late_chunk(key_window_chunk: tuple[int, Chunk]) -> list:
     """A chunk that reached a window closed by the wall clock (live): its trades are late rows, and
     the news it carried goes to the portfolio on its own (``News``), as it can no longer ride a bar."""
     _, chunk = key_window_chunk
-    out: list = [T.chunk_late(chunk, "window_closed")] if chunk.trades.height else []
+    out: list = [chunk_late(chunk, "window_closed")] if chunk.trades.height else []
     news = tuple(x for x in chunk.news if not isinstance(x, PerpUpdate))
     perps = [x for x in chunk.news if isinstance(x, PerpUpdate)]
     if perps:  # stored (raw tables) but too late for any bar: say so
         out.append(Event(kind="perp_late", ts=max(u.ts for u in perps), exchange=chunk.exchange, symbol=chunk.symbol,
                          from_ts=min(u.ts for u in perps), to_ts=max(u.ts for u in perps), source="pipeline",
                          reason=f"{len(perps)} perp update(s) reached a 1m window the wall clock had closed"))
-    return out + ([P.News(f"{chunk.exchange}:{chunk.symbol}", news)] if news else [])
+    return out + ([News(f"{chunk.exchange}:{chunk.symbol}", news)] if news else [])
 
 
 def build_flow(
@@ -312,8 +317,8 @@ def build_flow(
     quality_cfg = settings.quality_config()
     optimizer_cfg = settings.optimizer_config()
 
-    def make_portfolio() -> P.Portfolio:
-        return P.Portfolio.create(strategy_cfg, quality_cfg, optimizer=optimizer_cfg, primary_tf=settings.primary_tf,
+    def make_portfolio() -> Portfolio:
+        return Portfolio.create(strategy_cfg, quality_cfg, optimizer=optimizer_cfg, primary_tf=settings.primary_tf,
                                   overlay_tfs=tuple(settings.overlay_tfs))
 
     if instruments is None:  # the source's universe (synthetic symbols, a tape's instruments, ccxt feeds)
@@ -321,8 +326,8 @@ def build_flow(
     universe = tuple(sorted(instruments))
     wait_ms = settings.portfolio_wait_ms if pace is not None else None
 
-    def make_sequencer() -> P.Sequencer:
-        return P.Sequencer(universe, wait_ms)
+    def make_sequencer() -> Sequencer:
+        return Sequencer(universe, wait_ms)
 
     inbox = ControlInbox(settings.data_dir, lineage=control_lineage)
     if ensemble == "auto":  # the named one (TAPEFLOW_MODEL) or one trained on this store
@@ -338,13 +343,13 @@ def build_flow(
     # Kafka: each batch's position goes to the sink, which commits it once the epoch is stored
     positions = [op.filter_map("positions", batches, _position)] if getattr(source, "commit_positions", False) else []
     limits = settings.decode_limits()
-    decoded = op.map("decode", batches, lambda b: T.decode_batch(b, b.recv_ts, max_future, limits))
+    decoded = op.map("decode", batches, lambda b: decode_batch(b, b.recv_ts, max_future, limits))
     dead = op.flat_map("dead_letters", decoded, lambda d: d.dead)
     events = op.flat_map("events", decoded, lambda d: d.events)
-    batch_quality = op.map("batch_quality", decoded, lambda d: P.BatchQuality(d.frame.height, len(d.dead)))
-    per_instrument = op.flat_map("by_instrument", decoded, lambda d: T.split_instruments(d.frame, d.events))
+    batch_quality = op.map("batch_quality", decoded, lambda d: BatchQuality(d.frame.height, len(d.dead)))
+    per_instrument = op.flat_map("by_instrument", decoded, lambda d: split_instruments(d.frame, d.events))
     admitted = op.stateful("admit", per_instrument, lambda resume: AdmitLogic(resume, admit_cfg))
-    is_chunk = op.branch("chunks", admitted, lambda kv: isinstance(kv[1], T.Chunk))
+    is_chunk = op.branch("chunks", admitted, lambda kv: isinstance(kv[1], Chunk))
 
     clock = PacedEventClock(
         ts_getter=lambda c: _ms_dt(c.max_ts),
@@ -364,27 +369,27 @@ def build_flow(
     )
     all_bars = op.flat_map_value("bars", groups, lambda g: g.bars)
     featured = op.stateful_flat_map("features", groups, _features(settings))
-    scored = op.stateful_flat_map("score", featured, _score(settings, ensemble))
+    scored_rows = op.stateful_flat_map("score", featured, _score(settings, ensemble))
 
     # late counts and data-gap events ride the instruments' bars (trades.carry_news); what the
     # window refused (live: closed on the wall clock) comes on its own
     portfolio_in = op.merge(
         "portfolio_in",
-        op.filter("market", op.key_rm("scored_out", scored), lambda x: isinstance(x, (S.ScoredRow, B.Bar))),
+        op.filter("market", op.key_rm("scored_out", scored_rows), lambda x: isinstance(x, (ScoredRow, Bar))),
         op.key_rm("window_late", late_chunks),
         batch_quality,
     )
     trading = op.stateful_batch(
-        "portfolio", op.key_on("to_portfolio", portfolio_in, lambda _: P.PORTFOLIO_KEY),
+        "portfolio", op.key_on("to_portfolio", portfolio_in, lambda _: PORTFOLIO_KEY),
         lambda resume: PortfolioLogic(resume, make_portfolio, inbox, make_sequencer))
 
     records = op.merge(
         "records",
         op.key_rm("bars_out", all_bars),
-        op.filter("scores_out", op.key_rm("scores", scored), lambda x: not isinstance(x, B.Bar)),  # bars: above
+        op.filter("scores_out", op.key_rm("scores", scored_rows), lambda x: not isinstance(x, Bar)),  # bars: above
         op.key_rm("trading_out", trading),
         op.key_rm("admit_out", is_chunk.falses),
-        op.filter("late_out", op.key_rm("late_rows", late_chunks), lambda x: isinstance(x, (T.LateTrades, Event))),
+        op.filter("late_out", op.key_rm("late_rows", late_chunks), lambda x: isinstance(x, (LateTrades, Event))),
         dead,
         events,
         *positions,
