@@ -15,7 +15,7 @@ def run_summary(args: list[str]) -> dict:
     plus ``wall_s`` (the whole process, start-up included)."""
     with tempfile.TemporaryDirectory(prefix="tapeflow-bench-") as d:
         out = Path(d) / "summary.json"
-        cmd = [sys.executable, "-m", "dataflows.cli", "run", *args, "--quiet", "--data-dir", d,
+        cmd = [sys.executable, "-m", "cli.main", "run", *args, "--quiet", "--data-dir", d,
                "--summary-json", str(out)]
         t0 = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -30,13 +30,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from operators import features as new  # noqa: E402
 from operators.bars import Bar  # noqa: E402
+from operators.feature_catalog import FEATURE_NAMES  # noqa: E402
+from operators.feature_state import FeatureState  # noqa: E402
+from operators.features import FeatureStage, update  # noqa: E402
+
+# the working tree's feature API, shaped like the single module the "before" code is
+new = SimpleNamespace(FEATURE_NAMES=FEATURE_NAMES, FeatureState=FeatureState, FeatureStage=FeatureStage,
+                      update=update)
 
 OLD_REV = "83e531c24a9c61dd86363376984edeb9a358100c"  # the last commit computing features in Polars
 T0 = 1_704_067_200_000

@@ -27,7 +27,7 @@ import msgspec  # noqa: E402
 import polars as pl  # noqa: E402
 from confluent_kafka import Consumer, KafkaError, TopicPartition  # noqa: E402
 
-from dataflows.kafka import TradeProducer, ensure_topic, tape_messages  # noqa: E402
+from dataflows.kafka_topic import TradeProducer, ensure_topic, tape_messages  # noqa: E402
 from operators import synthetic as syn  # noqa: E402
 from common import run_summary  # noqa: E402
 from tests.broker import tansu  # noqa: E402

@@ -25,12 +25,12 @@ def main() -> None:
     ap.add_argument("--symbols", default="BTC/USDT:USDT,ETH/USDT:USDT,SOL/USDT:USDT")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="tapeflow-lat-") as d:
-        subprocess.run([sys.executable, "-m", "dataflows.cli", "run", "--quiet", "--data-dir", d, "--hours",
+        subprocess.run([sys.executable, "-m", "cli.main", "run", "--quiet", "--data-dir", d, "--hours",
                         str(args.hours), "--speed", str(args.speed), "--symbols", args.symbols,
                         "--train-split", "0"], check=True, stdout=subprocess.DEVNULL)
         q = ("SELECT count() AS n, quantile(0.5)(latency_ms) AS p50, quantile(0.95)(latency_ms) AS p95, "
              "quantile(0.99)(latency_ms) AS p99, max(latency_ms) AS max FROM decisions FINAL WHERE latency_ms > 0")
-        out = subprocess.run([sys.executable, "-m", "dataflows.cli", "sql", "--data-dir", d, "--format", "json", q],
+        out = subprocess.run([sys.executable, "-m", "cli.main", "sql", "--data-dir", d, "--format", "json", q],
                              check=True, capture_output=True, text=True).stdout
         r = json.loads(out)[0]
         print(f"{r['n']} decisions at {args.speed:g}x: window close -> decision p50 {r['p50']:.1f} ms, "

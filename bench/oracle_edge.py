@@ -41,14 +41,14 @@ def main() -> int:
 
     from dataflows.config import load_settings
     from models.oracle import edge_report, markdown, scored_rows, tape_of, with_oracle
-    from sinks.clickhouse import Store
+    from sinks.store import Store
 
     data_dir = args.data_dir
     elapsed = None
     if data_dir is None:
         data_dir = Path(tempfile.mkdtemp(prefix="oracle-edge-"))
         t0 = time.time()
-        res = subprocess.run([sys.executable, "-m", "dataflows.cli", "run", "--data-dir", str(data_dir), "--quiet"],
+        res = subprocess.run([sys.executable, "-m", "cli.main", "run", "--data-dir", str(data_dir), "--quiet"],
                              cwd=ROOT, capture_output=True, text=True)
         elapsed = time.time() - t0
         if res.returncode != 0:

@@ -26,7 +26,8 @@ import numpy as np
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from operators.bars import BarConfig, BarState, RollupState, close_until, make_bar, rollup  # noqa: E402
+from operators.bars import BarConfig, BarState, make_bar
+from operators.rollups import RollupState, close_until, rollup
 
 SYM = "BENCH/USDT:USDT"
 BIN = 0.01  # the instrument's profile bin

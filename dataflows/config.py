@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from operators.bars import TIMEFRAMES, BarConfig
-from operators.decision import StrategyConfig
-from operators.optimizer import OptimizerConfig
+from operators.features import aligned_feature_names
+from operators.strategy_config import StrategyConfig
+from operators.optimizer import OptimizerConfig, default_space
 from operators.portfolio import QualityConfig
-from operators.trades import AdmitConfig, DecodeLimits
+from operators.admit_state import AdmitConfig
+from operators.decode import DecodeLimits
 
 
 def _tuples(d: dict) -> dict:
@@ -40,8 +42,8 @@ class ConfigError(ValueError):
 
 ENV_PREFIX = "TAPEFLOW_"
 # TAPEFLOW_* variables that are not Settings fields but are read elsewhere (no "unknown variable"
-# warning for them): the config file path, the report's LLM summary (dataflows/report.py,
-# LlmConfig.from_env) and exchange credentials TAPEFLOW_<EXCHANGE>_<SUFFIX> (dataflows/ccxt_feed.py,
+# warning for them): the config file path, the report's LLM summary (cli/llm.py,
+# LlmConfig.from_env) and exchange credentials TAPEFLOW_<EXCHANGE>_<SUFFIX> (dataflows/venue_exchange.py,
 # credential_env_names; the suffixes are listed here so that checking the environment does not
 # import ccxt).
 OTHER_ENV = ("TAPEFLOW_CONFIG", "TAPEFLOW_LLM_BASE_URL", "TAPEFLOW_LLM_MODEL", "TAPEFLOW_LLM_API_KEY",
@@ -113,7 +115,7 @@ class Settings(BaseSettings):
                                                          "class prior (models/deployment.py)")
     seed: int = Field(7, description="seed of every random choice (models, bandit)")
 
-    # decisions (every StrategyConfig field; see operators/decision.py for the list and defaults)
+    # decisions (every StrategyConfig field; see operators/strategy_config.py for the list and defaults)
     strategy: dict = Field({}, description="overrides of the production strategy's settings, e.g. {conf_min: 0.6}")
     quality: dict = Field({}, description="data-quality gate: max_late_rate, max_dead_rate, dead_window")
     optimizer: dict = Field({}, description="live optimizer (OptimizerConfig fields), e.g. {enabled: true}")
@@ -128,7 +130,7 @@ class Settings(BaseSettings):
     store_retry_s: float = Field(60.0, ge=0, description="how long transient ClickHouse errors are retried before "
                                                          "the run fails (sinks/clickhouse.py; 0: never)")
 
-    # live feeds (ccxt): perpetual-futures data next to the trades (dataflows/ccxt_feed.py, PerpPolling)
+    # live feeds (ccxt): perpetual-futures data next to the trades (dataflows/venue_exchange.py, PerpPolling)
     ccxt_funding_every_s: float = Field(60.0, ge=0, description="poll each perpetual's funding rate this often "
                                                                 "(fetch_funding_rate; 0: off)")
     ccxt_open_interest_every_s: float = Field(300.0, ge=0, description="poll each contract's open interest this "
@@ -149,10 +151,9 @@ class Settings(BaseSettings):
     @field_validator("strategy", "quality", "optimizer")
     @classmethod
     def _dataclass_fields_valid(cls, v: dict, info) -> dict:
-        """Each of these settings is a dataclass's fields: unknown names and bad values fail here.
-        Values are type-checked against the dataclass's annotations first, so that a string where a
-        number belongs (``{"conf_min": "high"}``) is named, instead of failing later as a TypeError
-        inside the dataclass's own checks."""
+        """Each of these settings is a pydantic dataclass's fields, validated where they are declared
+        (types, bounds, cross-field rules); its errors come out naming the field. Here, an unknown name
+        gets a "did you mean"."""
         target = {"strategy": StrategyConfig, "quality": QualityConfig, "optimizer": OptimizerConfig}[info.field_name]
         known = {f.name for f in dataclasses.fields(target)}
         unknown = sorted(set(v) - known)
@@ -161,17 +162,7 @@ class Settings(BaseSettings):
             hints = [f"{u} (did you mean {c[0]}?)" if c else u for u, c in close.items()]
             listing = "" if all(close.values()) else f"; known: {sorted(known)}"
             raise ValueError(f"unknown {info.field_name} setting(s) {', '.join(hints)}{listing}")
-        hints = typing.get_type_hints(target)
-        values = _tuples(v)
-        for name, value in values.items():
-            try:
-                TypeAdapter(hints[name]).validate_python(value)
-            except ValidationError as err:
-                raise ValueError(f"{name} = {value!r}: {err.errors()[0]['msg']}") from None
-        try:
-            target(**values)  # its own checks raise ValueError naming the field
-        except TypeError as err:
-            raise ValueError(f"{info.field_name}: {err}") from None
+        target(**_tuples(v))
         return v
 
     @field_validator("clickhouse_dsn")
@@ -192,8 +183,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _search_space_valid(self) -> "Settings":
         if self.optimizer.get("enabled"):
-            from operators.optimizer import default_space
-
             default_space(self.overlay_tfs).validate(self.strategy_config(), self.primary_tf, self.overlay_tfs)
         return self
 
@@ -209,8 +198,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _online_features_exist(self) -> "Settings":
-        from operators.features import aligned_feature_names
-
         known = set(aligned_feature_names(self.overlay_tfs))
         unknown = [f for f in self.online_features if f not in known]
         if unknown:

@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+from dataflows.runner import SOURCE_FILE
+
 PREFIX = "killswitch-reset-"
 
 
@@ -51,8 +53,6 @@ def lineage_of(recovery_dir: Optional[Path]) -> Optional[str]:
     its own lineage: no state outlives the process)."""
     if recovery_dir is None:
         return None
-    from dataflows.runner import SOURCE_FILE
-
     claim = Path(recovery_dir) / SOURCE_FILE
     stamp = claim.stat().st_mtime_ns if claim.exists() else 0
     return f"{Path(recovery_dir).resolve()}@{stamp}"

@@ -26,7 +26,7 @@ import polars as pl
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from operators.perp import PerpUpdate
-from operators.trades import FrameBatch
+from operators.records import FrameBatch
 
 HEARTBEAT_DIR = "heartbeat"
 

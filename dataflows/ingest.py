@@ -1,6 +1,7 @@
 """The ingest dataflow: exchanges -> ccxt.pro -> Kafka topic ``trades`` (and optionally Parquet).
 
-    ccxt      live feeds, one partition per exchange (reconnect, gap detection, REST backfill)
+    ccxt      live feeds (dataflows.venue_source), one partition per exchange (reconnect, gap
+              detection, REST backfill)
     kafka     every trade as contract JSON keyed exchange:symbol, events, refused trades and perp
               data (funding, open interest, liquidations) in band on the same key; idempotent
               producer, acks=all
@@ -20,10 +21,12 @@ from bytewax.inputs import Source
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 import bytewax.operators as op
 
-from dataflows.kafka import TradeProducer, tape_messages, with_perp
+from dataflows.config import load_settings
+from dataflows.heartbeat import HeartbeatSink, heartbeat_dir as default_dir
+from dataflows.kafka_topic import TradeProducer, with_perp
 from operators.events import encode_in_band
 from operators.perp import PerpUpdate
-from operators.trades import FrameBatch
+from operators.records import FrameBatch
 
 
 class _KafkaPart(StatelessSinkPartition[FrameBatch]):
@@ -92,11 +95,7 @@ def build_ingest_flow(source: Source, kafka: Any, record: Optional[Any] = None,
                       heartbeat_dir: Optional[Path] = None) -> Dataflow:
     """``heartbeat_dir``: where the liveness file goes (dataflows/heartbeat.py); default
     ``<data_dir>/heartbeat`` of the environment's settings (TAPEFLOW_DATA_DIR)."""
-    from dataflows.heartbeat import HeartbeatSink, heartbeat_dir as default_dir
-
     if heartbeat_dir is None:
-        from dataflows.config import load_settings
-
         heartbeat_dir = default_dir(load_settings().data_dir)
     flow = Dataflow("tapeflow_ingest")
     batches = op.input("ccxt", flow, source)

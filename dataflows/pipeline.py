@@ -36,20 +36,20 @@ from bytewax.outputs import Sink
 from dataflows.clock import PacedEventClock, utc_now
 from dataflows.config import Settings
 from dataflows.control import ControlInbox
-from operators.bars import (
-    Bar, BarConfig, BarGroup, BarState, RollupState, close_until, make_bar, open_periods, rollup,
-)
+from operators.bars import Bar, BarConfig, BarState, make_bar
+from operators.rollups import BarGroup, RollupState, close_until, open_periods, rollup
 from operators.features import FeatureStage
 from operators.labels import Label
 from operators.portfolio import BatchQuality, News, PORTFOLIO_KEY, Portfolio, Sequencer
 from operators.signals import ScoredRow, metrics_rows, scored
 from operators.records import MINUTE_MS
-from operators.trades import (
-    AdmitConfig, AdmitState, Chunk, LateTrades, admit, chunk_late, concat_chunks, decode_batch, flush,
-    split_instruments,
-)
-from operators.events import Event
+from operators.admission import admit, chunk_late, concat_chunks, flush
+from operators.admit_state import AdmitConfig, AdmitState
+from operators.decode import decode_batch, split_instruments
+from operators.records import Chunk, LateTrades
+from operators.records import Event
 from operators.perp import PerpUpdate, absorb, levels_only
+from dataflows.model_io import open_ensemble
 from sinks.rows import SourcePosition
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -61,8 +61,8 @@ def _ms_dt(ms: int) -> datetime:
 
 
 class AdmitLogic(StatefulLogic):
-    """Per instrument: dedup, lateness and the jump rule (``operators.trades.admit``); at the end of
-    the input, what a held jump becomes (``operators.trades.flush``)."""
+    """Per instrument: dedup, lateness and the jump rule (``operators.admission.admit``); at the end of
+    the input, what a held jump becomes (``operators.admission.flush``)."""
 
     def __init__(self, resume: Optional[AdmitState], cfg: AdmitConfig):
         self.state, self.cfg = resume or AdmitState(), cfg
@@ -158,7 +158,7 @@ def _features(settings: Settings):
 
 def _score(settings: Settings, ensemble):
     """River per instrument (state) + the shared ONNX ensemble (closure: sessions do not pickle)."""
-    from models.online import OnlineConfig, OnlineModels
+    from models.online import OnlineConfig, OnlineModels  # here: River costs ~1 s of start-up, a bench without models skips it
 
     cfg = OnlineConfig(seed=settings.seed, arf_models=settings.arf_models,
                        warmup_labels=settings.online_warmup_labels, features=tuple(settings.online_features))
@@ -309,7 +309,7 @@ def build_flow(
     instruments: Optional[Iterable[str]] = None,
 ) -> Dataflow:
     """The whole pipeline. ``pace``: None for replay/backfill (event time only), 1.0 for live.
-    ``ensemble``: the ONNX ensemble scorer ("auto": ``dataflows.training.open_ensemble``; None: off).
+    ``ensemble``: the ONNX ensemble scorer ("auto": ``dataflows.model_io.open_ensemble``; None: off).
     ``control_lineage``: whose operator requests these are (``dataflows.control.lineage_of`` the
     recovery directory; None: this flow's own). ``instruments``: the universe the portfolio waits
     for (``exchange:symbol``; None: the source's ``instruments()``, if it has one)."""
@@ -331,7 +331,6 @@ def build_flow(
 
     inbox = ControlInbox(settings.data_dir, lineage=control_lineage)
     if ensemble == "auto":  # the named one (TAPEFLOW_MODEL) or one trained on this store
-        from dataflows.training import open_ensemble
 
         ensemble = open_ensemble(settings)
     admit_cfg, bar_cfg = settings.admit_config(), settings.bar_config()

@@ -42,7 +42,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from dataflows.runner import describe_source
 from sinks.rows import EVENT_COLUMNS, Rows
+from sinks.store import redact_dsn
 
 TRADING_TABLES = ("decisions", "fills", "equity")
 CLEARED_TABLES = (*TRADING_TABLES, "variant_metrics")
@@ -88,12 +90,6 @@ def run_identity(source: dict, settings, **options: Any) -> RunIdentity:
     return RunIdentity(source, json.loads(json.dumps(config, sort_keys=True, default=str)))
 
 
-def _describe_source(fp: dict) -> str:
-    from dataflows.runner import _describe
-
-    return _describe(fp)
-
-
 def _count(store, table: str) -> int:
     return int(store.query(f"SELECT count() FROM {table}")[1][0][0])
 
@@ -115,8 +111,6 @@ def recorded_runs(store) -> list[dict]:
 
 def store_name(settings) -> str:
     """How the user names this store: ``--data-dir X`` (embedded) or ``--dsn URL --database D``."""
-    from sinks.clickhouse import redact_dsn
-
     if settings.clickhouse_dsn is None:
         return f"--data-dir {settings.data_dir}"
     return f"--dsn {redact_dsn(settings.dsn())} --database {settings.clickhouse_database}"
@@ -148,7 +142,7 @@ def claim_store(store, run: RunIdentity, *, where: str, replace: bool = False, r
         held = ", ".join(f"{t} {n:,}" for t, n in rows.items() if n)
         if others:
             o = others[-1]
-            what = (f"another run's trading rows ({held}): run {o['run_id']} of {_describe_source(o['source'])}, "
+            what = (f"another run's trading rows ({held}): run {o['run_id']} of {describe_source(o['source'])}, "
                     f"config {o['config_hash']}, last started {o['last']:%Y-%m-%d %H:%M:%S} UTC")
             differs = [w for w, same in (("input", o["source"] == run.source),
                                          ("settings", o["config_hash"] == run.config_hash)) if not same]

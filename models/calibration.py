@@ -169,13 +169,6 @@ def reliability(probs, labels, bins: int = ECE_BINS) -> list[dict]:
     return out
 
 
-def log_loss(probs, labels) -> float:
-    """Mean -log p(label), probabilities clipped at 1e-15 (as everywhere in tapeflow)."""
-    p = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.int64)
-    return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1.0))))
-
-
 # ---------------------------------------------------------------------------------- online (River)
 
 

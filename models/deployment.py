@@ -2,7 +2,7 @@
 
 A model that cannot beat the class prior only adds noise to the decisions, with confidence; a
 model that is worse than the one already serving is a step back. So ``models.train`` ends every
-training with a decision, recorded in the manifest (``Deployment``) and, by ``dataflows.training``,
+training with a decision, recorded in the manifest (``Deployment``) and, by ``dataflows.model_io``,
 as an ``events`` row (``model_accepted`` / ``model_rejected``) saying why.
 
 What is measured. Walk-forward training gives every validation block j an honest out-of-sample
@@ -41,7 +41,8 @@ import msgspec
 import numpy as np
 
 from models.calibration import VectorScaling
-from operators.stats import hac_se
+from operators.sharpe_inference import hac_se
+from operators.stats import log_losses
 
 ACCEPTED, REJECTED = "accepted", "rejected"
 
@@ -123,11 +124,6 @@ def paired_gain(base_loss: np.ndarray, cand_loss: np.ndarray, times: np.ndarray,
     return float(d.mean()), float("inf") if se is None else float(se)
 
 
-def row_losses(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
-    p = np.asarray(probs, dtype=np.float64)
-    return -np.log(np.clip(p[np.arange(len(y)), np.asarray(y, dtype=np.int64)], 1e-15, 1.0))
-
-
 class Evidence(msgspec.Struct, kw_only=True):
     """Rows the gate looks at: bar starts, labels, calibrated and raw candidate probabilities [N, 3]
     and the baseline's (class prior) [N, 3]."""
@@ -143,17 +139,17 @@ def decide(*, rule: GateRule, lags: int, record: Evidence, span: Evidence, ece: 
            active: Optional[tuple[str, np.ndarray, np.ndarray]] = None) -> Deployment:
     """The decision (module docstring). ``active``: (version, mask of the span's rows it is out of
     sample on, its calibrated probabilities on those rows), or None when nothing is serving."""
-    ll_r, ll_p = row_losses(record.raw, record.y), row_losses(record.prior, record.y)
+    ll_r, ll_p = log_losses(record.raw, record.y), log_losses(record.prior, record.y)
     gain, se = paired_gain(ll_p, ll_r, record.times, lags)
-    sp_c = row_losses(span.cand, span.y)
+    sp_c = log_losses(span.cand, span.y)
     d = Deployment(
         status=ACCEPTED, reason="", record_start=int(record.times.min()), record_end=int(record.times.max()),
         record_rows=len(record.y), record_steps=len(np.unique(record.times)),
-        logloss=float(row_losses(record.cand, record.y).mean()), logloss_raw=float(ll_r.mean()),
+        logloss=float(log_losses(record.cand, record.y).mean()), logloss_raw=float(ll_r.mean()),
         logloss_prior=float(ll_p.mean()),
         gain_prior=gain, se_prior=se, span_start=int(span.times.min()), span_end=int(span.times.max()),
-        span_rows=len(span.y), span_logloss=float(sp_c.mean()), span_logloss_raw=float(row_losses(span.raw, span.y).mean()),
-        span_logloss_prior=float(row_losses(span.prior, span.y).mean()), ece=ece, ece_raw=ece_raw,
+        span_rows=len(span.y), span_logloss=float(sp_c.mean()), span_logloss_raw=float(log_losses(span.raw, span.y).mean()),
+        span_logloss_prior=float(log_losses(span.prior, span.y).mean()), ece=ece, ece_raw=ece_raw,
         margin=rule.margin, z=rule.z)
     need = rule.margin + rule.z * se
     why = []
@@ -167,7 +163,7 @@ def decide(*, rule: GateRule, lags: int, record: Evidence, span: Evidence, ece: 
         version, mask, probs = active
         d.active_version, d.active_rows = version, int(mask.sum())
         if d.active_rows >= rule.min_rows:
-            d.logloss_active = float(row_losses(probs, span.y[mask]).mean())
+            d.logloss_active = float(log_losses(probs, span.y[mask]).mean())
             d.logloss_candidate_on_active_rows = float(sp_c[mask].mean())
             if not d.logloss_candidate_on_active_rows < d.logloss_active - rule.margin:
                 why.append(f"log loss {d.logloss_candidate_on_active_rows:.4f} does not beat the active model "

@@ -1,4 +1,4 @@
-"""Online models (SPEC §5): River models per instrument that predict at bar close and learn when
+"""Online models: River models per instrument that predict at bar close and learn when
 the bar's label matures (delayed labels). Pure Python + River: no bytewax, no I/O.
 
 One ``OnlineModels`` per instrument holds two River pipelines on the same features:
@@ -43,7 +43,7 @@ before the prediction only, with the raw output beside them (``Prediction.raw``)
 Metrics: accuracy counts argmax(p) == label (a tie goes to the lower class index: down, flat,
 up); log loss is ``-log(max(p_label, 1e-15))`` (River's clamp: a model that says 0 for what
 happens pays 34.5, not infinity; ARF can say 0); Brier is ``sum_k (p_k - [k == label])^2``
-(0 perfect, 2 worst). The probabilities scored are exactly those of the returned Predictions.
+(0 perfect, 2 worst); both are ``operators.stats``'s, on one row. The probabilities scored are exactly those of the returned Predictions.
 
 State is plain Python and River objects: picklable and deep-copyable, and a restored copy
 continues exactly like the original. Same rows, labels and config (seed) give the same
@@ -78,9 +78,8 @@ import math
 import pickle
 import random
 from collections import deque
-from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import importlib.util
 import os
@@ -121,58 +120,50 @@ def _defer_river_datasets() -> None:
 
 _defer_river_datasets()
 
+from pydantic import Field, model_validator  # noqa: E402
+from pydantic.dataclasses import dataclass  # noqa: E402
 from river import base, compose, forest, linear_model, optim, preprocessing  # noqa: E402
 
-from models.calibration import RollingCalibrator
-from operators.signals import DOWN, FLAT, UP, Prediction, make_prediction
+from models.calibration import RollingCalibrator  # noqa: E402
+from operators.signals import DOWN, FLAT, UP, Prediction, make_prediction  # noqa: E402
+from operators.stats import brier_score, log_loss  # noqa: E402
 
 CLASSES: tuple[int, int, int] = (DOWN, FLAT, UP)
 LR, ARF = "river_lr", "river_arf"
 MODEL_NAMES: tuple[str, str] = (LR, ARF)
 VERSION = "online"
 BIAS = "__bias__"
-PROBA_EPS = 1e-15
 
 
 @dataclass(frozen=True)
 class OnlineConfig:
-    """Settings of the online models; one seed for the random parts (ARF)."""
+    """Settings of the online models; one seed for the random parts (ARF). Validated on
+    construction (a ``ValueError`` naming ``OnlineConfig`` and the field)."""
 
     seed: int = 42
-    arf_models: int = 10
-    metric_window: int = 200  # matured, scored labels per model in the rolling metrics
-    warmup_labels: int = 50  # labels learned before a model predicts
-    lr: float = 0.003  # SGD learning rate of the softmax regression (small on purpose: module docstring)
-    l2: float = 1e-4  # L2 penalty of the softmax regression
-    clip: float = 5.0  # standardised values are clipped to [-clip, clip]
-    max_pending: int = 64  # rows remembered while their label matures (>= horizon)
+    arf_models: Annotated[int, Field(ge=1)] = 10
+    metric_window: Annotated[int, Field(ge=1)] = 200  # matured, scored labels per model in the rolling metrics
+    warmup_labels: Annotated[int, Field(ge=0)] = 50  # labels learned before a model predicts
+    lr: Annotated[float, Field(gt=0)] = 0.003  # SGD learning rate of the softmax regression (small: module docstring)
+    l2: Annotated[float, Field(ge=0)] = 1e-4  # L2 penalty of the softmax regression
+    clip: Annotated[float, Field(gt=0)] = 5.0  # standardised values are clipped to [-clip, clip]
+    max_pending: Annotated[int, Field(ge=1)] = 64  # rows remembered while their label matures (>= horizon)
     calibrate: bool = True  # gates read calibrated probabilities (module docstring)
     features: tuple = ()  # the feature names the models read (() = every feature of the first row)
-    calibration_window: int = 500  # matured predictions the calibrator is fitted on
-    calibration_min_labels: int = 10  # matured labels before the first fit (the identity until then)
-    calibration_refit: int = 10  # refit every this many matured labels
+    calibration_window: int = 500  # matured predictions the calibrator is fitted on (>= calibration_min_labels)
+    calibration_min_labels: Annotated[int, Field(ge=1)] = 10  # matured labels before the first fit (identity until)
+    calibration_refit: Annotated[int, Field(ge=1)] = 10  # refit every this many matured labels
     # weight of "the raw output is right" (models/calibration.py). Measured on the main job's tape
     # (second day, river_lr / river_arf): window 300 and 25 rows gave ECE 0.043 / 0.039 and log loss
     # 1.023 / 1.046; window 500 and 5 rows 0.039 / 0.033 and 1.018 / 1.039 (raw: 0.056, 1.026 / 1.070)
     calibration_prior_rows: float = 5.0
 
-    def __post_init__(self) -> None:
-        checks = [
-            (self.arf_models >= 1, f"arf_models must be >= 1, got {self.arf_models}"),
-            (self.metric_window >= 1, f"metric_window must be >= 1, got {self.metric_window}"),
-            (self.warmup_labels >= 0, f"warmup_labels must be >= 0, got {self.warmup_labels}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.l2 >= 0, f"l2 must be >= 0, got {self.l2}"),
-            (self.clip > 0, f"clip must be > 0, got {self.clip}"),
-            (self.max_pending >= 1, f"max_pending must be >= 1 (at least the label horizon), got {self.max_pending}"),
-            (self.calibration_window >= self.calibration_min_labels >= 1,
-             f"calibration_window ({self.calibration_window}) must be >= calibration_min_labels "
-             f"({self.calibration_min_labels}) >= 1"),
-            (self.calibration_refit >= 1, f"calibration_refit must be >= 1, got {self.calibration_refit}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"OnlineConfig: {msg}")
+    @model_validator(mode="after")
+    def _window_holds_the_first_fit(self) -> "OnlineConfig":
+        if self.calibration_window < self.calibration_min_labels:
+            raise ValueError(f"calibration_window ({self.calibration_window}) must be >= calibration_min_labels "
+                             f"({self.calibration_min_labels})")
+        return self
 
 
 class FillScaled(base.Transformer):
@@ -213,11 +204,11 @@ def present(features: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, fl
 
 
 def score(probs: tuple[float, float, float], y: int) -> tuple[float, float, float]:
-    """(correct, log loss, Brier) of probabilities [p_down, p_flat, p_up] against class ``y``."""
+    """(correct, log loss, Brier) of probabilities [p_down, p_flat, p_up] against class ``y``
+    (``operators.stats``' log loss and Brier score of this one row)."""
     best = max(range(len(probs)), key=lambda k: probs[k])  # first max: ties go to the lower class
-    ll = -math.log(max(probs[y], PROBA_EPS))
-    brier = sum((p - (1.0 if k == y else 0.0)) ** 2 for k, p in enumerate(probs))
-    return (1.0 if best == y else 0.0, ll, brier)
+    row, label = [probs], [y]
+    return (1.0 if best == y else 0.0, log_loss(row, label), brier_score(row, label))
 
 
 def build_models(names: tuple[str, ...], config: OnlineConfig) -> dict[str, compose.Pipeline]:

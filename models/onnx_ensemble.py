@@ -1,4 +1,4 @@
-"""ONNX ensemble runtime (SPEC §5): score aligned feature rows with the K members of an artefact
+"""ONNX ensemble runtime: score aligned feature rows with the K members of an artefact
 version written by ``models.train``, and hot-swap newer versions without a restart.
 
     ens = OnnxEnsemble(Path("data/artifacts"), facts=RunFacts(store, database, "5m", 3, names))
@@ -6,26 +6,8 @@ version written by ``models.train``, and hot-swap newer versions without a resta
     # {"onnx_0": Prediction, ..., "onnx_ensemble": Prediction}, or {} (no opinion on this bar)
     records = ens.take_events()   # model_refused events for the ``events`` table
 
-An artefact belongs to the data it was trained on (its manifest's ``data``), so which version,
-and for which bars:
-
-- **named** (``model=``: a version folder name in ``artifacts_dir`` or a folder's path): only that
-  version, whatever store or instruments it was trained on. If it cannot be served (missing,
-  corrupt, features or timeframe that do not fit ``facts``) the constructor raises ``ModelRefused``.
-- **picked** (the default): every sub-folder with a ``manifest.json`` (names starting with "." are
-  still being written) is a candidate; the newest by (``created_at_ms``, version) is served whose
-  files match their sha256 hashes, whose ONNX graphs load, whose features, primary timeframe and
-  label horizon fit ``facts`` and which was trained on the same store (``facts.store`` and
-  ``facts.database``). A row is scored only when its instrument is one the version was trained on.
-- **always**, named or picked: a bar starting before the version's ``data.last_bar_end`` (the end
-  of the last bar its training read, labels included) is not scored by it: those would be
-  in-sample predictions that look like skill. Later bars of the same run are scored. This is
-  checked per row, so a hot swap mid-run respects it too.
-
-Only what passed the deployment gate (``models.deployment``) is ever served: a version whose
-manifest says ``deployment.status`` = "rejected", or that has no deployment record (written before
-the gate existed), is skipped when picking (its rejection was reported when it was trained) and
-refused when named (``ModelRefused``).
+Which version is served, and for which bars (named or picked; never a bar its training read;
+only what passed the deployment gate): ``models.artefacts``.
 
 Calibration: the members' probabilities are their raw outputs (votes); ``onnx_ensemble`` is their
 mean mapped through the manifest's calibration (``calibration.ensemble``, fitted at training time on
@@ -55,7 +37,6 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -63,8 +44,12 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import polars as pl
 
-from models.train import MANIFEST_FILE, Manifest, as_lightgbm_sees, feature_matrix, load_manifest, sha256_bytes
-from operators.events import Event
+from models.artefacts import (
+    Loaded, ModelRefused, Rejected, RunFacts, gate_refusal, load_version, missing_features, stat_key,
+)
+from models.manifest import MANIFEST_FILE, Manifest, load_manifest
+from models.onnx_export import as_lightgbm_sees, feature_matrix
+from operators.records import Event
 from operators.signals import Prediction, make_prediction
 
 log = logging.getLogger(__name__)
@@ -73,74 +58,6 @@ ENSEMBLE_NAME = "onnx_ensemble"
 REFUSED = "model_refused"  # events.kind of every refusal
 _NAN = math.nan
 _FILE_RULES = frozenset({"files", "manifest"})  # broken artefacts: ERROR; any other refusal: WARNING
-
-
-class ModelRefused(ValueError):
-    """An explicitly named ensemble that cannot be served; the message says why, in one line."""
-
-
-@dataclass(frozen=True)
-class RunFacts:
-    """What the scoring pipeline is. An ensemble must fit it (it reads ``features`` by name, its
-    rows are ``primary_tf`` bars, it predicts ``horizon`` bars ahead) and, unless named, must have
-    been trained on this store (``store``: ``dataflows.training.store_identity``; ``database``)."""
-
-    store: str
-    database: str
-    primary_tf: str
-    horizon: int
-    features: tuple[str, ...]
-
-
-class _Reject(Exception):
-    """A candidate version that cannot be served; the message says why, ``rule`` which check."""
-
-    def __init__(self, reason: str, rule: str):
-        super().__init__(reason)
-        self.rule = rule
-
-
-class _Loaded:
-    """One loaded version: immutable once built; swapped as a whole."""
-
-    __slots__ = ("folder", "manifest", "version", "names", "n", "members", "input_name", "outputs",
-                 "instruments", "after", "calibration")
-
-    def __init__(self, folder: Path, manifest: Manifest, members: list[tuple[str, Any]], named: bool):
-        self.folder = folder
-        self.manifest = manifest
-        self.version = manifest.version
-        self.names = tuple(manifest.features)
-        self.n = len(self.names)
-        self.members = tuple(members)  # ((member name, InferenceSession), ...)
-        self.input_name = manifest.input_name
-        self.outputs = [manifest.output_name]
-        # rows it may score: its instruments (any, when named) and bars starting after its data
-        self.instruments = None if named else frozenset(manifest.data.instruments)
-        self.after = manifest.data.last_bar_end
-        self.calibration = manifest.calibration.ensemble  # _gate_refusal made sure there is one
-
-
-def _stat_key(folder: Path, files: Iterable[str]) -> tuple:
-    out = []
-    for name in (MANIFEST_FILE, *files):
-        try:
-            st = (folder / name).stat()
-            out.append((name, st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append((name, None, None))
-    return tuple(out)
-
-
-def _gate_refusal(m: Manifest) -> Optional[str]:
-    """Why version ``m`` may not be served by the deployment gate's record, or None."""
-    d = m.deployment
-    if d is None or m.calibration is None:
-        return (f"version {m.version} was written before models were calibrated and gated (no deployment "
-                "record): retrain it (tapeflow train)")
-    if d.status != "accepted":
-        return f"version {m.version} was rejected by the deployment gate: {d.reason}"
-    return None
 
 
 def _iso(ms: int) -> str:
@@ -152,8 +69,8 @@ def _wall_ms() -> int:
 
 
 class OnnxEnsemble:
-    """K onnxruntime sessions from one artefact version, averaged; see the module docstring for
-    which version and which rows."""
+    """K onnxruntime sessions from one artefact version, averaged; which version and which rows:
+    ``models.artefacts``."""
 
     def __init__(self, artifacts_dir: Path, check_every_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic, *,
@@ -170,7 +87,7 @@ class OnnxEnsemble:
         self._available: Optional[frozenset] = None if expected_features is None else frozenset(expected_features)
         self.model = None if model is None or str(model) == "" else str(model)
         self._only: Optional[Path] = None if self.model is None else self._named_folder(self.model)
-        self._current: Optional[_Loaded] = None
+        self._current: Optional[Loaded] = None
         self._last_check: Optional[float] = None
         self._manifests: dict[Path, tuple[tuple, Any]] = {}  # folder -> (stat key, Manifest | error text)
         self._rejected: dict[Path, tuple[tuple, str]] = {}  # folder -> (stat key, reason)
@@ -251,45 +168,13 @@ class OnnxEnsemble:
             missing = [f for f in cur.names if f not in self._available]
             if missing:
                 self._current = None
-                self._refused(cur.folder, self._missing_msg(cur.manifest, missing), "features")
+                self._refused(cur.folder, missing_features(cur.manifest, missing), "features")
         self.maybe_reload(force=True)
         if self._current is None:
             reasons = [r for _, r in self._rejected.values() if "needs features" in r]
             if reasons:
                 raise (ModelRefused if self._only else ValueError)(
                     "no ONNX artefact fits the pipeline's features: " + "; ".join(reasons))
-
-    @staticmethod
-    def _missing_msg(m: Manifest, missing: list[str]) -> str:
-        more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
-        return (f"version {m.version} needs features the pipeline does not produce: {missing[:8]}{more}; "
-                f"retrain on the current feature set or configure the overlays it was trained with "
-                f"({m.data.overlay_tfs})")
-
-    def _misfit(self, m: Manifest) -> Optional[tuple[str, str]]:
-        """(rule, reason) when version ``m`` does not fit the pipeline, else None."""
-        if self._available is not None:
-            missing = [f for f in m.features if f not in self._available]
-            if missing:
-                return "features", self._missing_msg(m, missing)
-        f = self.facts
-        if f is not None and m.data.primary_tf != f.primary_tf:
-            return "timeframe", (f"version {m.version} was trained on {m.data.primary_tf} rows, the pipeline "
-                                 f"scores {f.primary_tf} rows (primary_tf)")
-        if f is not None and m.horizon != f.horizon:
-            return "horizon", (f"version {m.version} predicts {m.horizon} bars ahead, the pipeline's label "
-                               f"horizon is {f.horizon}")
-        return None
-
-    def _foreign(self, m: Manifest) -> Optional[str]:
-        """Why a picked (not named) version belongs to another store, else None."""
-        f = self.facts
-        if self._only is not None or f is None:
-            return None
-        if (m.data.store, m.data.database) != (f.store, f.database):
-            return (f"version {m.version} was trained on store {m.data.store} database {m.data.database}, "
-                    f"this pipeline scores into {f.store} database {f.database} (name it to use it anyway)")
-        return None
 
     # ------------------------------------------------------------------------- loading
 
@@ -333,10 +218,10 @@ class OnnxEnsemble:
                 self._manifests[folder] = cached
             if isinstance(cached[1], Manifest):
                 m = cached[1]
-                if self._only is None and _gate_refusal(m) is not None:
+                if self._only is None and gate_refusal(m) is not None:
                     if folder not in self._not_deployed:  # reported when it was trained: only a debug line here
                         self._not_deployed.add(folder)
-                        log.debug("ONNX artefact %s skipped: %s", folder, _gate_refusal(m))
+                        log.debug("ONNX artefact %s skipped: %s", folder, gate_refusal(m))
                     continue
                 out.append((m.created_at_ms, m.version, folder, m))
         return out
@@ -367,13 +252,14 @@ class OnnxEnsemble:
         for _, _, folder, m in sorted(self._candidates(), key=lambda c: (c[0], c[1]), reverse=True):
             if cur is not None and folder == cur.folder and m is cur.manifest:
                 return False  # the served version is still the newest usable one
-            key = _stat_key(folder, [mb.file for mb in m.members])
+            key = stat_key(folder, [mb.file for mb in m.members])
             rejected = self._rejected.get(folder)
             if rejected is not None and rejected[0] == key:
                 continue
             try:
-                loaded = self._load(folder, m)
-            except _Reject as e:
+                loaded = load_version(folder, m, available=self._available, facts=self.facts,
+                                      named=self._only is not None)
+            except Rejected as e:
                 self._reject(folder, key, str(e), e.rule)
                 continue
             self._rejected.pop(folder, None)
@@ -384,49 +270,7 @@ class OnnxEnsemble:
             return True
         return False
 
-    def _load(self, folder: Path, m: Manifest) -> _Loaded:
-        import onnxruntime as ort
-
-        gated = _gate_refusal(m)
-        if gated is not None:
-            raise _Reject(gated, "gate")
-        misfit = self._misfit(m)
-        if misfit is not None:
-            raise _Reject(misfit[1], misfit[0])
-        foreign = self._foreign(m)
-        if foreign is not None:
-            raise _Reject(foreign, "store")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        members = []
-        for mb in m.members:
-            path = folder / mb.file
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise _Reject(f"cannot read {mb.file}: {e}", "files") from None
-            digest = sha256_bytes(data)
-            expected = {mb.sha256, m.files.get(mb.file, mb.sha256)}
-            if len(expected) != 1 or digest not in expected:
-                raise _Reject(f"sha256 mismatch for {mb.file}: manifest says {sorted(expected)}, file has "
-                              f"{digest} (corrupt or half-copied)", "files")
-            try:
-                sess = ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
-            except Exception as e:
-                raise _Reject(f"onnxruntime cannot load {mb.file}: {e}", "files") from None
-            inputs, outputs = sess.get_inputs(), [o.name for o in sess.get_outputs()]
-            width = inputs[0].shape[1] if len(inputs) == 1 and len(inputs[0].shape) == 2 else None
-            if len(inputs) != 1 or inputs[0].name != m.input_name or width != len(m.features):
-                raise _Reject(f"{mb.file} takes {[(i.name, i.shape) for i in inputs]}, manifest says "
-                              f"{m.input_name!r} [N, {len(m.features)}]", "files")
-            if m.output_name not in outputs:
-                raise _Reject(f"{mb.file} has outputs {outputs}, manifest says {m.output_name!r}", "files")
-            members.append((mb.name, sess))
-        return _Loaded(folder, m, members, named=self._only is not None)
-
-    def _refuse_row(self, cur: _Loaded, instrument: str, rule: str) -> None:
+    def _refuse_row(self, cur: Loaded, instrument: str, rule: str) -> None:
         key = (cur.version, instrument, rule)
         with self._lock:
             if key in self._row_refusals:
@@ -514,7 +358,7 @@ class _Incumbent:
     """One loaded version seen by the deployment gate: which rows it may score, its calibrated
     probabilities on them."""
 
-    def __init__(self, ens: OnnxEnsemble, cur: _Loaded):
+    def __init__(self, ens: OnnxEnsemble, cur: Loaded):
         self._ens, self._cur = ens, cur
         self.version, self.after, self.instruments = cur.version, cur.after, cur.instruments
 

@@ -28,6 +28,8 @@ import polars as pl
 from models.calibration import classwise_ece
 from operators import synthetic as syn
 from operators.bars import TIMEFRAMES
+from operators.records import MINUTE_MS
+from operators.stats import log_loss
 
 MODELS = ("river_lr", "river_arf", "onnx_ensemble")
 
@@ -71,12 +73,12 @@ def scored_rows(store, *, tf: str, horizon: int, since_ms: Optional[int]) -> pl.
 def with_oracle(df: pl.DataFrame, tape: dict, *, tf: str, horizon: int, paths: int = 4000) -> pl.DataFrame:
     """``df`` (``scored_rows``) with the oracle's probabilities (column ``oracle``)."""
     minutes = int(round(tape["hours"] * 60))
-    bar_minutes = TIMEFRAMES[tf] // 60_000
+    bar_minutes = TIMEFRAMES[tf] // MINUTE_MS
     parts = []
     for sym in df["symbol"].unique(maintain_order=True):
         sub = df.filter(pl.col("symbol") == sym)
         path = syn.state_path(syn.spec_for(sym, tape.get("rate")), tape["seed"], minutes)
-        at = (sub["end"].to_numpy() - tape["start_ms"]) // 60_000
+        at = (sub["end"].to_numpy() - tape["start_ms"]) // MINUTE_MS
         if (at < 0).any() or (at >= minutes).any():
             raise ValueError(f"{sym}: bars outside the tape ({tape['hours']} h from {tape['start_ms']})")
         probs = syn.oracle_probabilities(path, at, horizon * bar_minutes, sub["band"].to_numpy(), paths=paths)
@@ -85,8 +87,7 @@ def with_oracle(df: pl.DataFrame, tape: dict, *, tf: str, horizon: int, paths: i
 
 
 def _score(probs: np.ndarray, y: np.ndarray) -> dict:
-    p = np.clip(probs[np.arange(len(y)), y], 1e-15, 1.0)
-    return {"log_loss": float(-np.mean(np.log(p))), "accuracy": float(np.mean(probs.argmax(axis=1) == y)),
+    return {"log_loss": log_loss(probs, y), "accuracy": float(np.mean(probs.argmax(axis=1) == y)),
             "ece": classwise_ece(probs, y)}
 
 

@@ -1,5 +1,5 @@
-"""Bars (SPEC §3): a closed 1-minute window of trades -> one bar, and roll-ups to higher
-timeframes. Pure logic, no bytewax.
+"""Bars: a closed 1-minute window of trades -> one ``Bar`` (OHLCV, order flow, cohorts, volume
+profile), and the timeframes bars come in. Pure logic, no bytewax.
 
 A bar is computed in one pass with Polars over the window's trades ordered by (ts, arrival).
 Cohort order-flow classifies taker *parent orders*: consecutive fills with the same ts, side
@@ -9,25 +9,12 @@ pro-address list) and "amateur" when at or below the rolling median. The rolling
 holds the orders of the last hour of bars up to and including this one, so nothing after
 the bar's end is used.
 
-Roll-ups merge closed 1m bars. Every field merges exactly: sums add, the running-delta
-extremes shift by the delta accumulated before each sub-bar, and volume profiles add bin by
-bin, so a 1h bar equals the bar one would compute from the hour's trades directly.
-
-Volume profiles have bounded cost. A profile is a dense numpy array over at most
-``PROFILE_MAX_BINS`` bins. When a bar's price range would need more bins than that (a crash,
-a spike, or a bad symbol mix putting prices 150 and 60,061 in one instrument), the bar's profile
-uses a bin 10, 100, ... times the instrument's (the smallest such factor that fits), and says so:
-``profile_bin`` is the bin actually used and ``profile_coarse`` is true. A coarse bin is a whole
-number of instrument bins (fine bin i lies in coarse bin i // factor), so a roll-up re-bins the
-finer profiles onto the coarsest grid among its sub-bars, and coarsens further if the merged
-range needs it; the result equals the bar computed directly from the period's trades, which
-picks the same (smallest fitting) factor. The value area is computed with numpy, so neither the
-profile nor POC/VAH/VAL costs more for a wide bar than for an ordinary one.
+Roll-ups to higher timeframes are in ``operators.rollups``; volume profiles and the value area in
+``operators.volume_profiles``.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -35,19 +22,19 @@ import msgspec
 import numpy as np
 import polars as pl
 
-from operators import perp as PD
+from operators.perp import PerpSnap
+from operators.records import DAY_MS, HOUR_MS, MINUTE_MS
 from operators.slippage import TapeWalk, build as build_walk
+from operators.volume_profiles import Profile, bin_decimals, coarsening, default_bin, scaled_bin, value_area
 
 TIMEFRAMES: dict[str, int] = {
-    "1m": 60_000,
-    "5m": 300_000,
-    "15m": 900_000,
-    "1h": 3_600_000,
-    "4h": 14_400_000,
-    "1d": 86_400_000,
+    "1m": MINUTE_MS,
+    "5m": 5 * MINUTE_MS,
+    "15m": 15 * MINUTE_MS,
+    "1h": HOUR_MS,
+    "4h": 4 * HOUR_MS,
+    "1d": DAY_MS,
 }
-
-PROFILE_MAX_BINS = 2_000  # a bar's profile never has more bins; wider bars use a coarser bin
 
 
 def tf_ms(tf: str) -> int:
@@ -55,80 +42,6 @@ def tf_ms(tf: str) -> int:
         return TIMEFRAMES[tf]
     except KeyError:
         raise ValueError(f"unknown timeframe {tf!r}; known: {', '.join(TIMEFRAMES)}") from None
-
-
-class Profile:
-    """A volume profile: ``vols[i]`` is the volume traded in price bin ``lo + i`` (bin index =
-    floor(price / bin)). Dense over at most PROFILE_MAX_BINS bins, so adding two profiles is two
-    slice additions. The array is never modified after construction: bars share profiles
-    instead of copying them."""
-
-    __slots__ = ("lo", "hi", "vols")
-
-    def __init__(self, lo: int, vols: np.ndarray):
-        self.lo = lo = int(lo)
-        self.hi = lo + len(vols) - 1  # last bin
-        self.vols = vols
-
-    @classmethod
-    def from_dict(cls, bins: dict) -> "Profile":
-        lo = min(bins)
-        vols = np.zeros(max(bins) - lo + 1)
-        for k, v in bins.items():
-            vols[k - lo] = v
-        return cls(lo, vols)
-
-    def to_dict(self) -> dict:
-        """bin index -> volume of the non-empty bins."""
-        nz = np.flatnonzero(self.vols)
-        return dict(zip((nz + self.lo).tolist(), self.vols[nz].tolist()))
-
-    def coarsen(self, factor: int) -> "Profile":
-        """The same volume on bins ``factor`` times wider: bin i falls in bin i // factor."""
-        if factor == 1:
-            return self
-        idx = np.arange(self.lo, self.hi + 1) // factor
-        return Profile(idx[0], np.bincount(idx - idx[0], weights=self.vols))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Profile) and self.to_dict() == other.to_dict()
-
-    __hash__ = None  # mutable contents: not hashable
-
-    def __repr__(self) -> str:
-        return f"Profile({self.to_dict()})"
-
-
-def _coarsening(lo: int, hi: int) -> int:
-    """The smallest power of ten f such that bins lo..hi, made f times wider, are at most
-    PROFILE_MAX_BINS (1 when they already are). A few iterations at most: O(1) per bar."""
-    f = 1
-    while hi // f - lo // f >= PROFILE_MAX_BINS:
-        f *= 10
-    return f
-
-
-def _scaled_bin(bin_size: float, scale: int) -> float:
-    """``bin_size * scale`` without the binary noise (0.01 * 1000 -> 10.0)."""
-    return bin_size if scale == 1 else round(bin_size * scale, _bin_decimals(bin_size))
-
-
-def add_profiles(a: Profile, a_scale: int, b: Profile, b_scale: int) -> tuple[Profile, int]:
-    """``a + b`` and its scale. Profiles on different grids (scales 10^i, 10^j of the same
-    instrument bin) are re-binned onto the coarser grid, exactly: each finer bin lies in one
-    coarser bin. If the sum then spans more than PROFILE_MAX_BINS it is coarsened further."""
-    scale = max(a_scale, b_scale)
-    lo = min(a.lo // (scale // a_scale), b.lo // (scale // b_scale))
-    hi = max(a.hi // (scale // a_scale), b.hi // (scale // b_scale))
-    if hi - lo >= PROFILE_MAX_BINS:
-        scale *= _coarsening(lo, hi)
-    if scale != a_scale or scale != b_scale:
-        a, b = a.coarsen(scale // a_scale), b.coarsen(scale // b_scale)
-        lo, hi = min(a.lo, b.lo), max(a.hi, b.hi)
-    vols = np.zeros(hi - lo + 1)
-    vols[a.lo - lo:a.hi - lo + 1] = a.vols
-    vols[b.lo - lo:b.hi - lo + 1] += b.vols
-    return Profile(lo, vols), scale
 
 
 class Bar(msgspec.Struct, kw_only=True):
@@ -173,7 +86,7 @@ class Bar(msgspec.Struct, kw_only=True):
     partial: bool = False  # emitted at EOF before its period ended; replaced when the period completes
     closed_at: int = 0  # wall ms when its last 1m window closed (latency accounting; not stored)
     news: tuple = ()  # 1m bars: data-quality news its window carried to the portfolio (trades.carry_news; not stored)
-    perp: PD.PerpSnap | None = None  # perpetual-futures levels and liquidations (operators.perp; features, funding)
+    perp: PerpSnap | None = None  # perpetual-futures levels and liquidations (operators.perp; features, funding)
     walk: TapeWalk | None = None  # 1m bars: the start of the tape, for size-dependent fills (operators.slippage)
 
     @property
@@ -191,7 +104,7 @@ class Bar(msgspec.Struct, kw_only=True):
 class BarConfig:
     pro_quantile: float = 0.95
     amateur_quantile: float = 0.5
-    cohort_window_ms: int = 3_600_000
+    cohort_window_ms: int = HOUR_MS
     cohort_max_orders: int = 200_000
     pro_addresses: frozenset = frozenset()
     value_area: float = 0.70
@@ -207,52 +120,15 @@ class BarState:
     n_orders: int = 0
     profile_bin: float | None = None
     pool: np.ndarray = field(default_factory=lambda: np.empty(0))  # all history notionals, sorted
-    perp: PD.PerpSnap | None = None  # perp levels so far, and liquidations not yet in a bar (immutable)
+    perp: PerpSnap | None = None  # perp levels so far, and liquidations not yet in a bar (immutable)
 
     def __deepcopy__(self, memo: dict) -> "BarState":
         # arrays in the history are never modified in place: copying the containers is enough
         return BarState(deque(self.history), self.n_orders, self.profile_bin, self.pool, getattr(self, "perp", None))
 
 
-def default_bin(price: float, bps: float) -> float:
-    """A power of ten near ``price * bps``: stable for an instrument, so profiles merge."""
-    return 10.0 ** round(math.log10(price * bps * 1e-4))
-
-
 def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 0.0
-
-
-def _bin_decimals(bin_size: float) -> int:
-    return max(0, -math.floor(math.log10(bin_size)) + 1)
-
-
-def value_area(profile: Profile, fraction: float) -> tuple[int, int, int]:
-    """(poc, vah, val) bin indices. POC = bin with most volume (lowest on ties); the value area
-    grows from the POC one bin at a time towards the side with more volume (up on ties) until
-    it holds ``fraction`` of the volume.
-
-    Vectorised: that expansion compares the next bin above with the next bin below, i.e. it
-    merges the sequences "bins above, going up" and "bins below, going down" by their heads.
-    Such a merge of unsorted sequences takes each bin in the order of its side's running
-    minimum up to it (a big bin waits behind a smaller one nearer the POC), so a stable sort
-    by running minimum, descending, gives the same order (bins above come first in the sorted
-    array, so they win ties as in the loop), and a cumulative sum the stopping point. The sums
-    are the loop's own additions in the loop's order (from the POC's volume on), so the result
-    is identical to the loop's (tests keep the loop as the reference).
-    """
-    vols = profile.vols
-    poc = int(vols.argmax())
-    target = fraction * vols.sum()
-    up, down = vols[poc + 1:], vols[:poc][::-1]
-    seq = np.concatenate((vols[poc:poc + 1], up, down))  # the POC, then the bins above, then below
-    key = np.concatenate(((np.inf,), np.minimum.accumulate(up), np.minimum.accumulate(down)))
-    order = np.argsort(-key, kind="stable")
-    inside = seq[order].cumsum()
-    reached = inside >= target
-    steps = int(reached.argmax()) if reached[-1] else len(order) - 1  # bins added to the POC
-    n_down = int(np.count_nonzero(order[1:steps + 1] > len(up)))
-    return profile.lo + poc, profile.lo + poc + steps - n_down, profile.lo + poc - n_down
 
 
 def _linear_quantile(sorted_values: np.ndarray, q: float) -> float:
@@ -340,12 +216,12 @@ def make_bar(
     signed = np.where(is_buy, notional, -notional)
 
     bins = np.floor(price / bin_size + 1e-9).astype(np.int64)
-    scale = _coarsening(int(bins.min()), int(bins.max()))
+    scale = coarsening(int(bins.min()), int(bins.max()))
     if scale > 1:
         bins //= scale
     first_bin = int(bins.min())
     profile = Profile(first_bin, np.bincount(bins - first_bin, weights=amount))
-    return _finish(
+    return finish_bar(
         exchange=exchange, symbol=symbol, tf=_tf_name(length_ms), start=start, end=start + length_ms,
         open=float(price[0]), high=float(price.max()), low=float(price.min()), close=float(price[-1]),
         volume=volume, notional=float(fill_notional.sum()), trades=len(ts),
@@ -355,7 +231,7 @@ def make_bar(
         parent_orders=len(notional), pro_orders=int(pro.sum()), amateur_orders=int(amateur.sum()),
         pros_gross=float(notional[pro].sum()), pros_net=float(signed[pro].sum()),
         amateurs_gross=float(notional[amateur].sum()), amateurs_net=float(signed[amateur].sum()),
-        pro_threshold=hi, amateur_threshold=lo, profile_bin=_scaled_bin(bin_size, scale), profile=profile,
+        pro_threshold=hi, amateur_threshold=lo, profile_bin=scaled_bin(bin_size, scale), profile=profile,
         profile_scale=scale, va_fraction=cfg.value_area,
         walk=build_walk(price, amount, buy, float(price.max()), float(price.min())),
     )
@@ -368,7 +244,7 @@ def _tf_name(length_ms: int) -> str:
     return f"{length_ms}ms"
 
 
-def _finish(*, va_fraction: float | None, **f) -> Bar:
+def finish_bar(*, va_fraction: float | None, **f) -> Bar:
     """Derived fields (delta, vwap, S_*, and POC/VAH/VAL unless ``va_fraction`` is None)."""
     s_top = _ratio(f["pros_net"], f["pros_gross"])
     s_bot = _ratio(f["amateurs_net"], f["amateurs_gross"])
@@ -385,101 +261,5 @@ def _finish(*, va_fraction: float | None, **f) -> Bar:
 def with_value_area(bar: Bar, fraction: float) -> Bar:
     """``bar`` with POC / VAH / VAL computed from its volume profile."""
     poc, vah, val = value_area(bar.profile, fraction)
-    b, d = bar.profile_bin, _bin_decimals(bar.profile_bin)
+    b, d = bar.profile_bin, bin_decimals(bar.profile_bin)
     return msgspec.structs.replace(bar, poc=round(poc * b, d), vah=round(vah * b, d), val=round(val * b, d))
-
-
-_ADDITIVE = ("volume", "notional", "trades", "buy_volume", "sell_volume", "parent_orders",
-             "pro_orders", "amateur_orders", "pros_gross", "pros_net", "amateurs_gross", "amateurs_net")
-
-
-def merge(acc: Bar, bar: Bar, tf: str, start: int, end: int, value_area_fraction: float | None) -> Bar:
-    """``acc`` (earlier sub-bars of a period) followed by ``bar`` -> the period's bar so far.
-    With ``value_area_fraction=None`` POC/VAH/VAL are left for ``with_value_area`` (roll-ups
-    compute them once, when the period is emitted). Profiles on different bins (a coarse
-    sub-bar) are re-binned onto the coarser one (see ``add_profiles``)."""
-    base = acc.profile_bin / acc.profile_scale
-    if not math.isclose(base, bar.profile_bin / bar.profile_scale, rel_tol=1e-9):
-        raise ValueError(f"instrument profile bin changed inside {acc.instrument} {tf} bar at {start}")
-    profile, scale = add_profiles(acc.profile, acc.profile_scale, bar.profile, bar.profile_scale)
-    profile_bin = (acc.profile_bin if scale == acc.profile_scale else
-                   bar.profile_bin if scale == bar.profile_scale else _scaled_bin(base, scale))
-    return _finish(
-        exchange=acc.exchange, symbol=acc.symbol, tf=tf, start=start, end=end,
-        open=acc.open, high=max(acc.high, bar.high), low=min(acc.low, bar.low), close=bar.close,
-        **{k: getattr(acc, k) + getattr(bar, k) for k in _ADDITIVE},
-        min_delta=min(acc.min_delta, acc.delta + bar.min_delta),
-        max_delta=max(acc.max_delta, acc.delta + bar.max_delta),
-        largest_trade=max(acc.largest_trade, bar.largest_trade),
-        largest_notional=max(acc.largest_notional, bar.largest_notional),
-        pro_threshold=bar.pro_threshold, amateur_threshold=bar.amateur_threshold,
-        profile_bin=profile_bin, profile=profile, profile_scale=scale, va_fraction=value_area_fraction,
-        perp=PD.merge(acc.perp, bar.perp),
-    )
-
-
-def as_period(bar: Bar, tf: str, start: int, end: int) -> Bar:
-    """A 1m bar relabelled as the first sub-bar of a higher-timeframe period (profiles are
-    never modified, so the period shares the minute's)."""
-    return msgspec.structs.replace(bar, tf=tf, start=start, end=end, walk=None)
-
-
-class BarGroup(msgspec.Struct, frozen=True):
-    """The bars one closed 1m bar produced: that minute and the higher periods it closed, in
-    (end, timeframe) order. Downstream sees them together, e.g. a 5m bar with the 1h bar that
-    closed at the same moment."""
-
-    bars: list
-
-
-@dataclass
-class RollupState:
-    """Per instrument: the open (partial) bar of every higher timeframe."""
-
-    open: dict = field(default_factory=dict)  # tf -> Bar (partial; bars are replaced, never mutated)
-    last_end: int | None = None  # end of the newest 1m bar seen
-
-    def __deepcopy__(self, memo: dict) -> "RollupState":
-        return RollupState(dict(self.open), self.last_end)
-
-
-def rollup(state: RollupState, bar: Bar, timeframes: list[str], value_area_fraction: float) -> list[Bar]:
-    """Feed a closed 1m bar; return the higher-timeframe bars it closes (oldest first).
-
-    A period closes as soon as its last minute is in, or when a later minute arrives.
-    """
-    out: list[Bar] = []
-    state.last_end = bar.end if state.last_end is None else max(state.last_end, bar.end)
-    for tf in timeframes:
-        ms = tf_ms(tf)
-        start = bar.start - bar.start % ms
-        acc = state.open.get(tf)
-        if acc is not None and acc.start != start:
-            out.append(acc)
-            acc = None
-        acc = as_period(bar, tf, start, start + ms) if acc is None else merge(
-            acc, bar, tf, start, start + ms, None)
-        if bar.end >= start + ms:
-            out.append(acc)
-            state.open.pop(tf, None)
-        else:
-            state.open[tf] = acc
-    return _emit(out, value_area_fraction)
-
-
-def close_until(state: RollupState, watermark: int, value_area_fraction: float) -> list[Bar]:
-    """Close every open period that ends at or before ``watermark``."""
-    done = [b for b in state.open.values() if b.end <= watermark]
-    for b in done:
-        del state.open[b.tf]
-    return _emit(done, value_area_fraction)
-
-
-def open_periods(state: RollupState, value_area_fraction: float) -> list[Bar]:
-    """The open periods as they stand, marked partial, without closing them (EOF)."""
-    return [msgspec.structs.replace(b, partial=True) for b in _emit(list(state.open.values()), value_area_fraction)]
-
-
-def _emit(bars: list[Bar], fraction: float) -> list[Bar]:
-    bars.sort(key=lambda b: (b.end, tf_ms(b.tf)))
-    return [with_value_area(b, fraction) for b in bars]

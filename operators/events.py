@@ -1,5 +1,6 @@
-"""Events: things that happened to the data or the system (gaps, reconnects, later kill switches,
-promotions, model swaps), stored in table ``events``.
+"""Events on the wire: ingest records as ``Event`` rows, and events and refused trades in band on the
+trade topic. An ``Event`` (``operators.records``) is a thing that happened to the data or the system
+(gaps, reconnects, later kill switches, promotions, model swaps), stored in table ``events``.
 
 Ingest events travel *in band*: on the trade topic, keyed by the instrument like its trades, as a
 JSON object with an ``event`` field (``{"event": "data_gap", "exchange": ..., ...}``). Kafka keeps
@@ -16,20 +17,10 @@ from typing import Optional, Union
 
 import msgspec
 
-from operators.ingest import DataGapEvent, FeedDown, FeedUp, GapEvent, RejectedTrade, reason_code
-from operators.trades import DeadLetter
-
-
-class Event(msgspec.Struct, frozen=True, kw_only=True):
-    kind: str  # id_gap | data_gap | feed_down | reconnect | ... (later: kill_switch, promotion, model_swap)
-    ts: int  # when it was observed (ms)
-    exchange: str = ""
-    symbol: str = ""
-    from_ts: Optional[int] = None  # the span it concerns, when it concerns one
-    to_ts: Optional[int] = None
-    reason: str = ""
-    detail: str = ""  # JSON or text
-    source: str = ""  # who emitted it: ingest:<exchange>, pipeline, cli
+from operators.records import DeadLetter, Event
+from operators.venue_gaps import DataGapEvent, GapEvent
+from operators.venue_outages import FeedDown, FeedUp
+from operators.venue_trades import RejectedTrade, reason_code
 
 
 class EventMessage(msgspec.Struct, kw_only=True):
@@ -58,7 +49,8 @@ def split_instrument(instrument: str) -> tuple[str, str]:
 
 
 def from_ingest(obj: object, now_ms: int, source: str) -> Union[Event, DeadLetter]:
-    """An ingest record (operators.ingest) as an Event, or a DeadLetter for a refused trade."""
+    """A venue feed record (gap, outage: ``operators.venue_gaps``, ``venue_outages``) as an Event, or a
+    DeadLetter for a refused trade (``operators.venue_trades``)."""
     if isinstance(obj, GapEvent):
         ex, sym = split_instrument(obj.instrument)
         return Event(kind="id_gap", ts=now_ms, exchange=ex, symbol=sym, from_ts=obj.from_ts, to_ts=obj.to_ts,

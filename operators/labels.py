@@ -1,4 +1,4 @@
-"""Labels (SPEC §5): direction of the forward log return over ``horizon`` primary bars.
+"""Labels: direction of the forward log return over ``horizon`` primary bars.
 
 For the bar at index i (its close c_i and ATR a_i):
 

@@ -1,4 +1,6 @@
-"""Paper execution (SPEC §6): one book per strategy. Pure logic: no bytewax, no I/O.
+"""Paper execution: ``PaperBook``, one simulated book per strategy, and the records it writes (fills,
+funding payments, equity points). Pure logic: no bytewax, no I/O. ``PaperBook`` implements
+``operators.execution.Execution``, the interface the strategy engine trades through.
 
 - An order decided at time T (a primary bar's close) waits as a pending order and fills at the
   OPEN of the first 1m bar of its instrument that starts at or after T -- the next bar, never the

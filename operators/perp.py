@@ -15,7 +15,7 @@ On Kafka they are in-band messages on the trade topic, keyed by instrument like 
 kind in a ``perp`` field (``{"perp": "funding", "exchange": ..., "symbol": ..., "ts": ..., "rate":
 ...}``); the synthetic source, replay files and the ccxt ingest produce them too.
 
-How they reach bars without lookahead (``operators.trades.carry_news``): an update is placed at its
+How they reach bars without lookahead (``operators.chunk_news.carry_news``): an update is placed at its
 position among the instrument's trades (``seq``: it came after every trade with a smaller seq). It
 rides the 1m window of its own ts when that is not behind the watermark at its position, else the
 window of the frontier there (like a late trade's count); one ahead of every trade waits until the
@@ -173,7 +173,7 @@ def merge(acc: Optional[PerpSnap], later: Optional[PerpSnap]) -> Optional[PerpSn
 
 #: (name, formula). None while the instrument has no such data (a spot tape, or before the first
 #: update): these do not hold back ``warm``. b = the bar's PerpSnap, c = close, ret_1 = log(c / c[-1]).
-SPEC: list[tuple[str, str]] = [
+CATALOG: list[tuple[str, str]] = [
     ("funding_bps", "latest funding rate x 1e4 (b.funding_rate)"),
     ("funding_chg_bps", "funding_bps - its value 8 bars ago"),
     ("basis_bps", "(mark / index - 1) x 1e4, from the latest funding update that had both"),
@@ -184,8 +184,8 @@ SPEC: list[tuple[str, str]] = [
     ("liq_short_share", "notional of short liquidations (buy orders) in the bar / the bar's traded notional"),
     ("liq_imbalance", "(short liq - long liq) / (short liq + long liq) in the bar; 0 without liquidations"),
 ]
-NAMES: list[str] = [n for n, _ in SPEC]
-FORMULAS: dict[str, str] = dict(SPEC)
+NAMES: list[str] = [n for n, _ in CATALOG]
+FORMULAS: dict[str, str] = dict(CATALOG)
 _FUND_LAG, _OI_LAG = 8, 12
 
 

@@ -1,4 +1,4 @@
-"""The portfolio stage (DESIGN: one key, ``"portfolio"``, sees everything): the production strategy
+"""The portfolio stage (one key, ``"portfolio"``, sees everything): the production strategy
 (and, with the optimizer, its paper variants) on the stream of scored primary rows and 1m bars,
 with the data-quality gate fed by data-gap events, late trades and dead letters. Pure logic.
 
@@ -12,7 +12,7 @@ Data quality of a primary bar [start, end) of an instrument:
   one is global and counted per source batch, so it depends on where batches are cut).
 
 Late counts and data-gap events reach the portfolio inside the instrument's 1m bars
-(``Bar.news``, ``operators.trades.carry_news``), so they are applied at the same point of the
+(``Bar.news``, ``operators.chunk_news.carry_news``), so they are applied at the same point of the
 event-time order whatever the partitions, processes and batch cuts.
 """
 
@@ -21,24 +21,32 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Annotated, Optional
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from operators.bars import Bar
-from operators.decision import Decision, StrategyConfig
-from operators.events import Event, split_instrument
+from operators.decision import Decision
+from operators.events import split_instrument
 from operators.optimizer import Optimizer, OptimizerConfig, Promotion, apply_promotion
+from operators.records import DAY_MS, MINUTE_MS, Event
 from operators.signals import ScoredRow
 from operators.strategy import StrategyEngine
+from operators.strategy_config import StrategyConfig
 
 PORTFOLIO_KEY = "portfolio"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class QualityConfig:
-    max_late_rate: float = 0.05
-    max_dead_rate: float = 0.05
-    dead_window: int = 20  # batches
-    gap_memory_ms: int = 7 * 86_400_000  # forget gap events older than this (event time)
+    """The data-quality gate's limits (see the module docstring); a bad value raises
+    ``pydantic.ValidationError`` naming the field."""
+
+    max_late_rate: Annotated[float, Field(ge=0)] = 0.05
+    max_dead_rate: Annotated[float, Field(ge=0)] = 0.05
+    dead_window: Annotated[int, Field(ge=0)] = 20  # batches
+    gap_memory_ms: Annotated[int, Field(ge=0)] = 7 * DAY_MS  # forget gap events older than this (event time)
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,7 @@ class DataQuality:
 
     def on_late(self, instrument: str, late_ts: list[int]) -> None:
         for ts in late_ts:
-            self._add_late(instrument, ts - ts % 60_000, 1)
+            self._add_late(instrument, ts - ts % MINUTE_MS, 1)
 
     def _add_late(self, instrument: str, minute: int, n: int) -> None:
         d = self.late.setdefault(instrument, {})
@@ -92,7 +100,7 @@ class DataQuality:
     def on_bar(self, bar: Bar) -> None:
         d = self.trades.setdefault(bar.instrument, {})
         d[bar.start] = bar.trades
-        cutoff = bar.start - 86_400_000  # a day of minutes is plenty for any primary bar
+        cutoff = bar.start - DAY_MS  # a day of minutes is plenty for any primary bar
         for book in (d, self.late.get(bar.instrument, {})):
             for m in [m for m in book if m < cutoff]:
                 del book[m]
@@ -122,7 +130,7 @@ class DataQuality:
 class Sequencer:
     """Puts the instruments' streams into one event-time order before the portfolio sees them, so
     a shared book (equity, positions, guards, one bandit, the optimizer) is a function of the input
-    alone, whatever the partition count, process count, batch cut or arrival order (issue 11).
+    alone, whatever the partition count, process count, batch cut or arrival order.
 
     What it relies on (``dataflows.pipeline``): an instrument's 1m bars reach the portfolio on the
     same path as its scored rows, in event-time order, and the 1m bar ending ``t`` comes after every

@@ -1,4 +1,4 @@
-"""Risk (SPEC §6): exits and guards as small pure functions and one small state class. No
+"""Risk: exits and guards as small pure functions and one small state class. No
 bytewax, no I/O.
 
 Exits are checked on every 1m bar of the instrument, against that bar's open, high and low:
@@ -29,9 +29,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from operators.decision import StrategyConfig, Tagged
-
-DAY_MS = 86_400_000
+from operators.decision import Tagged
+from operators.records import DAY_MS, Event
+from operators.strategy_config import StrategyConfig
 
 # order of precedence among stops / targets at the same level
 STOP_REASONS = ("stop_loss", "atr_stop", "trailing_stop")
@@ -48,10 +48,8 @@ class RiskEvent(Tagged, kw_only=True):
     exchange: str = ""
     symbol: str = ""
 
-    def as_event(self):
-        """The same fact as an ``operators.events.Event`` row (table ``events``)."""
-        from operators.events import Event
-
+    def as_event(self) -> Event:
+        """The same fact as an ``Event`` row (table ``events``)."""
         detail = json.loads(self.detail or "{}")
         detail.update(origin=self.origin, strategy_id=self.strategy_id, variant_id=self.variant_id,
                       config_hash=self.config_hash)

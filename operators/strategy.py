@@ -1,4 +1,4 @@
-"""The strategy engine (SPEC §6): scored rows in, decisions, fills, equity and risk events out.
+"""The strategy engine: scored rows in, decisions, fills, equity and risk events out.
 Pure logic: no bytewax, no I/O. One engine per strategy (production or an optimizer variant); its
 whole state is this object (plain Python + a numpy Generator), so bytewax can pickle and
 deep-copy it every epoch.
@@ -30,8 +30,8 @@ switch and the daily loss limit, pay the bandit the rewards that matured
 (``label_horizon`` primary bars after the decision), and emit one ``EquityPoint``.
 
 Summary Sharpe: per-minute equity returns (one equity value per distinct mark time, the last mark
-of that minute), mean / std (ddof=1) x sqrt(525,600 minutes per year): crypto trades around the
-clock, so a year is 365 x 24 x 60 minutes.
+of that minute), mean / std (ddof=1) x sqrt(525,600 minutes per year) (``stats.sharpe_from_moments``
+with ``MINUTES_PER_YEAR``): crypto trades around the clock, so a year is 365 x 24 x 60 minutes.
 """
 
 from __future__ import annotations
@@ -40,18 +40,22 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from operators.bandit import GaussianThompson, reward_from_bps
 from operators.bars import TIMEFRAMES, Bar
-from operators.decision import (ArmSignal, Decision, GaussianThompson, StrategyConfig, consensus,
-                                evaluate_arms, p_win, reward_from_bps, size_position)
-from operators.paper import ClosedTrade, EquityPoint, Fill, FundingPayment, PaperBook
+from operators.decision import (ArmSignal, Decision, best_p_win, consensus, entry_atr, evaluate_arms,
+                                size_position)
+from operators.execution import Execution
+from operators.paper import ClosedTrade, EquityPoint, PaperBook
+from operators.records import HOUR_MS, MINUTES_PER_YEAR
 from operators.risk import (RiskEvent, RiskState, Trip, check_exit, drawdown, is_opposite, time_stop_due,
                             trip_detail)
 from operators.signals import ScoredRow
+from operators.stats import sharpe_from_moments
+from operators.strategy_config import StrategyConfig
 
-MINUTES_PER_YEAR = 365 * 24 * 60
-MARK_MEMORY_MS = 6 * 3_600_000  # how far back EquityPoint.seq remembers mark times (see _mark_seq)
+MARK_MEMORY_MS = 6 * HOUR_MS  # how far back EquityPoint.seq remembers mark times (see _mark_seq)
 
-__all__ = ["StrategyEngine", "Decision", "Fill", "FundingPayment", "EquityPoint", "RiskEvent", "StrategyConfig", "ArmSignal"]
+__all__ = ["StrategyEngine"]
 
 
 @dataclass
@@ -66,8 +70,11 @@ class RewardDue:
 
 
 class StrategyEngine:
+    """One strategy. Its orders go to ``execution`` (``book``, an ``operators.execution.Execution``;
+    default: a ``PaperBook`` with the config's initial equity, fee and slippage and the engine's tags)."""
+
     def __init__(self, cfg: StrategyConfig, origin: str = "production", strategy_id: str = "ensemble",
-                 variant_id: str = "base") -> None:
+                 variant_id: str = "base", execution: Optional[Execution] = None) -> None:
         if origin not in ("production", "experimental"):
             raise ValueError(f"origin must be 'production' or 'experimental', got {origin!r}")
         self.cfg = cfg
@@ -78,7 +85,8 @@ class StrategyEngine:
         self.tags = {"origin": origin, "strategy_id": strategy_id, "variant_id": variant_id,
                      "config_hash": self.config_hash}
         self.bandit = GaussianThompson.from_config(cfg)
-        self.book = PaperBook(cfg.initial_equity, cfg.fee_bps, cfg.slippage_bps, dict(self.tags))
+        self.book: Execution = (PaperBook(cfg.initial_equity, cfg.fee_bps, cfg.slippage_bps, dict(self.tags))
+                                if execution is None else execution)
         self.risk = RiskState(peak=cfg.initial_equity)
         self.rewards: list[RewardDue] = []
         self.marks_at: dict[int, int] = {}  # recent mark times -> equity points made at that ts (EquityPoint.seq)
@@ -199,12 +207,12 @@ class StrategyEngine:
                  "max_positions")
             gate("order_pending", not self.book.has_order(inst), "order_pending")
             if sig is not None:
-                p = sig.p_win if sig.model else self._best_p_win(row, side)
+                p = sig.p_win if sig.model else best_p_win(row.predictions, side)
                 sizing = size_position(cfg, side, sig.strength, view.rv, p, self.book.equity())
                 gate("sizing", sizing.notional > 0, sizing.reason)
             if not vetoes and sig is not None and sizing is not None:
                 pid = self.book.submit_open(inst, row.exchange, row.symbol, side, sizing.notional, ts, chosen,
-                                            _atr(row.features), primary_ms)
+                                            entry_atr(row.features), primary_ms)
                 self.rewards.append(RewardDue(pid, chosen, inst, ts + cfg.label_horizon * primary_ms))
                 action = "open_long" if side > 0 else "open_short"
                 reason = "entry"
@@ -225,13 +233,6 @@ class StrategyEngine:
             notional=sizing.notional if (sizing and action.startswith("open")) else 0.0,
             position_id=pid or (pos.position_id if pos is not None else 0), bandit_draws=draws))
         return out
-
-    @staticmethod
-    def _best_p_win(row: ScoredRow, side: int) -> Optional[float]:
-        if not row.predictions or side == 0:
-            return None
-        best = max(row.predictions.values(), key=lambda p: p.confidence)
-        return p_win(best, side)
 
     # ------------------------------------------------------------------ bars
     def on_bar(self, bar: Bar) -> list:
@@ -368,6 +369,7 @@ class StrategyEngine:
         self._ret_m2 += d * (r - self._ret_mean)
 
     def sharpe(self) -> float:
+        """The annualised Sharpe ratio of the per-minute equity returns so far (0.0 when undefined)."""
         n, mean, m2 = self._ret_n, self._ret_mean, self._ret_m2
         if self._curve_prev is not None and self._curve_prev > 0:  # the open minute counts too
             r = self._curve_eq / self._curve_prev - 1.0
@@ -375,10 +377,8 @@ class StrategyEngine:
             d = r - mean
             mean += d / n
             m2 += d * (r - mean)
-        if n < 2:
-            return 0.0
-        sd = math.sqrt(m2 / (n - 1))
-        return 0.0 if sd <= 1e-15 else mean / sd * math.sqrt(MINUTES_PER_YEAR)
+        s = sharpe_from_moments(n, mean, m2 / (n - 1) if n >= 2 else 0.0, MINUTES_PER_YEAR)
+        return 0.0 if s is None else s
 
     def summary(self) -> dict:
         b = self.book
@@ -398,12 +398,3 @@ class StrategyEngine:
             "actions": dict(self.actions), "vetoes": dict(self.vetoes), "rewards_paid": self.rewards_paid,
             "bandit": self.bandit.snapshot(),
         }
-
-
-def _atr(features: dict) -> Optional[float]:
-    v = features.get("atr")
-    try:
-        v = float(v) if v is not None else None
-    except (TypeError, ValueError):
-        return None
-    return v if v is not None and math.isfinite(v) and v > 0 else None

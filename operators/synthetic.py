@@ -1,5 +1,5 @@
 """Seeded synthetic trade tape: regimes, bursts, heavy-tailed sizes, sweeping parent orders,
-and a planted, lookahead-free order-flow signal. Pure numpy, no bytewax.
+and a planted, lookahead-free order-flow signal. Pure numpy (polars for ``tape``), no bytewax.
 
 Per instrument the tape is generated minute by minute. Minute ``m`` draws from a generator
 seeded by (seed, instrument, m) and from a tiny carried state (price, regime, informed flow,
@@ -22,6 +22,7 @@ import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
+import polars as pl
 
 from operators.perp import PerpUpdate
 
@@ -251,6 +252,25 @@ def generate(spec: InstrumentSpec, seed: int, start_ms: int, minutes: int,
         cols, st = generate_minute(spec, seed, start_ms, st)
         parts.append(cols)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, st
+
+
+def tape(symbols: list[str], seed: int, start_ms: int, minutes: int, *, rate: float | None = None,
+         exchange: str = "synthetic", jitter_ms: int = 0) -> pl.DataFrame:
+    """The trades of several instruments as one tape in the trade contract's columns (exchange,
+    symbol, id, ts, price, amount, side), merged in arrival order: by ts, or with ``jitter_ms``
+    reordered by up to that many ms without making any trade late."""
+    frames = []
+    for sym in symbols:
+        cols, _ = generate(spec_for(sym, rate), seed, start_ms, minutes)
+        frames.append(pl.DataFrame(cols).with_columns(pl.lit(exchange).alias("exchange"), pl.lit(sym).alias("symbol")))
+    df = pl.concat(frames)
+    arrival = df["ts"].to_numpy()
+    if jitter_ms:
+        arrival = arrival + np.random.default_rng(seed).integers(0, jitter_ms + 1, df.height)
+    df = df.with_columns(pl.Series("_arr", arrival)).sort("_arr", "symbol", "offset")
+    return df.select(
+        "exchange", "symbol", pl.col("id").cast(pl.String), "ts", "price", "amount",
+        pl.when(pl.col("is_buy")).then(pl.lit("buy")).otherwise(pl.lit("sell")).alias("side"))
 
 
 # --------------------------------------------------------------------------------------- oracle

@@ -20,7 +20,7 @@ import numpy as np
 
 from operators.bars import Bar
 from operators.decision import Decision
-from operators.trades import Counter, DeadLetter, LateTrades
+from operators.records import NamedCount, DeadLetter, LateTrades
 
 HEALTH_COLUMNS = ["ts", "process", "worker", "trades_in", "trades_per_s", "bars", "late_trades", "dead_letters",
                   "duplicates", "watermark_lag_ms", "decision_p50_ms", "decision_p95_ms", "decision_p99_ms",
@@ -59,7 +59,7 @@ class HealthMeter:
                 self.late += rec.trades.height
             elif isinstance(rec, DeadLetter):
                 self.dead += 1
-            elif isinstance(rec, Counter) and rec.name == "duplicates":
+            elif isinstance(rec, NamedCount) and rec.name == "duplicates":
                 self.dups += rec.value
 
     def due(self, now: Optional[float] = None) -> bool:

@@ -14,12 +14,12 @@ from operators.decision import Decision
 from operators.paper import EquityPoint, Fill, FundingPayment
 from operators.perp import FUNDING_TABLE, LIQ_TABLE, OI_TABLE, PerpUpdate
 from operators.risk import RiskEvent
-from operators.events import Event
+from operators.records import Event
 from operators.features import AlignedRow
 from operators.optimizer import VARIANT_METRICS_COLUMNS, VariantMetrics
 from operators.labels import Label
 from operators.signals import ModelMetrics, ScoredRow
-from operators.trades import Counter, DeadLetter, LateTrades
+from operators.records import NamedCount, DeadLetter, LateTrades
 
 BAR_COLUMNS = [
     "exchange", "symbol", "tf", "start", "end", "open", "high", "low", "close", "volume", "notional",
@@ -68,7 +68,7 @@ class Rows:
 @dataclass(frozen=True)
 class SourcePosition:
     """How far a source partition's batch goes (Kafka: topic, partition, next offset to read). Not
-    stored: the sink commits it to the consumer group once the epoch's rows are (dataflows/kafka.py,
+    stored: the sink commits it to the consumer group once the epoch's rows are (dataflows/kafka_source.py,
     ``OffsetCommitter``)."""
 
     source: str
@@ -140,7 +140,7 @@ def count(stats: Any, rec: Any) -> None:
         stats.counters[f"perp.{rec.kind}"] = stats.counters.get(f"perp.{rec.kind}", 0) + 1
     elif isinstance(rec, Event):
         stats.counters[f"events.{rec.kind}"] = stats.counters.get(f"events.{rec.kind}", 0) + 1
-    elif isinstance(rec, Counter):
+    elif isinstance(rec, NamedCount):
         stats.counters[rec.name] = stats.counters.get(rec.name, 0) + rec.value
 
 
@@ -189,7 +189,7 @@ def to_rows(records: list[Any], stats: Any) -> dict[str, Rows]:
             add("funding_payments", FUNDING_PAYMENT_COLUMNS, [[getattr(rec, c) for c in FUNDING_PAYMENT_COLUMNS]])
         elif isinstance(rec, VariantMetrics):
             add("variant_metrics", VARIANT_METRICS_COLUMNS, [rec.row()])
-        elif isinstance(rec, (Counter, SourcePosition)):
+        elif isinstance(rec, (NamedCount, SourcePosition)):
             pass  # counted above / committed by the sink: stored nowhere
         else:
             raise TypeError(f"no table for record type {type(rec).__name__}")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from dataflows.kafka import KafkaUnavailable, preflight
+from dataflows.kafka_topic import KafkaUnavailable, preflight
 from dataflows.runner import free_ports
 
 

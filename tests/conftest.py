@@ -3,7 +3,7 @@ import uuid
 
 import pytest
 
-from sinks.clickhouse import Store
+from sinks.store import Store
 
 
 @contextlib.contextmanager

@@ -15,8 +15,9 @@ from dataflows.config import load_settings
 from dataflows.pipeline import build_flow
 from operators import synthetic as syn
 from operators.bars import TIMEFRAMES
-from operators.trades import FrameBatch, RawBatch
-from sinks.clickhouse import ClickHouseSink, SinkStats, Store
+from operators.records import FrameBatch, RawBatch
+from sinks.clickhouse import ClickHouseSink, SinkStats
+from sinks.store import Store
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00Z
 RECV = T0 + 10 * 86_400_000  # a fixed "received at" so decode is deterministic
@@ -99,20 +100,10 @@ def perp_updates(frame: pl.DataFrame, seed: int, since_ms: int = 0) -> list:
 def synthetic_tape(symbols: list[str], minutes: int, start_ms: int = T0, seed: int = 3,
                    rate: float = 0.5, jitter_ms: int = 0) -> pl.DataFrame:
     """Generator trades of several symbols merged in arrival order (ts, with optional jitter that
-    reorders trades by up to ``jitter_ms`` without making any late)."""
-    frames = []
-    for s in symbols:
-        cols, _ = syn.generate(syn.spec_for(s, rate), seed, start_ms, minutes)
-        frames.append(pl.DataFrame(cols).with_columns(pl.lit("x").alias("exchange"), pl.lit(s).alias("symbol")))
-    df = pl.concat(frames)
-    rng = np.random.default_rng(seed)
-    arrival = df["ts"].to_numpy() + (rng.integers(0, jitter_ms + 1, df.height) if jitter_ms else 0)
-    df = df.with_columns(pl.Series("_arr", arrival)).sort("_arr", "symbol", "offset")
-    return df.select(
-        "exchange", "symbol", pl.col("id").cast(pl.String), "ts", "price", "amount",
-        pl.when(pl.col("is_buy")).then(pl.lit("buy")).otherwise(pl.lit("sell")).alias("side"),
-        pl.int_range(pl.len(), dtype=pl.Int64).alias("offset"),
-    )
+    reorders trades by up to ``jitter_ms`` without making any late), exchange "x", numbered by an
+    ``offset`` column."""
+    df = syn.tape(symbols, seed, start_ms, minutes, rate=rate, exchange="x", jitter_ms=jitter_ms)
+    return df.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("offset"))
 
 
 def settings(tmp_path=None, **kw):

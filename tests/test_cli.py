@@ -7,7 +7,7 @@ import sys
 
 
 def tapeflow(*args, env=None, check=True):
-    cmd = [sys.executable, "-m", "dataflows.cli", *args]
+    cmd = [sys.executable, "-m", "cli.main", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if check and res.returncode != 0:
         raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")

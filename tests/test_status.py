@@ -17,11 +17,12 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from dataflows.cli import main
+from cli.main import main
 from dataflows.heartbeat import IngestProgress, write_atomic
-from dataflows.status import read_status
-from operators.trades import FrameBatch
-from sinks.clickhouse import ClickHouseSink, SinkStats, Store
+from cli.status import read_status
+from operators.records import FrameBatch
+from sinks.clickhouse import ClickHouseSink, SinkStats
+from sinks.store import Store
 from tests.helpers import run_pipeline, settings, synthetic_tape
 
 UTC = timezone.utc
@@ -139,7 +140,7 @@ def test_every_section_says_none_on_an_empty_store(store, tmp_path):
 
 def test_watch_refreshes_until_ctrl_c(populated, monkeypatch):
     store, data, _ = populated
-    import dataflows.cli as cli
+    import cli.status as status_command
 
     sleeps = []
 
@@ -148,7 +149,7 @@ def test_watch_refreshes_until_ctrl_c(populated, monkeypatch):
         if len(sleeps) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.time, "sleep", sleep)
+    monkeypatch.setattr(status_command.time, "sleep", sleep)
     code, out = status(store, data, "--watch", "2")
     assert code == 0 and sleeps == [2.0, 2.0, 2.0]
     assert out.count("tapeflow status") == 3  # one screen per refresh (not a terminal: printed in turn)
@@ -156,7 +157,7 @@ def test_watch_refreshes_until_ctrl_c(populated, monkeypatch):
 
 def test_an_embedded_store_held_by_a_running_process_is_refused_clearly(populated):
     store, data, _ = populated  # this test process holds the embedded store open
-    res = subprocess.run([sys.executable, "-m", "dataflows.cli", "status", "--dsn", store.dsn,
+    res = subprocess.run([sys.executable, "-m", "cli.main", "status", "--dsn", store.dsn,
                           "--database", store.database], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]

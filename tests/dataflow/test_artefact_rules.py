@@ -11,8 +11,8 @@ import pytest
 
 from dataflows.config import ConfigError
 from dataflows.pipeline import build_flow
-from dataflows.training import data_origin, train_from_store
 from models.onnx_ensemble import REFUSED
+from dataflows.model_io import data_origin, train_from_store
 from models.train import train
 from sinks.clickhouse import ClickHouseSink
 from tests.helpers import T0, frame_batches, run_pipeline, settings, synthetic_tape

@@ -7,9 +7,9 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 
-from dataflows.models_cli import model_rows
-from dataflows.training import REJECTED_EVENT, train_from_store
-from models.train import load_manifest
+from cli.models import model_rows
+from models.manifest import load_manifest
+from dataflows.model_io import REJECTED_EVENT, train_from_store
 from operators import synthetic as syn
 from tests.helpers import T0, frame_batches, run_pipeline, settings
 

@@ -140,7 +140,7 @@ def test_a_replay_takes_funding_history_and_liquidation_files_beside_the_trades(
     from bytewax.testing import run_main
 
     from dataflows.pipeline import build_flow
-    from dataflows.sources import ReplaySource
+    from dataflows.replay_source import ReplaySource
     from sinks.clickhouse import ClickHouseSink, SinkStats
 
     tape = synthetic_tape([SYM], minutes=3 * 60, rate=0.5)

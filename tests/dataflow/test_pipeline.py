@@ -10,7 +10,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource
 
 from operators.bars import Bar
-from operators.trades import DEAD_LETTER_REASONS
+from operators.decode import DEAD_LETTER_REASONS
 from tests.helpers import (
     RECV, T0, assert_bars_match_reference, frame_batches, raw_batches, run_pipeline, settings, stored,
     stored_bars, synthetic_tape, trade,

@@ -1,5 +1,5 @@
 """The data-quality gate is a function of the input alone (issue 11): late trades and in-band
-data-gap events reach the portfolio inside their instrument's bars (operators.trades.carry_news),
+data-gap events reach the portfolio inside their instrument's bars (operators.chunk_news.carry_news),
 so which decisions a gate stops does not depend on how the instruments' streams interleave (what
 several partitions or processes change) or where the batches are cut."""
 

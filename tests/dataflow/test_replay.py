@@ -6,7 +6,7 @@ import polars as pl
 from bytewax.testing import run_main
 
 from dataflows.pipeline import build_flow
-from dataflows.sources import ReplaySource
+from dataflows.replay_source import ReplaySource
 from sinks.clickhouse import ClickHouseSink, SinkStats
 from tests.helpers import assert_bars_match_reference, settings, stored, synthetic_tape
 

@@ -15,11 +15,12 @@ import pytest
 from bytewax.testing import run_main
 from confluent_kafka import Consumer, TopicPartition
 
-from dataflows.kafka import TradeProducer, ensure_topic, publish_tape
+from dataflows.kafka_topic import TradeProducer, ensure_topic, publish_tape
 from dataflows.pipeline import build_flow
-from dataflows.sources import ReplaySource
-from operators.trades import decode_batch
-from sinks.clickhouse import ClickHouseSink, SinkStats, Store
+from dataflows.replay_source import ReplaySource
+from operators.decode import decode_batch
+from sinks.clickhouse import ClickHouseSink, SinkStats
+from sinks.store import Store
 from tests.broker import tansu
 from tests.helpers import settings, stored, stored_bars, synthetic_tape
 

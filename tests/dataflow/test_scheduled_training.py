@@ -7,8 +7,8 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-from dataflows.cli import main
-from dataflows.models_cli import model_rows, parse_duration, train_every
+from cli.main import main
+from cli.models import model_rows, parse_duration, train_every
 from tests.helpers import frame_batches, run_pipeline, settings, synthetic_tape
 
 SYMBOLS = ["BTC/USDT:USDT", "ETH/USDT:USDT"]

@@ -9,7 +9,7 @@ import polars as pl
 from bytewax.testing import TestingSource, run_main
 
 from dataflows.pipeline import build_flow
-from dataflows.training import data_origin, run_facts
+from dataflows.model_io import data_origin, run_facts
 from models.onnx_ensemble import OnnxEnsemble
 from models.train import train
 from sinks.clickhouse import ClickHouseSink

@@ -3,7 +3,8 @@ event, decisions tagged and one per scored row, fills only at a later 1m bar's o
 
 import polars as pl
 
-from operators.events import Event, encode_in_band
+from operators.events import encode_in_band
+from operators.records import Event
 from tests.helpers import T0, raw_batches, run_pipeline, settings, stored, synthetic_tape
 
 MIN = 60_000

@@ -27,9 +27,9 @@ import asyncio
 
 import ccxt
 
-from dataflows.ccxt_feed import PerpPolling
-from operators.ingest import Backoff
-from tests.unit.test_ccxt_feed import (
+from dataflows.venue_perp_feed import PerpPolling
+from operators.venue_outages import Backoff
+from tests.unit.test_venue_feed import (
     ETH,
     BTC,
     T0,

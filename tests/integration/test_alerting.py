@@ -26,9 +26,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
-from sinks.clickhouse import ClickHouseSink, SinkStats, Store
+from sinks.clickhouse import ClickHouseSink, SinkStats
+from sinks.store import Store
 from tests.grafana_alerts import ALERTING, evaluate, firing, load_yaml, rule, rules
-from operators.trades import FrameBatch
+from operators.records import FrameBatch
 from tests.helpers import run_pipeline, settings, synthetic_tape
 
 ROOT = ALERTING.parents[3]

@@ -75,7 +75,7 @@ def _localise(args: list[str], tmp: Path, sample: Path) -> list[str]:
 
 
 def run_service(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "dataflows.cli", *args], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=300)
     assert res.returncode == 0, f"tapeflow {args}:\n{res.stdout}\n{res.stderr}"
     return res

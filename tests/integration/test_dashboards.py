@@ -1,4 +1,4 @@
-"""The people-facing side (issue 7, SPEC §8): Grafana provisioning and dashboards, and the KPI views.
+"""The people-facing side (issue 7): Grafana provisioning and dashboards, and the KPI views.
 
 1. The embedded job runs on a small synthetic tape (with a few bad messages and late trades), then
    the SQL of every panel, annotation and template variable of every dashboard is expanded for a
@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
-from sinks.clickhouse import ClickHouseSink, SinkStats, Store
+from sinks.clickhouse import ClickHouseSink, SinkStats
+from sinks.store import Store
 from tests.grafana_sql import (ExpandError, TimeRange, expand, expand_macros, expand_variables, panels,
                                queries, resolve_variables)
 from tests.helpers import T0, raw_batches, run_pipeline, settings, synthetic_tape

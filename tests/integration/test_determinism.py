@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dataflows.kafka import ensure_topic
+from dataflows.kafka_topic import ensure_topic
 from tests.helpers import synthetic_tape
 from tests.integration.test_kafka_pipeline import SYMBOLS, _snapshotted_offsets, publish
 
@@ -40,7 +40,7 @@ KEYS = {"fills": "origin, strategy_id, variant_id, position_id, ts, reason"}  # 
 
 
 def cli(*args, check=True, timeout=300):
-    res = subprocess.run([sys.executable, "-m", "dataflows.cli", *args], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                          timeout=timeout, env=ENV)
     if check and res.returncode != 0:
         raise AssertionError(f"tapeflow {args} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
@@ -137,7 +137,7 @@ def test_kills_and_a_sigterm_resume_to_the_uninterrupted_rows(kafka_broker, topi
     marks = sorted(rng.uniform(0.1, 0.8) for _ in range(3)) + [0.9]  # SIGKILL x3, then SIGTERM
     stopped = 0
     for k, share in enumerate(marks):
-        proc = subprocess.Popen([sys.executable, "-m", "dataflows.cli", *args], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 180
         while _snapshotted_offsets(rec) < share * topics["n"]:

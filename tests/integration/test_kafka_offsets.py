@@ -15,7 +15,8 @@ import pytest
 from bytewax.testing import run_main
 from confluent_kafka import Consumer, TopicPartition
 
-from dataflows.kafka import KafkaBatchSource, KafkaPositionError, TradeProducer, default_group, ensure_topic
+from dataflows.kafka_source import KafkaBatchSource, KafkaPositionError, default_group
+from dataflows.kafka_topic import TradeProducer, ensure_topic
 from dataflows.pipeline import build_flow
 from sinks.clickhouse import ClickHouseSink, SinkStats
 from tests.helpers import settings
@@ -165,7 +166,7 @@ def test_cli_resumes_from_committed_offsets_and_an_eof_run_past_the_end_fails_in
             "--data-dir", str(tmp_path)]
 
     def run(*extra):
-        return subprocess.run([sys.executable, "-m", "dataflows.cli", *base, *extra], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "cli.main", *base, *extra], capture_output=True, text=True,
                               timeout=120)
 
     first = run("--summary-json", str(tmp_path / "1.json"))

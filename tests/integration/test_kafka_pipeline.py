@@ -17,7 +17,7 @@ import msgspec
 import polars as pl
 from confluent_kafka import Consumer, TopicPartition
 
-from dataflows.kafka import TradeProducer, ensure_topic, tape_messages
+from dataflows.kafka_topic import TradeProducer, ensure_topic, tape_messages
 from tests.helpers import synthetic_tape
 
 BARS = ("SELECT symbol, tf, start, trades, open, high, low, close, volume, notional, delta, min_delta, max_delta, "
@@ -29,7 +29,7 @@ BAD = [b"{not json", msgspec.json.encode({"exchange": "x", "symbol": "BTC/USDT:U
 
 
 def cli(*args, check=True, **kw):
-    res = subprocess.run([sys.executable, "-m", "dataflows.cli", *args], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                          timeout=300, **kw)
     if check and res.returncode != 0:
         raise AssertionError(f"tapeflow {args} failed:\n{res.stdout}\n{res.stderr}")
@@ -141,7 +141,7 @@ def test_a_killed_pipeline_resumes_from_its_recovery_directory_with_nothing_lost
     publish(kafka_broker, topic, first)
     rec = tmp_path / "recovery"
     env = {**os.environ, "TAPEFLOW_EPOCH_INTERVAL_S": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "dataflows.cli", *base, "--recovery-dir", str(rec),
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *base, "--recovery-dir", str(rec),
                              "--data-dir", str(tmp_path / "crashed")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120

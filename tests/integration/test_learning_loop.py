@@ -35,13 +35,13 @@ SPLIT = T0 + 24 * 3_600_000  # the main job trains on the first 24 h of 48
 def main_job(tmp_path_factory):
     data = tmp_path_factory.mktemp("main-job")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAPEFLOW_")}  # defaults, nothing else
-    res = subprocess.run([sys.executable, "-m", "dataflows.cli", "run", "--data-dir", str(data), "--quiet",
+    res = subprocess.run([sys.executable, "-m", "cli.main", "run", "--data-dir", str(data), "--quiet",
                           "--summary-json", str(data / "summary.json")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     (data / "stdout.txt").write_text(res.stdout)
     from dataflows.config import load_settings
-    from sinks.clickhouse import Store
+    from sinks.store import Store
 
     settings = load_settings(data_dir=str(data))
     store = Store(settings.dsn(), settings.clickhouse_database)
@@ -65,7 +65,7 @@ def half_calibration(store) -> dict:
 
 def test_calibrated_skilled_models_and_a_trading_strategy_at_default_settings(main_job):
     data, settings, store, summary = main_job
-    from models.train import load_manifest
+    from models.manifest import load_manifest
 
     (folder,) = [p for p in settings.artifacts().iterdir() if not p.name.startswith(".")]
     m = load_manifest(folder)
@@ -114,8 +114,8 @@ def test_the_oracle_beats_every_model_and_the_models_capture_part_of_its_edge(ma
 
 def test_the_ensembles_feature_importances_reach_the_store_and_the_models_dashboard(main_job):
     data, settings, store, _ = main_job
-    from dataflows.training import record_importances
-    from models.train import load_manifest
+    from models.manifest import load_manifest
+    from dataflows.model_io import record_importances
     from tests.grafana_sql import TimeRange, expand, queries
 
     (folder,) = [p for p in settings.artifacts().iterdir() if not p.name.startswith(".")]

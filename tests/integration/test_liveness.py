@@ -29,12 +29,13 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.testing import run_main
 from click.testing import CliRunner
 
-from dataflows.cli import main
+from cli.main import main
 from dataflows.heartbeat import IngestProgress, read_ingest
-from dataflows.kafka import KafkaBatchSource, TradeProducer, ensure_topic, tape_messages
+from dataflows.kafka_topic import TradeProducer, ensure_topic, tape_messages
+from dataflows.kafka_source import KafkaBatchSource
 from dataflows.pipeline import build_flow
-from dataflows.status import pipeline_stalls
-from operators.trades import FrameBatch
+from cli.health import pipeline_stalls
+from operators.records import FrameBatch
 from sinks.clickhouse import ClickHouseSink, SinkStats
 from tests.helpers import settings
 
@@ -159,7 +160,7 @@ def test_an_ingest_whose_venues_go_quiet_is_reported_stalled_while_it_runs(kafka
     data = tmp_path / "data"
     env = {**os.environ, "TAPEFLOW_DATA_DIR": str(data), "TAPEFLOW_KAFKA_BROKERS": kafka_broker,
            "TAPEFLOW_KAFKA_TOPIC": f"ingest-{uuid.uuid4().hex[:8]}", "TAPEFLOW_KAFKA_PARTITIONS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "dataflows.cli", "ingest", "--feeds",
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "ingest", "--feeds",
                              "binanceusdm:BTC/USDT:USDT;bybit:ETH/USDT:USDT", "--duration", "60",
                              "--exchange-factory", "tests.integration.fake_venues:make"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

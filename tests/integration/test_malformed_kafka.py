@@ -18,7 +18,7 @@ import uuid
 import msgspec
 import numpy as np
 
-from dataflows.kafka import TradeProducer, ensure_topic, tape_messages
+from dataflows.kafka_topic import TradeProducer, ensure_topic, tape_messages
 from tests.helpers import synthetic_tape
 from tests.integration.test_kafka_pipeline import _snapshotted_offsets, cli, sql, topic_contents
 
@@ -116,7 +116,7 @@ def test_a_run_killed_anywhere_resumes_past_every_malformed_message(kafka_broker
     total = tape.height + len(sent)
     kills = 0
     for fraction in (0.2, 0.5, 0.8):  # kill at three moments, resuming each time
-        proc = subprocess.Popen([sys.executable, "-m", "dataflows.cli", *base, "--recovery-dir", str(rec),
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", *base, "--recovery-dir", str(rec),
                                  "--data-dir", str(crashed)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         deadline = time.time() + 120

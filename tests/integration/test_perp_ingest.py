@@ -12,7 +12,7 @@ from operators.perp import PERP_DECODER, PerpUpdate
 from tests.conftest import scratch_store
 from tests.helpers import settings, stored
 from tests.integration.fake_venues import PERP_FUNDING, PERP_LIQ, PERP_OI, PERP_TAPE
-from tests.unit.test_ccxt_feed import BTC, ETH, T0
+from tests.unit.test_venue_feed import BTC, ETH, T0
 
 FEEDS = {"binanceusdm": [BTC], "bybit": [ETH]}  # bybit here: trades only
 
@@ -22,7 +22,7 @@ def ccxt_run(chdb_dsn, tmp_path_factory):
     """``--source ccxt`` in process (live pace, as the CLI runs it) for 2.5 s of scripted venues."""
     from bytewax.testing import run_main
 
-    from dataflows.ccxt_source import CcxtSource
+    from dataflows.venue_source import CcxtSource
     from dataflows.pipeline import build_flow
     from sinks.clickhouse import ClickHouseSink, SinkStats
 
@@ -81,10 +81,9 @@ def test_ccxt_perp_data_reaches_the_features_and_a_venue_without_it_still_trades
 # -- the ingest: perp data in band on Kafka, in order with the trades of its key -------------------
 
 def test_with_perp_puts_each_update_after_the_trades_before_its_seq():
-    from dataflows.ccxt_source import trades_frame
-    from dataflows.ingest import with_perp
-    from dataflows.kafka import tape_messages
-    from operators.trades import Trade
+    from dataflows.venue_source import trades_frame
+    from dataflows.kafka_topic import tape_messages, with_perp
+    from operators.records import Trade
 
     trades = [Trade("x", BTC, str(i), T0 + i, 100.0, 1.0, "buy", 100.0, None, T0) for i in range(4)]
     frame = trades_frame(trades, 10)  # offsets 10..13

@@ -1,6 +1,6 @@
 """The daily report (issue 7, acceptance 4): a demo day produced by the real pipeline on a synthetic
 tape, rendered to markdown + PNG charts, and its numbers checked against SQL written here
-independently of dataflows/report.py. Also the optional LLM summary against a loopback
+independently of cli/report.py. Also the optional LLM summary against a loopback
 OpenAI-compatible endpoint: only aggregates are sent, and a failing endpoint leaves the report
 without a summary."""
 
@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli.llm import LlmConfig, llm_request
+from cli.report import SECTIONS, write_report
+from cli.report_data import aggregates
 from dataflows import logs
 from models.calibration import classwise_ece
-from dataflows.report import SECTIONS, LlmConfig, aggregates, llm_request, write_report
-from sinks.clickhouse import Store
+from sinks.store import Store
 from tests.helpers import frame_batches, run_pipeline, settings, synthetic_tape
 
 DAY = date(2024, 1, 1)

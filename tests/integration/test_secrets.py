@@ -29,7 +29,7 @@ def leaked(text: str | bytes) -> list[str]:
 
 
 def tapeflow(*args: str, env: dict) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "dataflows.cli", *args], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                          timeout=300, env=env, cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, f"tapeflow {' '.join(args)[:300]} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
     return res

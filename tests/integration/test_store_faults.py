@@ -21,9 +21,11 @@ import pytest
 from bytewax.errors import BytewaxRuntimeError
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError, ProgrammingError
 
-from dataflows import errors
+from cli.errors import describe
+from dataflows.bytewax_errors import original
 from dataflows.runner import free_ports
-from sinks.clickhouse import ClickHouseSink, SinkStats, StoreError, is_transient
+from sinks.clickhouse import ClickHouseSink, SinkStats
+from sinks.store import StoreError, is_transient
 from tests.helpers import raw_batches, run_pipeline, settings, stored, synthetic_tape
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,8 +145,8 @@ def test_a_permanent_insert_error_fails_the_run_at_once_with_the_stores_error(st
     faults = Faults(always=DatabaseError(TYPE_MISMATCH, code=53, name="TYPE_MISMATCH"))
     err, took = _failed_run(store, tmp_path, faults, retry_s=30)
     assert faults.attempts == 1 and took < 20  # not retried (the bound is 30 s)
-    assert isinstance(errors.original(err), StoreError)
-    message, code = errors.describe(err)  # what the CLI prints
+    assert isinstance(original(err), StoreError)
+    message, code = describe(err)  # what the CLI prints
     assert code == 1 and "\n" not in message
     assert re.fullmatch(r"ClickHouse at chdb://\S+: insert into \w+ failed: " + re.escape(TYPE_MISMATCH), message)
 
@@ -153,7 +155,7 @@ def test_a_store_that_stays_down_fails_the_run_at_the_retry_bound(store, tmp_pat
     faults = Faults(always=OperationalError(RESET))
     err, took = _failed_run(store, tmp_path, faults, retry_s=2)
     assert 2 <= took < 15 and faults.attempts >= 3  # backoff 0.2, 0.4, 0.8 ... s until the bound
-    message, code = errors.describe(err)
+    message, code = describe(err)
     assert code == 1 and "\n" not in message
     assert re.search(r"insert into \w+ failed for 2 s \(\d+ attempts, store_retry_s=2\): ", message), message
     assert RESET in message
@@ -166,7 +168,7 @@ def _tapeflow(*args: str, retry_s: float, wrap: list[str] | None = None, timeout
     set through the environment, as a supervisor would run it; returns (result, seconds)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAPEFLOW_")}
     env.update(TAPEFLOW_STORE_RETRY_S=str(retry_s), RUST_BACKTRACE="0")
-    cmd = [*(wrap or []), sys.executable, "-m", "dataflows.cli", *args]
+    cmd = [*(wrap or []), sys.executable, "-m", "cli.main", *args]
     started = time.monotonic()
     # the timeout only stops a regression (a hang) from stalling the suite: the asserts are far below it
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
@@ -192,7 +194,7 @@ def test_a_read_only_store_fails_the_run_at_once_with_the_stores_error(tmp_path)
     not the database metadata: the start (migrations already recorded, views recreated) succeeds
     and the failure happens where it used to hang, in the bytewax sink."""
     data = tmp_path / "data"
-    made = subprocess.run([sys.executable, "-c", "from sinks.clickhouse import Store; "
+    made = subprocess.run([sys.executable, "-c", "from sinks.store import Store; "
                            f"Store('chdb://{data / 'clickhouse'}', 'tapeflow').close()"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from models.train import DataOrigin
-from operators.features import FEATURE_NAMES, aligned_feature_names
+from models.manifest import DataOrigin
+from operators.features import aligned_feature_names
+from operators.feature_catalog import FEATURE_NAMES
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00Z
 BAR_MS = 300_000

@@ -1,5 +1,6 @@
-"""Unit tests for operators/bars.py: one bar from a hand-made tape, parent orders and cohorts,
-the value area, and roll-ups that equal a bar computed straight from the trades.
+"""Unit tests for operators/bars.py, rollups.py and volume_profiles.py: one bar from a hand-made
+tape, parent orders and cohorts, the value area, and roll-ups that equal a bar computed straight
+from the trades.
 
 Numbers are chosen so that every sum is exact in binary floating point (prices on a 0.5 grid,
 amounts on a 0.25 grid) and worked out by hand in the comments."""
@@ -10,9 +11,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from operators.bars import (
-    PROFILE_MAX_BINS, TIMEFRAMES, Bar, BarConfig, BarState, Profile, RollupState, add_profiles, close_until,
-    default_bin, make_bar, merge, rollup, tf_ms, value_area,
+from operators.bars import TIMEFRAMES, Bar, BarConfig, BarState, make_bar, tf_ms
+from operators.rollups import RollupState, close_until, merge, rollup
+from operators.volume_profiles import (
+    PROFILE_MAX_BINS, Profile, add_profiles, default_bin, value_area,
 )
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00Z

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from models.calibration import (
-    RollingCalibrator, VectorScaling, classwise_ece, cross_fitted, fit_vector_scaling, log_loss, reliability,
+    RollingCalibrator, VectorScaling, classwise_ece, cross_fitted, fit_vector_scaling, reliability,
 )
-from operators.stats import hac_se
+from operators.stats import log_loss
+from operators.sharpe_inference import hac_se
 
 
 def softmax(z):

@@ -12,7 +12,7 @@ from dataflows.control import ControlInbox, pending, request_reset
 from dataflows.pipeline import PortfolioLogic
 from operators.portfolio import Portfolio
 from operators.risk import RiskEvent
-from operators.strategy import Decision
+from operators.decision import Decision
 from tests.unit.test_strategy import LONG, P, T0, bar, cfg, row
 
 
@@ -34,7 +34,7 @@ def test_killswitch_reset_command_lifts_the_halt_at_the_next_input_and_is_audite
     (d,) = [r for r in out if isinstance(r, Decision)]
     assert d.reason == "drawdown_limit"
 
-    res = subprocess.run([sys.executable, "-m", "dataflows.cli", "killswitch", "reset", "--data-dir", str(tmp_path),
+    res = subprocess.run([sys.executable, "-m", "cli.main", "killswitch", "reset", "--data-dir", str(tmp_path),
                           "--by", "alice", "--reason", "reviewed"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert len(pending(tmp_path)) == 1

@@ -1,4 +1,5 @@
-"""operators.decision: config, arms and gates, consensus, sizing, the Thompson bandit."""
+"""operators.strategy_config (the config), operators.decision (arms and gates, consensus, sizing) and
+operators.bandit (rewards, the Thompson bandit)."""
 
 import copy
 import pickle
@@ -6,9 +7,13 @@ import pickle
 import numpy as np
 import pytest
 
-from operators.decision import (GaussianThompson, StrategyConfig, consensus, effective_conf_min, evaluate_arms,
-                                kelly_cap, reward_from_bps, size_position, target_fraction, vol_guard_scale)
+from operators.bandit import GaussianThompson, reward_from_bps
+from operators.decision import (
+    consensus, effective_conf_min, evaluate_arms, kelly_cap, size_position, target_fraction,
+    vol_guard_scale,
+)
 from operators.signals import Prediction
+from operators.strategy_config import StrategyConfig
 
 
 # ---------------------------------------------------------------- helpers
@@ -136,7 +141,7 @@ def test_consensus_vetoes_against_a_strong_1h_trend():
 def test_there_is_no_1h_model_setting_and_predictions_do_not_sway_the_consensus():
     """Nothing produces a 1h model, so the setting that named one is gone (issue 12): naming it is
     an error, and a prediction under any name changes no consensus."""
-    with pytest.raises(TypeError, match="consensus_model"):
+    with pytest.raises(ValueError, match="consensus_model"):  # pydantic: an unexpected keyword argument
         CFG.replace(consensus_model="1h_onnx_ensemble")
     p = {"1h_onnx_ensemble": pred("1h_onnx_ensemble", p_up=0.1, p_down=0.8)}
     assert not consensus(CFG, 1, feats(trend=0.0), {}, p).veto

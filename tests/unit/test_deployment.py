@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from models.deployment import ACCEPTED, REJECTED, Evidence, GateRule, decide
-from models.onnx_ensemble import ENSEMBLE_NAME, ModelRefused, OnnxEnsemble
-from models.train import MANIFEST_FILE, load_manifest, train
+from models.artefacts import ModelRefused
+from models.manifest import MANIFEST_FILE, load_manifest
+from models.onnx_ensemble import ENSEMBLE_NAME, OnnxEnsemble
+from models.train import train
 from tests.unit.synthetic_models import HORIZON, LABEL_DEFINITION, NAMES, ORIGIN, T0, synthetic_frame
 
 FAST = {"num_iterations": 20, "min_data_in_leaf": 20}

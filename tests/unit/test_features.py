@@ -1,4 +1,4 @@
-"""Features (SPEC §4): every feature against TA-Lib (or, where TA-Lib has no such indicator, an
+"""Features: every feature against TA-Lib (or, where TA-Lib has no such indicator, an
 independent plain reference) on long bar series, hand-checkable series, warm-up, no lookahead,
 streaming == batch, picklable O(1) state, and closed-overlay alignment (acceptance)."""
 
@@ -13,13 +13,18 @@ import polars as pl
 import pytest
 import talib
 
-from operators import features as F
-from operators import perp as PD
 from operators.bars import Bar
-from operators.features import (
-    FEATURE_NAMES, WARMUP, WARM_BARS, AlignedRow, FeatureRow, FeatureState, OverlayBook, align,
-    compute_features, update,
+from operators.feature_batch import compute_features
+from operators.feature_catalog import (
+    CHOPPY, FEATURE_NAMES, FORMULAS, INPUT_COLUMNS, PERP_COLUMNS, RANGING, REGIME_UNKNOWN, STRONG_TREND,
+    VOLATILE, WARM_BARS, WARMUP,
 )
+from operators.feature_state import FeatureState
+from operators.features import (
+    AlignedRow, FeatureRow, OverlayBook, align, aligned_feature_names, overlay_usable, update,
+)
+from operators.perp import NAMES as PERP_NAMES
+from operators.perp import PerpSnap
 
 M5 = 300_000
 M15 = 900_000
@@ -107,7 +112,7 @@ def bars_of(df: pl.DataFrame, exchange="x", symbol="A/USDT:USDT", tf="5m") -> li
             s_top=r["s_top"], s_bot=r["s_bot"], s_mood=r["s_mood"], pro_threshold=0.0,
             amateur_threshold=0.0, poc=r.get("poc", r["close"]), vah=r.get("vah", r["high"]),
             val=r.get("val", r["low"]), profile_bin=0.01,
-            perp=PD.PerpSnap(**{c: r[c] for c in F.PERP_COLUMNS if c in r}) if "funding_rate" in r else None,
+            perp=PerpSnap(**{c: r[c] for c in PERP_COLUMNS if c in r}) if "funding_rate" in r else None,
         ))
     return out
 
@@ -224,7 +229,7 @@ def _structure(h, l, c):
 def references(df: pl.DataFrame, tf_ms: int) -> dict[str, np.ndarray]:
     """Every feature computed from TA-Lib's functions (where TA-Lib has the indicator) or from its
     definition in plain numpy. NaN marks the warm-up."""
-    a = {k: df[k].cast(pl.Float64).to_numpy() for k in F.INPUT_COLUMNS}
+    a = {k: df[k].cast(pl.Float64).to_numpy() for k in INPUT_COLUMNS}
     h, l, c, v, d = a["high"], a["low"], a["close"], a["volume"], a["delta"]
     bpy = 365 * 86_400_000 / tf_ms
     r1 = np.log(c / _lag(c, 1))
@@ -316,16 +321,16 @@ def test_at_least_60_features_the_original_22_kept_each_with_warmup_and_formula(
     assert len(FEATURE_NAMES) >= 3 * len(ORIGINAL_22)
     assert FEATURE_NAMES[:22] == ORIGINAL_22  # models and manifests refer to these names
     assert set(WARMUP) == set(FEATURE_NAMES) | {"regime"}
-    assert all(len(F.FORMULAS[f]) > 10 for f in FEATURE_NAMES)
+    assert all(len(FORMULAS[f]) > 10 for f in FEATURE_NAMES)
     assert WARM_BARS == max(WARMUP.values()) == WARMUP["ichi_cloud"] == 78
     assert (WARMUP["rsi"], WARMUP["atr"], WARMUP["adx"], WARMUP["macd_hist"], WARMUP["atr_pct"]) == (15, 15, 28, 34, 64)
 
 
 def test_output_columns_and_types():
     out = compute_features(random_frame(80), M5)
-    assert out.columns == ["start", "end", "close", *FEATURE_NAMES, *PD.NAMES, "regime", "warm"]
-    assert all(out.schema[f] == pl.Float64 for f in FEATURE_NAMES + PD.NAMES)
-    assert all(out[f].null_count() == 80 for f in PD.NAMES)  # no perp data: no perp features
+    assert out.columns == ["start", "end", "close", *FEATURE_NAMES, *PERP_NAMES, "regime", "warm"]
+    assert all(out.schema[f] == pl.Float64 for f in FEATURE_NAMES + PERP_NAMES)
+    assert all(out[f].null_count() == 80 for f in PERP_NAMES)  # no perp data: no perp features
     assert out.schema["regime"] == pl.String and out.schema["warm"] == pl.Boolean
     assert out.height == 80
 
@@ -533,7 +538,7 @@ def test_atr_percentile_constant_rising_falling():
     assert col(widening, "atr_pct")[63:] == [1.0] * (n - 63)  # every ATR is the largest so far
     narrowing = compute_features(frame(close, [101 - 0.01 * i for i in range(n)], [99 + 0.01 * i for i in range(n)]), M5)
     assert col(narrowing, "atr_pct")[63:] == [0.0] * (n - 63)
-    assert col(widening, "regime")[63] == F.VOLATILE
+    assert col(widening, "regime")[63] == VOLATILE
 
 
 def test_atr_percentile_slides_over_the_last_500_values():
@@ -550,9 +555,9 @@ def test_regime_labels():
     n = 80
     trend = compute_features(frame([i + 1.5 for i in range(n)], [i + 2.0 for i in range(n)], [i + 1.0 for i in range(n)]), M5)
     assert col(trend, "regime")[:63] == [None] * 63  # unknown while adx / atr_pct are undefined
-    assert col(trend, "regime")[63:] == [F.STRONG_TREND] * (n - 63)  # adx 100, atr_pct 0.5
+    assert col(trend, "regime")[63:] == [STRONG_TREND] * (n - 63)  # adx 100, atr_pct 0.5
     flat = compute_features(frame([100.0] * n), M5)
-    assert col(flat, "regime")[63:] == [F.RANGING] * (n - 63)  # adx 0, atr_pct 0.5
+    assert col(flat, "regime")[63:] == [RANGING] * (n - 63)  # adx 0, atr_pct 0.5
     # every row of a random frame follows the rule
     out = compute_features(random_frame(400), M5)
     seen = set()
@@ -560,16 +565,16 @@ def test_regime_labels():
         if adx is None or pct is None:
             want = None
         elif pct >= 0.8:
-            want = F.VOLATILE
+            want = VOLATILE
         elif adx >= 25:
-            want = F.STRONG_TREND
+            want = STRONG_TREND
         elif adx < 20:
-            want = F.RANGING
+            want = RANGING
         else:
-            want = F.CHOPPY
+            want = CHOPPY
         assert reg == want
         seen.add(reg)
-    assert {F.VOLATILE, F.STRONG_TREND, F.RANGING, F.CHOPPY} <= seen
+    assert {VOLATILE, STRONG_TREND, RANGING, CHOPPY} <= seen
 
 
 def test_atr_percentile_of_exactly_0_8_is_volatile():
@@ -587,7 +592,7 @@ def test_atr_percentile_of_exactly_0_8_is_volatile():
     got = col(out, "atr")
     assert got[53] < got[64] < got[54]
     assert col(out, "atr_pct")[64] == 0.8
-    assert col(out, "regime")[64] == F.VOLATILE
+    assert col(out, "regime")[64] == VOLATILE
 
 
 def test_oscillators_of_a_flat_tape_are_neutral_not_null():
@@ -724,11 +729,11 @@ def test_no_lookahead_changing_later_bars_leaves_earlier_rows_unchanged_for_ever
         ).with_columns(pl.when(later).then(pl.col("trades") * 7).otherwise(pl.col("trades")))
         again = compute_features(changed, M5)
         assert again.head(i + 1).equals(base.head(i + 1)), f"rows <= {i} changed"
-        for name in FEATURE_NAMES + PD.NAMES:
+        for name in FEATURE_NAMES + PERP_NAMES:
             if not again[name].tail(300 - i - 1).equals(base[name].tail(300 - i - 1)):
                 changed_later.add(name)
     # every feature does react to the bars it is allowed to see: the test covers all of them
-    assert changed_later == set(FEATURE_NAMES + PD.NAMES)
+    assert changed_later == set(FEATURE_NAMES + PERP_NAMES)
 
 
 # ------------------------------------------------------------------------------ streaming
@@ -739,7 +744,7 @@ def test_streaming_equals_batch_bar_for_bar():
     bars = bars_of(df)
     state = FeatureState()
     batch = compute_features(df, M5)
-    names = FEATURE_NAMES + PD.NAMES
+    names = FEATURE_NAMES + PERP_NAMES
     for i, bar in enumerate(bars):
         row = update(state, bar)
         want = batch.row(i, named=True)
@@ -747,9 +752,9 @@ def test_streaming_equals_batch_bar_for_bar():
         assert row.values == {f: want[f] for f in names}, f"bar {i}"
         assert list(row.values) == names
         if i >= 12:
-            assert all(row.values[f] is not None for f in PD.NAMES), f"bar {i}"
+            assert all(row.values[f] is not None for f in PERP_NAMES), f"bar {i}"
         assert row.warm == want["warm"]
-        assert row.regime == (want["regime"] or F.REGIME_UNKNOWN)
+        assert row.regime == (want["regime"] or REGIME_UNKNOWN)
 
 
 def test_streaming_state_is_plain_bounded_and_ignores_stale_bars():
@@ -774,7 +779,7 @@ def test_streaming_state_is_plain_bounded_and_ignores_stale_bars():
 
 def test_feature_row_regime_is_unknown_while_cold():
     row = update(FeatureState(), bars_of(random_frame(1))[0])
-    assert row.warm is False and row.regime == F.REGIME_UNKNOWN
+    assert row.warm is False and row.regime == REGIME_UNKNOWN
     assert row.values["ret_1"] is None and row.values["vwap_dev"] is not None
 
 
@@ -784,7 +789,7 @@ def test_feature_row_regime_is_unknown_while_cold():
 def frow(tf: str, end: int, marker: float = 1.0, warm: bool = True) -> FeatureRow:
     """A FeatureRow whose every value is ``marker`` (so a test can see which row was used)."""
     return FeatureRow(exchange="x", symbol="A/USDT:USDT", tf=tf, start=end - TFS[tf], end=end,
-                      close=100.0, warm=warm, regime=F.RANGING, values={f: marker for f in FEATURE_NAMES + PD.NAMES})
+                      close=100.0, warm=warm, regime=RANGING, values={f: marker for f in FEATURE_NAMES + PERP_NAMES})
 
 
 def test_acceptance_overlay_ending_after_the_primary_end_is_never_used():
@@ -796,7 +801,7 @@ def test_acceptance_overlay_ending_after_the_primary_end_is_never_used():
     assert all(row.features[f"15m_{f}"] is None for f in FEATURE_NAMES)
     assert all(row.features[f"1h_{f}"] is None for f in FEATURE_NAMES)
     # even one millisecond after the primary end is too late
-    assert not F.overlay_usable(primary.end, frow("15m", primary.end + 1), M15)
+    assert not overlay_usable(primary.end, frow("15m", primary.end + 1), M15)
     # the book holds the later row too, but picks the newest one CLOSED by 02:10
     book = OverlayBook()
     for r in (frow("15m", T0 + 2 * H1, 1.0), open_15m, frow("1h", T0 + 2 * H1, 2.0), open_1h):
@@ -830,9 +835,9 @@ def test_aligned_row_layout():
     primary = frow("5m", T0 + H1, marker=3.0)
     row = align(primary, {"15m": frow("15m", T0 + H1, 1.5), "1h": frow("1h", T0 + H1, 2.5)}, primary.end, TFS)
     assert isinstance(row, AlignedRow)
-    assert list(row.features) == F.aligned_feature_names(["15m", "1h"])
+    assert list(row.features) == aligned_feature_names(["15m", "1h"])
     assert row.features["rsi"] == 3.0 and row.features["15m_rsi"] == 1.5 and row.features["1h_ema_gap"] == 2.5
-    assert (row.start, row.end, row.tf, row.regime, row.warm) == (primary.start, primary.end, "5m", F.RANGING, True)
+    assert (row.start, row.end, row.tf, row.regime, row.warm) == (primary.start, primary.end, "5m", RANGING, True)
     with pytest.raises(ValueError, match="4h"):
         align(primary, {"4h": None}, primary.end, TFS)
 

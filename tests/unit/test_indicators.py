@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import talib
 
-from operators import indicators as I
+from operators.indicators import (
+    ADOSC, ATR, CCI, CMF, CVI, DMI, EMA, HMA, KC, MACD, MFI, RSI, SAR, SMA, TRIX, TSI, VWMA, WMA,
+    AroonOsc, Correl, Fractal, StdDev, Stoch, Supertrend, TrueRange, Vortex, Wilder,
+)
 
 N = 3000
 
@@ -57,50 +60,50 @@ def assert_parity(got: list, want: np.ndarray, name: str) -> None:
 
 # name -> (make, feed(ind, h, l, c, v) -> value, TA-Lib(h, l, c, v) -> array)
 CASES = {
-    "SMA": (lambda: I.SMA(20), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.SMA(c, 20)),
-    "EMA": (lambda: I.EMA(26), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.EMA(c, 26)),
-    "RMA": (lambda: I.Wilder(14), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.RMA(c, 14)),
-    "WMA": (lambda: I.WMA(20), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.WMA(c, 20)),
-    "HMA": (lambda: I.HMA(20), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.HMA(c, 20)),
-    "VWMA": (lambda: I.VWMA(20), lambda i, h, l, c, v: i.update(c, v), lambda h, l, c, v: talib.VWMA(c, v, 20)),
-    "STDDEV": (lambda: I.StdDev(20), lambda i, h, l, c, v: (r := i.update(c)) and r[1],
+    "SMA": (lambda: SMA(20), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.SMA(c, 20)),
+    "EMA": (lambda: EMA(26), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.EMA(c, 26)),
+    "RMA": (lambda: Wilder(14), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.RMA(c, 14)),
+    "WMA": (lambda: WMA(20), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.WMA(c, 20)),
+    "HMA": (lambda: HMA(20), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.HMA(c, 20)),
+    "VWMA": (lambda: VWMA(20), lambda i, h, l, c, v: i.update(c, v), lambda h, l, c, v: talib.VWMA(c, v, 20)),
+    "STDDEV": (lambda: StdDev(20), lambda i, h, l, c, v: (r := i.update(c)) and r[1],
                lambda h, l, c, v: talib.STDDEV(c, 20, 1.0)),
-    "TRANGE": (lambda: I.TrueRange(), lambda i, h, l, c, v: i.update(h, l, c), lambda h, l, c, v: talib.TRANGE(h, l, c)),
-    "ATR": (lambda: I.ATR(14), lambda i, h, l, c, v: i.update(h, l, c), lambda h, l, c, v: talib.ATR(h, l, c, 14)),
-    "RSI": (lambda: I.RSI(14), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.RSI(c, 14)),
-    "PLUS_DI": (lambda: I.DMI(14), lambda i, h, l, c, v: i.update(h, l, c)[0], lambda h, l, c, v: talib.PLUS_DI(h, l, c, 14)),
-    "MINUS_DI": (lambda: I.DMI(14), lambda i, h, l, c, v: i.update(h, l, c)[1], lambda h, l, c, v: talib.MINUS_DI(h, l, c, 14)),
-    "ADX": (lambda: I.DMI(14), lambda i, h, l, c, v: i.update(h, l, c)[2], lambda h, l, c, v: talib.ADX(h, l, c, 14)),
-    "KC.upper": (lambda: I.KC(20, 10, 2.0), lambda i, h, l, c, v: (r := i.update(h, l, c)) and r[0],
+    "TRANGE": (lambda: TrueRange(), lambda i, h, l, c, v: i.update(h, l, c), lambda h, l, c, v: talib.TRANGE(h, l, c)),
+    "ATR": (lambda: ATR(14), lambda i, h, l, c, v: i.update(h, l, c), lambda h, l, c, v: talib.ATR(h, l, c, 14)),
+    "RSI": (lambda: RSI(14), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.RSI(c, 14)),
+    "PLUS_DI": (lambda: DMI(14), lambda i, h, l, c, v: i.update(h, l, c)[0], lambda h, l, c, v: talib.PLUS_DI(h, l, c, 14)),
+    "MINUS_DI": (lambda: DMI(14), lambda i, h, l, c, v: i.update(h, l, c)[1], lambda h, l, c, v: talib.MINUS_DI(h, l, c, 14)),
+    "ADX": (lambda: DMI(14), lambda i, h, l, c, v: i.update(h, l, c)[2], lambda h, l, c, v: talib.ADX(h, l, c, 14)),
+    "KC.upper": (lambda: KC(20, 10, 2.0), lambda i, h, l, c, v: (r := i.update(h, l, c)) and r[0],
                  lambda h, l, c, v: talib.KC(h, l, c, 20, 10, 2.0)[0]),
-    "KC.middle": (lambda: I.KC(20, 10, 2.0), lambda i, h, l, c, v: (r := i.update(h, l, c)) and r[1],
+    "KC.middle": (lambda: KC(20, 10, 2.0), lambda i, h, l, c, v: (r := i.update(h, l, c)) and r[1],
                   lambda h, l, c, v: talib.KC(h, l, c, 20, 10, 2.0)[1]),
-    "KC.lower": (lambda: I.KC(20, 10, 2.0), lambda i, h, l, c, v: (r := i.update(h, l, c)) and r[2],
+    "KC.lower": (lambda: KC(20, 10, 2.0), lambda i, h, l, c, v: (r := i.update(h, l, c)) and r[2],
                  lambda h, l, c, v: talib.KC(h, l, c, 20, 10, 2.0)[2]),
-    "SAR": (lambda: I.SAR(0.02, 0.2), lambda i, h, l, c, v: i.update(h, l), lambda h, l, c, v: talib.SAR(h, l, 0.02, 0.2)),
-    "SUPERTREND": (lambda: I.Supertrend(10, 3.0), lambda i, h, l, c, v: i.update(h, l, c)[0],
+    "SAR": (lambda: SAR(0.02, 0.2), lambda i, h, l, c, v: i.update(h, l), lambda h, l, c, v: talib.SAR(h, l, 0.02, 0.2)),
+    "SUPERTREND": (lambda: Supertrend(10, 3.0), lambda i, h, l, c, v: i.update(h, l, c)[0],
                    lambda h, l, c, v: talib.SUPERTREND(h, l, c, 10, 3.0)[0]),
-    "SUPERTREND.trend": (lambda: I.Supertrend(10, 3.0), lambda i, h, l, c, v: i.update(h, l, c)[1],
+    "SUPERTREND.trend": (lambda: Supertrend(10, 3.0), lambda i, h, l, c, v: i.update(h, l, c)[1],
                          lambda h, l, c, v: np.where(np.arange(N) < 10, np.nan, talib.SUPERTREND(h, l, c, 10, 3.0)[1])),
-    "MACD": (lambda: I.MACD(12, 26, 9), lambda i, h, l, c, v: i.update(c)[0], lambda h, l, c, v: talib.MACD(c, 12, 26, 9)[0]),
-    "MACD.signal": (lambda: I.MACD(12, 26, 9), lambda i, h, l, c, v: i.update(c)[1],
+    "MACD": (lambda: MACD(12, 26, 9), lambda i, h, l, c, v: i.update(c)[0], lambda h, l, c, v: talib.MACD(c, 12, 26, 9)[0]),
+    "MACD.signal": (lambda: MACD(12, 26, 9), lambda i, h, l, c, v: i.update(c)[1],
                     lambda h, l, c, v: talib.MACD(c, 12, 26, 9)[1]),
-    "MACD.hist": (lambda: I.MACD(12, 26, 9), lambda i, h, l, c, v: i.update(c)[2], lambda h, l, c, v: talib.MACD(c, 12, 26, 9)[2]),
-    "TRIX": (lambda: I.TRIX(15), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.TRIX(c, 15)),
-    "STOCH.k": (lambda: I.Stoch(14, 3, 3), lambda i, h, l, c, v: i.update(h, l, c)[0],
+    "MACD.hist": (lambda: MACD(12, 26, 9), lambda i, h, l, c, v: i.update(c)[2], lambda h, l, c, v: talib.MACD(c, 12, 26, 9)[2]),
+    "TRIX": (lambda: TRIX(15), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.TRIX(c, 15)),
+    "STOCH.k": (lambda: Stoch(14, 3, 3), lambda i, h, l, c, v: i.update(h, l, c)[0],
                 lambda h, l, c, v: talib.STOCH(h, l, c, 14, 3, 0, 3, 0)[0]),
-    "STOCH.d": (lambda: I.Stoch(14, 3, 3), lambda i, h, l, c, v: i.update(h, l, c)[1],
+    "STOCH.d": (lambda: Stoch(14, 3, 3), lambda i, h, l, c, v: i.update(h, l, c)[1],
                 lambda h, l, c, v: talib.STOCH(h, l, c, 14, 3, 0, 3, 0)[1]),
-    "CCI": (lambda: I.CCI(20), lambda i, h, l, c, v: i.update(h, l, c), lambda h, l, c, v: talib.CCI(h, l, c, 20)),
-    "MFI": (lambda: I.MFI(14), lambda i, h, l, c, v: i.update(h, l, c, v), lambda h, l, c, v: talib.MFI(h, l, c, v, 14)),
-    "TSI": (lambda: I.TSI(25, 13), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.TSI(c, 25, 13)),
-    "VORTEX.plus": (lambda: I.Vortex(14), lambda i, h, l, c, v: i.update(h, l, c)[0], lambda h, l, c, v: talib.VORTEX(h, l, c, 14)[0]),
-    "VORTEX.minus": (lambda: I.Vortex(14), lambda i, h, l, c, v: i.update(h, l, c)[1], lambda h, l, c, v: talib.VORTEX(h, l, c, 14)[1]),
-    "AROONOSC": (lambda: I.AroonOsc(14), lambda i, h, l, c, v: i.update(h, l), lambda h, l, c, v: talib.AROONOSC(h, l, 14)),
-    "CORREL": (lambda: I.Correl(20), lambda i, h, l, c, v: i.update(c, v), lambda h, l, c, v: talib.CORREL(c, v, 20)),
-    "ADOSC": (lambda: I.ADOSC(3, 10), lambda i, h, l, c, v: i.update(h, l, c, v), lambda h, l, c, v: talib.ADOSC(h, l, c, v, 3, 10)),
-    "CMF": (lambda: I.CMF(20), lambda i, h, l, c, v: i.update(h, l, c, v), lambda h, l, c, v: talib.CMF(h, l, c, v, 20)),
-    "CVI": (lambda: I.CVI(10, 10), lambda i, h, l, c, v: i.update(h, l), lambda h, l, c, v: talib.CVI(h, l, 10, 10)),
+    "CCI": (lambda: CCI(20), lambda i, h, l, c, v: i.update(h, l, c), lambda h, l, c, v: talib.CCI(h, l, c, 20)),
+    "MFI": (lambda: MFI(14), lambda i, h, l, c, v: i.update(h, l, c, v), lambda h, l, c, v: talib.MFI(h, l, c, v, 14)),
+    "TSI": (lambda: TSI(25, 13), lambda i, h, l, c, v: i.update(c), lambda h, l, c, v: talib.TSI(c, 25, 13)),
+    "VORTEX.plus": (lambda: Vortex(14), lambda i, h, l, c, v: i.update(h, l, c)[0], lambda h, l, c, v: talib.VORTEX(h, l, c, 14)[0]),
+    "VORTEX.minus": (lambda: Vortex(14), lambda i, h, l, c, v: i.update(h, l, c)[1], lambda h, l, c, v: talib.VORTEX(h, l, c, 14)[1]),
+    "AROONOSC": (lambda: AroonOsc(14), lambda i, h, l, c, v: i.update(h, l), lambda h, l, c, v: talib.AROONOSC(h, l, 14)),
+    "CORREL": (lambda: Correl(20), lambda i, h, l, c, v: i.update(c, v), lambda h, l, c, v: talib.CORREL(c, v, 20)),
+    "ADOSC": (lambda: ADOSC(3, 10), lambda i, h, l, c, v: i.update(h, l, c, v), lambda h, l, c, v: talib.ADOSC(h, l, c, v, 3, 10)),
+    "CMF": (lambda: CMF(20), lambda i, h, l, c, v: i.update(h, l, c, v), lambda h, l, c, v: talib.CMF(h, l, c, v, 20)),
+    "CVI": (lambda: CVI(10, 10), lambda i, h, l, c, v: i.update(h, l), lambda h, l, c, v: talib.CVI(h, l, 10, 10)),
 }
 
 
@@ -115,7 +118,7 @@ def test_indicator_matches_talib(name, series):
 @pytest.mark.parametrize("series", list(SERIES))
 def test_fractal_swings_match_talib_and_are_reported_when_confirmed(series):
     s = SERIES[series]
-    got = run(I.Fractal, lambda i, h, l, c, v: i.update(h, l), s)
+    got = run(Fractal, lambda i, h, l, c, v: i.update(h, l), s)
     want_hi, want_lo = talib.FRACTAL(s["h"], s["l"], 2, 2)
     assert got[:4] == [None] * 4 and all(g is not None for g in got[4:])
     assert [g[0] is not None for g in got[4:]] == list(want_hi[4:] == 100)
@@ -151,12 +154,12 @@ def test_state_size_does_not_grow_with_history():
 
 def test_degenerate_windows_give_the_documented_neutral_values():
     flat = [100.0] * 40
-    rsi, st, cci, mfi, tsi, vx = I.RSI(14), I.Stoch(14, 3, 3), I.CCI(20), I.MFI(14), I.TSI(25, 13), I.Vortex(14)
+    rsi, st, cci, mfi, tsi, vx = RSI(14), Stoch(14, 3, 3), CCI(20), MFI(14), TSI(25, 13), Vortex(14)
     for x in flat:
         r, (k, d), cc = rsi.update(x), st.update(x, x, x), cci.update(x, x, x)
         m, t, (vp, vm) = mfi.update(x, x, x, 1.0), tsi.update(x), vx.update(x, x, x)
     assert (r, k, d, cc, m, t, vp, vm) == (50.0, 50.0, 50.0, 0.0, 50.0, 0.0, 1.0, 1.0)
     # a flat tape has no range: DI 0, ADX stays undefined-free (0), SAR follows the bars
-    dmi = I.DMI(14)
+    dmi = DMI(14)
     outs = [dmi.update(x, x, x) for x in flat]
     assert outs[13] == (None, None, None) and outs[14][:2] == (0.0, 0.0) and outs[27] == (0.0, 0.0, 0.0)

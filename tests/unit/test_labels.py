@@ -1,4 +1,4 @@
-"""Labels (SPEC §5): forward log return over `horizon` primary bars, three classes with an
+"""Labels: forward log return over `horizon` primary bars, three classes with an
 ATR-scaled flat band; emitted only when matured; streaming == vectorised."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from operators.features import FEATURE_NAMES, FeatureRow
+from operators.feature_catalog import FEATURE_NAMES
+from operators.features import FeatureRow
 from operators.labels import DOWN, FLAT, UP, Label, LabelState, classify, label_frame, update
 
 M5 = 300_000

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sinks.clickhouse import SCHEMA_DIR, Store, StoreError, _statements, schema_files
+from sinks.store import SCHEMA_DIR, Store, StoreError, _statements, schema_files
 from sinks.rows import BAR_COLUMNS
 
 V1 = Path(__file__).resolve().parents[1] / "fixtures" / "schema_v1"

@@ -1,4 +1,4 @@
-"""Online River models (SPEC §5): predict at bar close, learn on delayed labels, rolling metrics.
+"""Online River models: predict at bar close, learn on delayed labels, rolling metrics.
 
 Streams here are synthetic: class y drawn from PRIOR, feature ``sig`` = y - 1 (+ small noise) on
 80% of bars and a random class's value otherwise, the rest pure noise. The label of bar i is fed
@@ -19,7 +19,8 @@ from models.online import (
     ARF, CLASSES, LR, VERSION, FillScaled, OnlineConfig, OnlineModels, present, score,
     share_distribution_rngs,
 )
-from operators.features import FEATURE_NAMES, AlignedRow, aligned_feature_names
+from operators.features import AlignedRow, aligned_feature_names
+from operators.feature_catalog import FEATURE_NAMES
 from operators.perp import NAMES as PERP_NAMES
 from operators.labels import Label
 
@@ -307,7 +308,8 @@ def test_config_is_validated():
 def test_predictions_are_calibrated_on_matured_labels_with_the_raw_output_beside_them():
     """A fast learner on a planted signal is over-confident; the rolling calibrator (fitted only on
     labels that matured before each prediction) brings its probabilities back in line."""
-    from models.calibration import classwise_ece, log_loss
+    from models.calibration import classwise_ece
+    from operators.stats import log_loss
 
     n, h = 2500, H
     rows, labels = stream(n, seed=9, signal=True, reliability=0.6)

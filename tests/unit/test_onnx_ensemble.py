@@ -13,8 +13,10 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from models.onnx_ensemble import ENSEMBLE_NAME, REFUSED, ModelRefused, OnnxEnsemble, RunFacts
-from models.train import MANIFEST_FILE, DataOrigin, train
+from models.artefacts import ModelRefused, RunFacts
+from models.manifest import MANIFEST_FILE, DataOrigin
+from models.onnx_ensemble import ENSEMBLE_NAME, REFUSED, OnnxEnsemble
+from models.train import train
 from operators.signals import Prediction
 from tests.unit.synthetic_models import (
     BAR_MS, HORIZON, LABEL_DEFINITION, NAMES, NO_NAN_FEATURE, ORIGIN, T0, synthetic_frame,

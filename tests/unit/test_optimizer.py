@@ -16,20 +16,22 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from operators import stats as S
+from operators import sharpe_inference
 from operators.bars import Bar
-from operators.decision import StrategyConfig
+from operators.decision import Decision
 from operators.optimizer import (DEFAULT_CONSTRAINTS, FIXED_FIELDS, VARIANT_METRICS_COLUMNS, Choice, Constraint,
                                  Optimizer, OptimizerConfig, Param, Promotion, SearchSpace, SearchSpaceError,
                                  VariantMetrics, apply_promotion, default_space, draw_overrides)
 from operators.paper import EquityPoint, Fill
+from operators.records import DAY_MS as DAY
+from operators.records import HOUR_MS as HOUR
+from operators.records import MINUTE_MS as M
 from operators.signals import Prediction, ScoredRow
-from operators.strategy import Decision, StrategyEngine
+from operators.strategy import StrategyEngine
+from operators.strategy_config import StrategyConfig
 
-M = 60_000
-HOUR = 3_600_000
-DAY = 86_400_000
 T0 = 19_675 * DAY                    # 2023-11-14 00:00 UTC
 BASE = StrategyConfig(primary_tf="5m")
 DDL = Path(__file__).resolve().parents[2] / "infra" / "clickhouse" / "006_ops.sql"
@@ -145,11 +147,13 @@ def test_constraints_are_validated_and_an_infeasible_space_fails_at_start():
     only_cohorts = SearchSpace((Choice("arms", (("pros",), ("pros", "amateurs"))),))
     with pytest.raises(SearchSpaceError, match=r"no variant .* satisfies the constraints .*at_least_one_model_arm"):
         Optimizer(gates(), BASE, space=only_cohorts)
-    with pytest.raises(SearchSpaceError, match="sampling must be one of"):
+    # OptimizerConfig is a pydantic dataclass: a ValidationError (a ValueError) names every bad field
+    with pytest.raises(ValidationError, match=r"sampling\n  Input should be 'random' or 'grid'"):
         OptimizerConfig(sampling="sobol")
-    with pytest.raises(SearchSpaceError, match="max_variants must be an integer >= 1") as ei:
+    with pytest.raises(ValidationError, match=r"max_variants\n  Input should be greater than or equal to 1") as ei:
         OptimizerConfig(max_variants=0, psr_threshold=1.5)
-    assert "psr_threshold must be in [0, 1]" in str(ei.value)
+    assert "psr_threshold\n  Input should be less than or equal to 1" in str(ei.value)
+    assert [e["loc"] for e in ei.value.errors()] == [("max_variants",), ("psr_threshold",)]
 
 
 def test_fixed_fields_say_why():
@@ -431,7 +435,8 @@ def test_3_on_a_tape_without_edge_16_variants_over_4_days_promote_nothing_over_2
                 prod = opt._prod.curve.returns().sharpe()
                 best = max(rows, key=lambda r: r.sharpe)
                 r = opt._by_id[best.variant_id].track.curve.returns()
-                fooled |= S.psr(r.sharpe(), prod, r.n, *r.moments()) > 0.95  # PSR vs production's estimate
+                # PSR vs production's estimate
+                fooled |= sharpe_inference.psr(r.sharpe(), prod, r.n, *r.moments()) > 0.95
             p = opt.maybe_promote(now)
             if p is not None:
                 promotions.append(p)

@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 
+from operators.execution import Execution
 from operators.paper import PaperBook
 
 # ---------------------------------------------------------------- helpers
@@ -23,6 +24,10 @@ def open_long(b, notional=1_000.0, decision_ts=T, side=1):
 
 
 # ---------------------------------------------------------------- tests
+def test_the_paper_book_is_an_execution():
+    assert isinstance(book(), Execution)
+
+
 def test_pending_order_waits_for_a_bar_starting_at_or_after_the_decision():
     b = book()
     pid = open_long(b)

@@ -1,4 +1,4 @@
-"""operators.perp and its placement among the trades (operators.trades.place_perp), funding in the
+"""operators.perp and its placement among the trades (operators.chunk_news.place_perp), funding in the
 paper book, and the tape walk (operators.slippage)."""
 
 import msgspec
@@ -10,8 +10,10 @@ from operators import perp as PD
 from operators.paper import PaperBook
 from operators.perp import PerpUpdate
 from operators.slippage import build, walk_price
-from operators.trades import (TRADE_SCHEMA, AdmitConfig, AdmitState, InstrumentSlice, RawBatch, admit, decode_batch,
-                              flush)
+from operators.admission import admit, flush
+from operators.admit_state import AdmitConfig, AdmitState
+from operators.decode import TRADE_SCHEMA, InstrumentSlice, decode_batch
+from operators.records import RawBatch
 
 T0 = 1_704_067_200_000
 MIN = 60_000

@@ -17,8 +17,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dataflows.sources import ReplayFormatError, ReplaySource, load_tape
-from operators.trades import decode_batch
+from dataflows.replay_source import ReplaySource
+from operators.tape_files import ReplayFormatError
+from operators.tape_order import load_tape
+from operators.decode import decode_batch
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00Z
 NOW_MS = T0 + 400 * 86_400_000

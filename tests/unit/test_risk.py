@@ -6,9 +6,12 @@ import pickle
 
 import pytest
 
-from operators.decision import StrategyConfig
-from operators.risk import (DAY_MS, RiskEvent, RiskState, check_exit, drawdown, nearest, next_utc_day,
-                            stop_levels, target_levels, time_stop_due, trailing_active, utc_day)
+from operators.records import DAY_MS
+from operators.risk import (
+    RiskEvent, RiskState, check_exit, drawdown, nearest, next_utc_day, stop_levels, target_levels,
+    time_stop_due, trailing_active, utc_day,
+)
+from operators.strategy_config import StrategyConfig
 
 # ---------------------------------------------------------------- helpers
 T0 = 19_675 * DAY_MS  # 2023-11-14 00:00 UTC

@@ -9,8 +9,8 @@ import msgspec
 
 from dataflows.pipeline import _upgrade_sequencer
 from operators.bars import Bar
-from operators.decision import StrategyConfig
-from operators.events import Event
+from operators.strategy_config import StrategyConfig
+from operators.records import Event
 from operators.portfolio import Portfolio, Sequencer
 from tests.unit.test_strategy import EX, M, SYM, T0, bar, row, scenario
 

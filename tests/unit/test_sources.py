@@ -1,4 +1,5 @@
-"""Unit tests for dataflows/sources.py: partitions driven by hand (build_part, next_batch until
+"""Unit tests for the synthetic and replay sources (dataflows/synthetic_source.py,
+dataflows/replay_source.py): partitions driven by hand (build_part, next_batch until
 StopIteration, snapshot, rebuild), file formats of the replay source, and clear format errors.
 
 Expected rows come from the generator called directly or from the files as written here."""
@@ -14,10 +15,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-import dataflows.sources as src_mod
-from dataflows.sources import ReplayFormatError, ReplaySource, SyntheticSource
+import dataflows.frame_partition as frame_mod
+from dataflows.replay_source import ReplaySource
+from dataflows.synthetic_source import SyntheticSource
 from operators import synthetic as syn
-from operators.trades import decode_batch
+from operators.tape_files import ReplayFormatError
+from operators.decode import decode_batch
 
 T0 = 1_704_067_200_000
 MIN = 60_000
@@ -117,7 +120,7 @@ def test_synthetic_snapshot_at_the_end_resumes_to_nothing():
 
 
 class FakeWall:
-    """Stands in for the ``time`` module inside dataflows.sources (wall clock under test control)."""
+    """Stands in for the ``time`` module inside dataflows.frame_partition (wall clock under test control)."""
 
     def __init__(self, t: float):
         self.t = t
@@ -131,7 +134,7 @@ class FakeWall:
 
 def test_paced_synthetic_releases_by_event_time_and_resumes_mid_minute(monkeypatch):
     wall = FakeWall(1_000_000.0)
-    monkeypatch.setattr(src_mod, "time", SimpleNamespace(time=wall.time, time_ns=wall.time_ns))
+    monkeypatch.setattr(frame_mod, "time", SimpleNamespace(time=wall.time, time_ns=wall.time_ns))
     s = synthetic(speed=60.0, symbols=[SYMS[0]], end_ms=T0 + 3 * MIN)  # one event minute per wall second
     full = expected_synthetic(SYMS[0], minutes=3)
     ts = full["ts"].to_numpy()

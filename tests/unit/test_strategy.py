@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 from operators.bars import Bar
-from operators.decision import StrategyConfig
-from operators.paper import EquityPoint, Fill
+from operators.decision import Decision
+from operators.paper import EquityPoint, Fill, PaperBook
+from operators.records import MINUTES_PER_YEAR
 from operators.risk import RiskEvent
 from operators.signals import Prediction, ScoredRow
-from operators.strategy import Decision, StrategyEngine
+from operators.stats import sharpe, simple_returns
+from operators.strategy import StrategyEngine
+from operators.strategy_config import StrategyConfig
 
 # ---------------------------------------------------------------- helpers
 DAY = 86_400_000
@@ -492,6 +495,29 @@ def play(engine, items):
 
 def encode(records):
     return [type(r).__name__.encode() + msgspec.json.encode(r) for r in records]
+
+
+def test_summary_sharpe_is_the_one_sharpe_of_the_per_minute_equity_curve():
+    e = StrategyEngine(StrategyConfig(seed=3))
+    out = play(e, scenario(3, minutes=600))
+    last = {}
+    for p in of(out, EquityPoint):  # one equity per mark time: the last mark of that minute
+        last[p.ts] = p.equity
+    curve = [last[t] for t in sorted(last)]
+    assert e.summary()["sharpe"] == pytest.approx(sharpe(simple_returns(curve), MINUTES_PER_YEAR), rel=1e-9)
+    assert StrategyEngine(StrategyConfig()).sharpe() == 0.0  # undefined (no returns yet): 0
+
+
+def test_the_engine_trades_through_the_execution_it_is_given():
+    c = cfg()
+    tags = {"origin": "production", "strategy_id": "ensemble", "variant_id": "base", "config_hash": c.config_hash()}
+    own = PaperBook(50_000.0, 0.0, 0.0, tags)
+    r = Run(c, execution=own)
+    assert r.e.book is own and r.e.equity() == 50_000.0
+    fill = r.open_long(T0)
+    assert own.positions and fill.position_id == own.positions[f"{EX}:{SYM}"].position_id
+    default = StrategyEngine(c).book  # default: a PaperBook from the config
+    assert isinstance(default, PaperBook) and default.equity() == c.initial_equity and default.tags == tags
 
 
 def test_determinism_same_inputs_and_seed_same_records():

@@ -1,5 +1,5 @@
-"""Unit tests for operators/trades.py: decode + validate (RawBatch and FrameBatch), dedup,
-per-trade lateness and window chunks. Expected values are worked out by hand in the comments
+"""Unit tests for the trade contract (operators/decode.py, admission.py): decode + validate
+(RawBatch and FrameBatch), dedup, per-trade lateness and window chunks. Expected values are worked out by hand in the comments
 or by a small independent Python loop, never copied from a run of the code."""
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-import operators.trades as T
-from operators.trades import (
-    DAY_MS, MIN_TS_MS, TRADE_SCHEMA, AdmitConfig, AdmitState, FrameBatch, RawBatch, admit, decode_batch,
-    split_instruments,
-)
+from operators.admission import LATE_REASONS, admit, flush
+from operators.admit_state import AdmitConfig, AdmitState
+from operators.decode import DEAD_LETTER_REASONS, TRADE_SCHEMA, DecodeLimits, decode_batch, split_instruments
+from operators.records import CHUNK_COLUMNS, DAY_MS, MIN_TS_MS, FrameBatch, RawBatch
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z, a minute boundary
 NOW = T0 + 3_600_000  # "now" for validation: an hour after T0
@@ -98,7 +97,7 @@ class _AlwaysFails:
 
 
 def test_fast_path_decodes_the_whole_batch_in_one_go(monkeypatch):
-    monkeypatch.setattr(T, "_decode_one", _Boom().decode)  # the per-message fallback must not be needed
+    monkeypatch.setattr("operators.decode._decode_one", _Boom().decode)  # the per-message fallback must not be needed
     d = decode_batch(raw(GOOD, GOOD_OFFSETS), now_ms=NOW)
     assert d.dead == []
     assert_frame_equal(d.frame, expected_good_frame())
@@ -106,7 +105,7 @@ def test_fast_path_decodes_the_whole_batch_in_one_go(monkeypatch):
 
 def test_fallback_gives_the_same_frame_as_the_fast_path(monkeypatch):
     fast = decode_batch(raw(GOOD, GOOD_OFFSETS), now_ms=NOW)
-    monkeypatch.setattr(T, "_decode_all", _AlwaysFails().decode)
+    monkeypatch.setattr("operators.decode._decode_all", _AlwaysFails().decode)
     slow = decode_batch(raw(GOOD, GOOD_OFFSETS), now_ms=NOW)
     assert slow.dead == []
     assert_frame_equal(slow.frame, fast.frame)
@@ -124,7 +123,7 @@ def test_one_bad_message_forces_the_fallback_and_good_rows_are_unchanged():
 def test_int_id_becomes_a_string_on_both_paths(monkeypatch):
     batch = raw([msg(id=1234567890123), msg(id="7", ts=T0 + 1)])
     assert decode_batch(batch, now_ms=NOW).frame["id"].to_list() == ["1234567890123", "7"]
-    monkeypatch.setattr(T, "_decode_all", _AlwaysFails().decode)
+    monkeypatch.setattr("operators.decode._decode_all", _AlwaysFails().decode)
     assert decode_batch(batch, now_ms=NOW).frame["id"].to_list() == ["1234567890123", "7"]
 
 
@@ -189,7 +188,7 @@ def test_each_bad_message_becomes_a_dead_letter_with_reason_offset_and_detail(pa
     assert len(d.dead) == 1
     dl = d.dead[0]
     assert dl.reason == reason
-    assert dl.reason in T.DEAD_LETTER_REASONS
+    assert dl.reason in DEAD_LETTER_REASONS
     assert dl.offset == 501
     assert (dl.source, dl.partition, dl.recv_ts) == ("kafka", "p3", RECV)
     assert dl.payload == enc(payload).decode("utf-8", errors="backslashreplace")
@@ -238,7 +237,7 @@ def test_value_rule_dead_letters_keep_their_offsets_on_the_fallback_path():
     b'{"exchange":"x","symbol":"A","id":"1","ts":1704067200000,"price":null,"amount":',  # cut after a null
 ])
 def test_payload_that_is_not_valid_json_is_bad_json_whatever_it_starts_with(payload):
-    # SPEC 1: "bad JSON" is its own reason; a payload cut short is not valid JSON, even when the
+    # "bad JSON" is its own reason; a payload cut short is not valid JSON, even when the
     # decoder happens to meet a type mismatch or a null before it meets the end of the input
     d = decode_batch(raw([payload], [3]), now_ms=NOW)
     assert [(x.offset, x.reason) for x in d.dead] == [(3, "bad_json")]
@@ -551,7 +550,7 @@ def test_chunks_are_one_per_window_oldest_first_with_max_ts():
                    (T0 + 60_000, T0 + 119_500, ["b", "e"]),
                    (T0 + 120_000, T0 + 125_000, ["d", "f"])]
     for c in adm.chunks:
-        assert c.trades.columns == T.CHUNK_COLUMNS
+        assert c.trades.columns == CHUNK_COLUMNS
         assert (c.exchange, c.symbol) == ("x", "A/USDT:USDT")
         assert all(c.window_start <= t < c.window_start + 60_000 for t in c.trades["ts"])
 
@@ -592,7 +591,7 @@ def run_admit(items, cfg=AdmitConfig(), size=None, recv=None, end=True):
         if adm.late is not None:
             late.extend(adm.late.trades["id"].to_list())
         if adm.outliers is not None:
-            assert adm.outliers.reason in T.LATE_REASONS
+            assert adm.outliers.reason in LATE_REASONS
             (outliers if adm.outliers.reason == "ts_outlier" else unconfirmed).extend(
                 adm.outliers.trades["id"].to_list())
 
@@ -600,7 +599,7 @@ def run_admit(items, cfg=AdmitConfig(), size=None, recv=None, end=True):
     for lo in range(0, frame.height, size):
         take(admit(st, frame.slice(lo, size), cfg))
     if end:
-        take(T.flush(st, cfg))
+        take(flush(st, cfg))
     return on_time, late, outliers, unconfirmed, st
 
 
@@ -697,7 +696,7 @@ class _Explodes:
 
 
 def test_an_unforeseen_decoder_failure_is_a_dead_letter_not_a_crash(monkeypatch):
-    monkeypatch.setattr(T, "_ONE_DECODER", _Explodes())
+    monkeypatch.setattr("operators.decode._ONE_DECODER", _Explodes())
     d = decode_batch(raw([msg(id="a")], [9]), now_ms=NOW)
     assert d.frame.height == 0
     assert [(x.offset, x.reason) for x in d.dead] == [(9, "undecodable")]
@@ -719,7 +718,7 @@ def test_malformed_messages_are_each_one_dead_letter(payload, reason):
     d = decode_batch(raw([msg(id="g1", ts=T0 + 1), payload, msg(id="g2", ts=T0 + 2)], [1, 2, 3]), now_ms=NOW)
     assert d.frame["id"].to_list() == ["g1", "g2"]
     assert [(x.offset, x.reason) for x in d.dead] == [(2, reason)]
-    assert len(d.dead[0].payload) <= T.DecodeLimits().max_message_bytes + 100
+    assert len(d.dead[0].payload) <= DecodeLimits().max_message_bytes + 100
 
 
 def test_a_split_object_cannot_borrow_the_comma_of_a_joined_neighbour():
@@ -741,6 +740,6 @@ def test_the_kafka_key_must_name_the_trades_own_instrument():
 
 
 def test_message_limits_are_settings():
-    limits = T.DecodeLimits(max_message_bytes=100_000, max_field_chars=2_000)
+    limits = DecodeLimits(max_message_bytes=100_000, max_field_chars=2_000)
     d = decode_batch(raw([msg(id="a" * 1_500)], [1]), now_ms=NOW, limits=limits)
     assert d.frame.height == 1 and d.dead == []

@@ -13,9 +13,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from models.train import (
-    MANIFEST_FILE, Manifest, classification_metrics, load_manifest, train, walk_forward_splits,
-)
+from models.folds import classification_metrics, walk_forward_splits
+from models.manifest import MANIFEST_FILE, Manifest, load_manifest
+from models.train import train
 from tests.unit.synthetic_models import (
     BAR_MS, FILLED, HORIZON, INSTRUMENTS, LABEL_DEFINITION, NAMES, ORIGIN, SIGNAL, T0, synthetic_frame,
 )

@@ -1,0 +1,238 @@
+"""The pipeline's Kafka batch source (``KafkaBatchSource``) and the committer of its offsets.
+
+``KafkaBatchSource`` is bytewax's ``KafkaSource`` reshaped for this pipeline: each Kafka
+partition is a bytewax partition (named ``{idx}-{topic}``, read by one worker), partitions are
+assigned directly (no group membership, no rebalancing), the position is the next offset and lives
+in bytewax's recovery snapshots; but a poll hands over ONE item, a ``RawBatch`` of up to
+``batch_size`` messages with their offsets, instead of one item per message. It also fails fast
+with a clear message when the brokers are unreachable (bytewax's source waits forever).
+
+Where a partition starts (issue 11): from the recovery snapshot when there is one; otherwise from
+``start``: ``committed`` (the default: the consumer group's committed offset, or the beginning for
+a group that never committed), ``earliest`` or ``latest``. Offsets are committed to the group
+(``group_id``, by default one per store: ``default_group``) by the ClickHouse sink, through an
+``OffsetCommitter``, after each completed epoch: the pipeline passes a ``SourcePosition`` per batch
+to the sink, which commits the positions it has seen once the epoch's rows are flushed, so a
+committed offset never covers a message whose rows are not stored. A run without
+``--recovery-dir`` thus resumes where the last one stopped; its in-memory state (open windows,
+models, portfolio) starts empty, so only a recovery directory gives rows equal to an uninterrupted
+run. A saved position past the end of its partition (a broker that came back with less data, a
+re-created topic) stops the run with ``KafkaPositionError`` instead of waiting for data that will
+never come, or skipping what comes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Optional
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
+
+from dataflows.frame_partition import now_ms
+from dataflows.kafka_topic import TRADES_TOPIC, KafkaUnavailable, client_conf, preflight
+from operators.records import RawBatch
+from sinks.rows import SourcePosition
+from sinks.store import redact_dsn
+
+log = logging.getLogger(__name__)
+
+
+class KafkaPositionError(KafkaUnavailable):
+    """A saved position (recovery snapshot or committed offset) the partition does not have."""
+
+
+STARTS = ("committed", "earliest", "latest")
+
+
+def default_group(dsn: str, database: str) -> str:
+    """The consumer group of a pipeline writing into this store: its committed offsets say how far
+    this store's rows go, so another store (another --data-dir) reads the topic from its own start.
+    The DSN's password is left out (changing it does not change the store)."""
+    return f"tapeflow-{database}-{hashlib.sha256(redact_dsn(dsn).encode()).hexdigest()[:10]}"
+
+
+class _Partition(StatefulSourcePartition[RawBatch, int]):
+    """One Kafka partition. ``origin``: where ``offset`` comes from (for the past-the-end message)."""
+
+    def __init__(self, conf: dict, topic: str, idx: int, offset: Optional[int], batch_size: int, idle_ms: int,
+                 progress: Optional[Callable] = None, start: str = "earliest", origin: str = ""):
+        self.topic, self.idx, self.batch_size = topic, idx, batch_size
+        self.progress = progress
+        self.idle = timedelta(milliseconds=idle_ms)
+        self.consumer = Consumer(conf)
+        self.group = conf.get("group.id", "")
+        if offset is None:
+            offset, origin = self._start(start)
+        self.offset, self.origin = offset, origin
+        self.consumer.assign([TopicPartition(topic, idx, offset)])
+        self.eof = False
+        self.awake: Optional[datetime] = None
+
+    def _start(self, start: str) -> tuple[int, str]:
+        """The first offset without a recovery snapshot (see the module docstring)."""
+        if start == "latest":
+            return OFFSET_END, ""
+        if start == "committed":
+            try:
+                (tp,) = self.consumer.committed([TopicPartition(self.topic, self.idx)], timeout=10)
+            except Exception as err:  # noqa: BLE001 - librdkafka's KafkaException
+                raise KafkaUnavailable(f"Kafka: cannot read the committed offsets of group {self.group} for "
+                                       f"{self.topic}[{self.idx}]: {err}") from None
+            if tp.error is None and tp.offset >= 0:
+                return tp.offset, f"the offset committed by consumer group {self.group}"
+        return OFFSET_BEGINNING, ""
+
+    def _past_the_end(self, detail: str = "") -> KafkaPositionError:
+        fix = ("use a new --recovery-dir (with --from earliest to read the topic from its beginning)"
+               if self.origin.startswith("from the recovery") else "read it from its beginning with --from earliest")
+        return KafkaPositionError(
+            f"Kafka topic {self.topic} partition {self.idx}: the saved position, offset {self.offset} "
+            f"({self.origin or 'saved'}), is past the end of the partition{detail}: the topic holds less than when "
+            f"it was saved (a broker that lost its data, or a re-created topic); {fix}")
+
+    def _check_position(self) -> None:
+        """Nothing came: is our position beyond the partition's end? A broker answers a fetch there
+        with nothing (tansu) or an out-of-range error (Kafka, ``auto.offset.reset=error``); its
+        high watermark comes with every fetch response."""
+        if self.offset < 0 or not self.origin:
+            return
+        _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, self.idx), cached=True)
+        if high is not None and high >= 0 and self.offset > high:
+            raise self._past_the_end(f" (it ends at offset {high})")
+
+    def next_batch(self) -> list[RawBatch]:
+        if self.eof:
+            raise StopIteration
+        msgs = self.consumer.consume(self.batch_size, 0.0)
+        for i, m in enumerate(msgs):
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._AUTO_OFFSET_RESET:  # out of range, with auto.offset.reset=error
+                    raise self._past_the_end(f" or before its start ({err.str()})")
+                if err.code() != KafkaError._PARTITION_EOF:
+                    raise RuntimeError(f"Kafka error on {self.topic}[{self.idx}]: {err}")
+                self.eof = True  # emit what we have; stop on the next call
+                msgs = msgs[:i]
+                break
+        offsets = [m.offset() for m in msgs]
+        payloads = [m.value() or b"" for m in msgs]
+        keys = [m.key() for m in msgs]  # checked against each trade's exchange:symbol (key_mismatch)
+        if not offsets:
+            if not self.eof:
+                self._check_position()
+            self.awake = datetime.now(timezone.utc) + self.idle  # nothing waiting: don't spin
+            return []
+        self.awake = None
+        self.offset = offsets[-1] + 1
+        if self.progress:
+            self.progress(f"{self.idx}-{self.topic}", 0, 0, len(offsets))
+        return [RawBatch(self.topic, str(self.idx), offsets, payloads, now_ms(), keys)]
+
+    def next_awake(self) -> Optional[datetime]:
+        return self.awake
+
+    def snapshot(self) -> int:
+        return self.offset
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@dataclass
+class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
+    """Every partition of ``topic``; ``tail=False`` stops at the end of each partition. ``start``
+    and ``group_id``: see the module docstring (``group_id`` None: ``tapeflow-unused``, nothing
+    committed, ``committed`` means ``earliest``)."""
+
+    brokers: str
+    topic: str = TRADES_TOPIC
+    tail: bool = True
+    batch_size: int = 10_000
+    idle_ms: int = 5
+    add_config: dict = field(default_factory=dict)
+    progress: Optional[Callable] = None  # (partition, done, total, rows released now)
+    start: str = "committed"
+    group_id: Optional[str] = None
+    universe: tuple = ()  # exchange:symbol of every instrument on the topic (the portfolio waits for each)
+
+    commit_positions = True  # the pipeline passes each batch's SourcePosition on to the sink
+
+    def __post_init__(self) -> None:
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+
+    def instruments(self) -> tuple:
+        return self.universe
+
+    def offset_committer(self) -> "OffsetCommitter":
+        """What the sink uses to commit this source's positions (None group: commits nothing)."""
+        return OffsetCommitter(self.brokers, self.group_id, self.add_config)
+
+    def list_parts(self) -> list[str]:
+        n = preflight(self.brokers, self.topic)
+        return [f"{i}-{self.topic}" for i in range(n)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]) -> _Partition:
+        idx, topic = for_part.split("-", 1)
+        if topic != self.topic:
+            raise ValueError(f"recovery state is for topic {topic!r}, this run reads {self.topic!r}")
+        conf = client_conf(self.brokers, {
+            "group.id": self.group_id or "tapeflow-unused",  # assigned, never subscribed: no rebalancing
+            "enable.auto.commit": "false",  # the sink commits what is stored (OffsetCommitter)
+            "enable.partition.eof": str(not self.tail).lower(),
+            "auto.offset.reset": "error",  # a saved offset out of range is an error, not a silent jump
+            "fetch.queue.backoff.ms": 10,  # librdkafka's 1000 ms default halves a fast consumer
+            **self.add_config,
+        })
+        start = self.start if self.group_id or self.start != "committed" else "earliest"
+        return _Partition(conf, topic, int(idx), resume_state, self.batch_size, self.idle_ms, self.progress,
+                          start=start, origin="from the recovery snapshot" if resume_state is not None else "")
+
+
+class OffsetCommitter:
+    """Commits the sources' positions to the consumer group once their rows are stored: the sink
+    calls ``observe`` with every batch of records it receives and ``commit`` when an epoch's rows
+    are flushed (``sinks.clickhouse``). Only ``SourcePosition`` records count; a position is the
+    next offset to read of (topic, partition). A failed commit is logged and retried at the next
+    epoch: until then a restart without recovery re-reads a little more (the rows replace
+    themselves), nothing is lost."""
+
+    def __init__(self, brokers: str, group_id: Optional[str], add_config: Optional[dict] = None):
+        self.brokers, self.group_id, self.add_config = brokers, group_id, dict(add_config or {})
+        self.pending: dict[tuple[str, int], int] = {}
+        self.committed: dict[tuple[str, int], int] = {}
+        self.consumer: Optional[Consumer] = None
+
+    def observe(self, records: list) -> None:
+        for rec in records:
+            if isinstance(rec, tuple) and len(rec) == 2 and isinstance(rec[0], str):
+                rec = rec[1]
+            if isinstance(rec, SourcePosition):
+                key = (rec.source, int(rec.partition))
+                self.pending[key] = max(self.pending.get(key, rec.next_offset), rec.next_offset)
+
+    def commit(self) -> None:
+        if not self.pending or not self.group_id:
+            return
+        offsets = [TopicPartition(t, p, off) for (t, p), off in sorted(self.pending.items())]
+        try:
+            if self.consumer is None:
+                self.consumer = Consumer(client_conf(self.brokers, {"group.id": self.group_id, "enable.auto.commit": "false",
+                                                              **self.add_config}))
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as err:  # noqa: BLE001 - librdkafka's KafkaException: try again next epoch
+            log.warning("Kafka: committing offsets of group %s failed (retried at the next epoch): %s",
+                        self.group_id, err)
+            return
+        self.committed.update(self.pending)
+        self.pending = {}
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close()
+            self.consumer = None
+

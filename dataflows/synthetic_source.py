@@ -1,0 +1,134 @@
+"""The synthetic source: seeded synthetic trades (and perp updates) as a bytewax source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import polars as pl
+from bytewax.inputs import FixedPartitionedSource
+
+from dataflows.frame_partition import FramePartition, Pacer, Progress
+from operators import synthetic as syn
+from operators.records import MINUTE_MS
+from operators.records import FrameBatch
+
+
+class _SyntheticPartition(FramePartition):
+    """Several symbols generated in lockstep, minute by minute, merged in time order (like a Kafka
+    partition carrying several keys). Snapshot: per symbol, (generator state at the start of what is
+    not fully emitted, next offset to emit)."""
+
+    def __init__(self, src: "SyntheticSource", part: str, specs: list[syn.InstrumentSpec],
+                 resume: Optional[dict]):
+        super().__init__(src.source_name, part, src.speed)
+        self.pacer = src.pacer()  # one wall clock for every partition, like a live feed
+        self.src, self.specs = src, specs
+        self.at = {sp.symbol: resume[sp.symbol][0] if resume else syn.initial_state(sp) for sp in specs}
+        self.emitted = {sp.symbol: resume[sp.symbol][1] if resume else 0 for sp in specs}
+        self.base = dict(self.at)
+        self.total_minutes = (src.end_ms - src.start_ms) // MINUTE_MS
+        self.perp_wait: list = []  # perp updates generated, not yet released (after the trades before them)
+
+    def _minute(self) -> int:
+        return min(st.minute for st in self.at.values())
+
+    def _load(self) -> Optional[pl.DataFrame]:
+        while self._minute() < self.total_minutes:
+            self.base = dict(self.at)
+            parts, codes, n = [], [], 0
+            while n < self.src.batch_size and self._minute() < self.total_minutes:
+                for code, sp in enumerate(self.specs):
+                    before = self.at[sp.symbol]
+                    cols, self.at[sp.symbol] = syn.generate_minute(sp, self.src.seed, self.src.start_ms, before)
+                    if self.src.perp:  # resumed: what came after the last emitted trade again (deduplicated)
+                        self.perp_wait += [u for u in syn.perp_minute(sp, self.src.seed, self.src.start_ms, before,
+                                                                      self.at[sp.symbol], cols["ts"], self.src.exchange)
+                                           if u.seq >= self.emitted[sp.symbol]]
+                    if len(cols["ts"]):
+                        parts.append(cols)
+                        codes.append(np.full(len(cols["ts"]), code, dtype=np.int32))
+                        n += len(cols["ts"])
+                if self.pacer.speed is not None:
+                    break  # paced: a minute at a time
+            if not parts:
+                continue
+            names = {i: sp.symbol for i, sp in enumerate(self.specs)}
+            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            cols["symbol"] = np.concatenate(codes)
+            frame = pl.DataFrame(cols).sort("ts", maintain_order=True).with_columns(
+                pl.col("symbol").replace_strict(names, return_dtype=pl.String)
+            ).filter(pl.col("offset") >= pl.col("symbol").replace_strict(self.emitted, return_dtype=pl.Int64))
+            if frame.height:
+                return frame.select(
+                    pl.lit(self.src.exchange).alias("exchange"), "symbol",
+                    pl.col("id").cast(pl.String), "ts", "price", "amount",
+                    pl.when(pl.col("is_buy")).then(pl.lit("buy")).otherwise(pl.lit("sell")).alias("side"),
+                    "offset",
+                )
+        self.base = dict(self.at)
+        return None
+
+    def _released(self, frame: pl.DataFrame) -> None:
+        last = frame.group_by("symbol").agg(pl.col("offset").max())
+        for sym, off in last.iter_rows():
+            self.emitted[sym] = int(off) + 1
+        if self.pending is None:
+            self.base = dict(self.at)
+        if self.src.progress:
+            self.src.progress(self.part, min(st.minute for st in self.base.values()), self.total_minutes,
+                              frame.height)
+
+    def _take_events(self, final: bool = False) -> list:
+        """Perp updates whose trades before them are all released."""
+        if not self.perp_wait:
+            return []
+        out = [u for u in self.perp_wait if final or u.seq <= self.emitted[u.symbol]]
+        if out:
+            self.perp_wait = [u for u in self.perp_wait if u.seq > self.emitted[u.symbol]]
+        return out
+
+    def snapshot(self) -> dict:
+        return {sym: (self.base[sym], self.emitted[sym]) for sym in self.base}
+
+
+@dataclass
+class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
+    """Seeded synthetic trades over [start_ms, end_ms). Symbols are spread over ``partitions``
+    partitions (symbol i -> partition i mod P; default min(4, symbols)), each a time-ordered mix of
+    its symbols, like a Kafka partition carrying several keys."""
+
+    symbols: list[str]
+    start_ms: int
+    end_ms: int
+    seed: int = 7
+    exchange: str = "synthetic"
+    rate: Optional[float] = None  # parent orders per second per symbol (None: the symbol's default)
+    batch_size: int = 20_000
+    speed: Optional[float] = None
+    progress: Optional[Progress] = None
+    source_name: str = "synthetic"
+    partitions: Optional[int] = None
+    perp: bool = True  # also funding, open interest and liquidations (operators.synthetic.perp_minute)
+
+    def _n_parts(self) -> int:
+        return max(1, min(self.partitions or 4, len(self.symbols)))
+
+    def instruments(self) -> list[str]:
+        return [f"{self.exchange}:{s}" for s in self.symbols]
+
+    def pacer(self) -> Pacer:
+        """The partitions' shared pacer (this process): anchored once, at ``start_ms``, so paced
+        partitions do not drift apart by when each was first polled."""
+        if getattr(self, "_pacer", None) is None:
+            self._pacer = Pacer(self.speed, anchor_event_ms=self.start_ms)
+        return self._pacer
+
+    def list_parts(self) -> list[str]:
+        return [f"synthetic-{i}" for i in range(self._n_parts())]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Optional[dict]):
+        i, n = int(for_part.rsplit("-", 1)[1]), self._n_parts()
+        specs = [syn.spec_for(sym, self.rate) for k, sym in enumerate(self.symbols) if k % n == i]
+        return _SyntheticPartition(self, for_part, specs, resume_state)
