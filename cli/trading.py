@@ -14,6 +14,7 @@ from rich.table import Table
 from cli.common import cell, command_settings, open_store, out_console
 from cli.summaries import kill_switch_status, leaderboard, promotions
 from dataflows.control import pending, request_reset
+from operators.records import HOUR_MS
 
 
 @click.group()
@@ -47,7 +48,7 @@ def optimizer_status(ctx: click.Context, strategy: Optional[str], dsn: Optional[
     for r in rows:
         name = "production" if r["origin"] == "production" else r["variant_id"]
         changes = ", ".join(f"{k}={v}" for k, v in json.loads(r["config"] or "{}").items())
-        t.add_row(name, r["status"], f"{r['runtime_ms'] / 3_600_000:.1f}", f"{r['trades']:,}", f"{r['roi']:.2%}",
+        t.add_row(name, r["status"], f"{r['runtime_ms'] / HOUR_MS:.1f}", f"{r['trades']:,}", f"{r['roi']:.2%}",
                   num(r["win_rate"], ".1%"), num(r["sharpe"], ".2f"), num(r["sortino"], ".2f"),
                   f"{r['max_drawdown']:.2%}", num(r["dsr"], ".3f"), changes[:60])
     out_console.print(t)

@@ -28,6 +28,7 @@ from operators.optimizer import OptimizerConfig, default_space
 from operators.portfolio import QualityConfig
 from operators.admit_state import AdmitConfig
 from operators.decode import DecodeLimits
+from operators.records import DAY_MS, HOUR_MS
 
 
 def _tuples(d: dict) -> dict:
@@ -70,7 +71,7 @@ class Settings(BaseSettings):
                                   "event-time order before declaring it silent (an instrument_silent event)")
     dedup_horizon_ms: int = Field(600_000, gt=0, description="how far back duplicate ids are remembered")
     dedup_max_ids: int = Field(500_000, gt=0, description="cap on ids remembered per instrument")
-    max_future_ms: int = Field(86_400_000, gt=0, description="trades further ahead of now are dead letters")
+    max_future_ms: int = Field(DAY_MS, gt=0, description="trades further ahead of now are dead letters")
     jump_ms: int = Field(900_000, gt=0, description="a trade further ahead of its instrument's newest ts is held "
                                                     "until the stream confirms the jump (robust event time)")
     jump_confirm: int = Field(3, ge=1, description="trades in a row that confirm a jump")
@@ -83,7 +84,7 @@ class Settings(BaseSettings):
     # bars
     pro_quantile: float = Field(0.95, gt=0.5, lt=1)
     amateur_quantile: float = Field(0.5, gt=0, lt=1)
-    cohort_window_ms: int = Field(3_600_000, gt=0, description="rolling window of the cohort quantiles")
+    cohort_window_ms: int = Field(HOUR_MS, gt=0, description="rolling window of the cohort quantiles")
     cohort_max_orders: int = Field(200_000, gt=0)
     pro_addresses: list[str] = Field([], description="trader addresses always counted as pros")
     value_area: float = Field(0.70, gt=0, le=1)

@@ -25,10 +25,10 @@ import numpy as np
 import polars as pl
 
 from operators.perp import PerpUpdate
+from operators.records import HOUR_MS, MINUTE_MS
 
 RANGE, TREND, VOLATILE = 0, 1, 2
 REGIME_NAMES = {RANGE: "range", TREND: "trend", VOLATILE: "volatile"}
-_MINUTE = 60_000
 
 # per-minute log-volatility and activity multiplier per regime
 _VOL = {RANGE: 0.0007, TREND: 0.0009, VOLATILE: 0.0028}
@@ -140,7 +140,7 @@ def generate_minute(spec: InstrumentSpec, seed: int, start_ms: int, st: GenState
     burst = rng.random() < 0.04
     lam = spec.rate * 60.0 * _ACTIVITY[regime] * (rng.uniform(3, 8) if burst else 1.0)
     n = int(rng.poisson(lam))
-    base = st.minute * _MINUTE + start_ms
+    base = st.minute * MINUTE_MS + start_ms
     if n == 0:
         empty = {k: np.empty(0, dtype=t) for k, t in
                  (("ts", np.int64), ("id", np.int64), ("price", float), ("amount", float),
@@ -148,14 +148,14 @@ def generate_minute(spec: InstrumentSpec, seed: int, start_ms: int, st: GenState
         return empty, replace(st, minute=st.minute + 1, price=p1, anchor=anchor, regime=regime,
                                trend_sign=trend_sign, flow=flow, last_ret=ret)
     if burst:  # most of a burst lands inside a few seconds
-        centre = rng.integers(0, _MINUTE - 5_000)
+        centre = rng.integers(0, MINUTE_MS - 5_000)
         inside = rng.random(n) < 0.7
-        t = np.where(inside, centre + rng.integers(0, 5_000, n), rng.integers(0, _MINUTE, n))
+        t = np.where(inside, centre + rng.integers(0, 5_000, n), rng.integers(0, MINUTE_MS, n))
     else:
-        t = rng.integers(0, _MINUTE, n)
+        t = rng.integers(0, MINUTE_MS, n)
     t.sort()
     # price path: Brownian bridge from p0 to p1 sampled at the order times
-    frac = t / _MINUTE
+    frac = t / MINUTE_MS
     walk = np.cumsum(rng.standard_normal(n)) * vol / np.sqrt(max(n, 1))
     bridge = walk - frac * walk[-1]
     mid = p0 * np.exp(frac * ret + bridge)
@@ -192,7 +192,7 @@ def generate_minute(spec: InstrumentSpec, seed: int, start_ms: int, st: GenState
     return cols, nxt
 
 
-FUNDING_EVERY_MS = 8 * 3_600_000  # funding times: 00:00, 08:00, 16:00 UTC
+FUNDING_EVERY_MS = 8 * HOUR_MS  # funding times: 00:00, 08:00, 16:00 UTC
 OI_EVERY_MINUTES = 5
 
 
@@ -210,7 +210,7 @@ def perp_minute(spec: InstrumentSpec, seed: int, start_ms: int, before: GenState
     ts at or before its own (``trade_ts``: that minute's trade times)."""
     m = before.minute
     rng = np.random.default_rng([seed, zlib.crc32(spec.symbol.encode()), m, 0x9E37])
-    base = start_ms + m * _MINUTE
+    base = start_ms + m * MINUTE_MS
     last = after.price
 
     def seq(ts: int) -> int:
@@ -232,7 +232,7 @@ def perp_minute(spec: InstrumentSpec, seed: int, start_ms: int, before: GenState
     vol = _VOL[after.regime]
     shock = abs(after.last_ret) / vol
     n = int(rng.poisson(0.03 + 2.0 * max(0.0, shock - 1.5)))
-    for t in np.sort(rng.integers(0, _MINUTE, n)):
+    for t in np.sort(rng.integers(0, MINUTE_MS, n)):
         down = after.last_ret < 0
         side = "sell" if (down if rng.random() < 0.85 else not down) else "buy"
         price = last * (1 + float(rng.normal(0, vol / 3)))

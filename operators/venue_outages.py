@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
+from operators.records import MINUTE_MS
+
 @dataclass(frozen=True)
 class FeedDown:
     """``exchange`` cannot be reached for ``symbols``: ``stage`` (``load_markets`` or ``stream``)
@@ -116,7 +118,7 @@ class OutageTracker:
     exchange: str
     symbols: tuple[str, ...]
     stage: str
-    status_every_ms: int = 60_000
+    status_every_ms: int = MINUTE_MS
     attempts: int = 0  # failed attempts in the current outage (0: up)
     since_ms: Optional[int] = None  # when the current outage started
     last_error: str = ""  # kept after recovery: what went wrong last
