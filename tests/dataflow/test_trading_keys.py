@@ -6,7 +6,6 @@ never under a key the uninterrupted run lacks."""
 
 import polars as pl
 from bytewax.recovery import RecoveryConfig, init_db_dir
-from bytewax.testing import TestingSource
 
 from sinks.clickhouse import ClickHouseSink, SinkStats
 from tests.helpers import raw_batches, run_pipeline, settings, stored, synthetic_tape
@@ -25,6 +24,30 @@ def _cfg(tmp_path):
     return settings(tmp_path / "data", online_models=False,
                     strategy={"no_model_vetoes_cohort": False, "require_warm": False, "consensus_enabled": False,
                               "s_min": 0.05, "stop_loss_pct": 0.002, "cooldown_bars": 0})
+
+
+class _CrashingSink(ClickHouseSink):
+    """Test seam: the run crashes right after the sink has written rows in the middle of an epoch (not
+    at a snapshot), once per entry of ``crash_after`` (rows this sink has written by then)."""
+
+    def __init__(self, *args, crash_after: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.crash_after = crash_after
+
+    def build_part(self, step_id, for_part, resume_state):
+        part = super().build_part(step_id, for_part, resume_state)
+        write = part.write_batch
+
+        def write_batch(values):
+            before = sum(self.stats.rows.values())
+            write(values)
+            now = sum(self.stats.rows.values())
+            if self.crash_after and now > before and now >= self.crash_after[0]:
+                self.crash_after.pop(0)
+                raise RuntimeError("injected crash: rows of an unfinished epoch are stored")
+
+        part.write_batch = write_batch
+        return part
 
 
 def _keys(store, table) -> set:
@@ -53,19 +76,26 @@ def test_reruns_and_resumes_store_every_trading_row_under_the_uninterrupted_runs
         assert _keys(store, t) == keys[t], f"{t}: a second run of the same input wrote new keys"
         assert stored(store, t, KEYS[t], WALL.get(t, ())).equals(first[t]), f"{t} differs after a rerun"
 
-    # killed twice and resumed from the recovery snapshot; the sink writes every 50 rows, between
-    # snapshots, so rows of epochs that never completed are in the store and are replayed
-    items = list(batches)
-    items.insert(len(items) // 3, TestingSource.ABORT())
-    items.insert(2 * len(items) // 3, TestingSource.ABORT())
+    # crashed twice and resumed from the recovery snapshot. The crash comes right after the sink wrote
+    # rows in the middle of an epoch (a seam, not a timer: with TestingSource.ABORT whether any row was
+    # written after the last snapshot depended on where the 0.3 s epochs fell, and the test failed its
+    # own precondition on a quick machine), so rows of an unfinished epoch are in the store and are
+    # written again after the resume
     (tmp_path / "rec").mkdir()
     init_db_dir(tmp_path / "rec", 1)
     rc = RecoveryConfig(str(tmp_path / "rec"))
-    written = 0
+    crash_after = [400, 400]  # rows written by a run before it crashes: the first run, then the second
+    written, crashes = 0, 0
     for _ in range(3):
-        sink = ClickHouseSink(other_store.dsn, other_store.database, SinkStats(), flush_rows=50, flush_ms=60_000)
-        run_pipeline(items, other_store, cfg, recovery=rc, epoch_s=0.3, sink=sink)
+        sink = _CrashingSink(other_store.dsn, other_store.database, SinkStats(), flush_rows=50, flush_ms=60_000,
+                             crash_after=crash_after)
+        try:
+            run_pipeline(batches, other_store, cfg, recovery=rc, epoch_s=0.3, sink=sink)
+        except Exception as err:  # noqa: BLE001 - bytewax wraps the injected crash
+            assert "injected crash" in str(err) or "injected crash" in repr(err.__cause__), err
+            crashes += 1
         written += sum(sink.stats.rows.values())
+    assert crashes == 2 and crash_after == []
     assert written > sum(plain.rows.values()), "no row was replayed: the kills did not test anything"
     for t in KEYS:
         resumed = _keys(other_store, t)
