@@ -14,7 +14,7 @@ from dataflows.config import Settings
 from dataflows.runner import peak_rss_mb
 from dataflows.model_io import model_quality
 from operators.records import MINUTES_PER_YEAR
-from operators.stats import sharpe
+from operators.stats import sharpe, simple_returns
 from sinks.store import Store, redact_dsn
 
 
@@ -44,14 +44,9 @@ def strategy_summary(store: Store, initial_equity: float) -> list[dict]:
             "origin": key[0], "strategy_id": key[1], "variant_id": key[2],
             "pnl": last - initial_equity, "roi": last / initial_equity - 1, "realised_pnl": f["realised"],
             "trades": f["trades"], "win_rate": f["wins"] / f["trades"] if f["trades"] else None,
-            "sharpe": sharpe(_returns([initial_equity] + c["eq"]), MINUTES_PER_YEAR), "max_drawdown": c["dd"],
+            "sharpe": sharpe(simple_returns([initial_equity] + c["eq"]), MINUTES_PER_YEAR), "max_drawdown": c["dd"],
         })
     return out
-
-
-def _returns(equity: list[float]) -> list[float]:
-    """Per-period simple returns of an equity curve (periods that start at zero equity skipped)."""
-    return [b / a - 1 for a, b in zip(equity, equity[1:]) if a > 0]
 
 
 def kill_switch_status(store: Store) -> list[dict]:
