@@ -109,18 +109,12 @@ def _open_here(path: Path, skip: int) -> bool:
     return False
 
 
-def query_rows(store, sql: str, params: Optional[dict] = None) -> list[dict]:
-    """A query's rows as dicts."""
-    cols, rows = store.query(sql, params)
-    return [dict(zip(cols, r)) for r in rows]
-
-
 def pipeline_stalls(store, now_ms: int, max_stall_s: float) -> list[str]:
     """Findings about the pipeline's progress (empty: it is making progress)."""
     bound = max_stall_s * 1000
     try:
-        (last,) = query_rows(store, "SELECT count() AS n, max(ts) AS last_ts, argMax(started, ts) AS last_started "
-                               "FROM pipeline_health")
+        (last,) = store.query_dicts("SELECT count() AS n, max(ts) AS last_ts, argMax(started, ts) AS last_started "
+                                    "FROM pipeline_health")
     except Exception as err:  # noqa: BLE001 - a store without the table or the 008 columns
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return [f"pipeline: cannot read pipeline_health ({first[:200]}); has the pipeline started once with "
@@ -134,11 +128,10 @@ def pipeline_stalls(store, now_ms: int, max_stall_s: float) -> list[str]:
     started = to_ms(last["last_started"])
     if started is None:  # rows from a pipeline older than the liveness columns: only the row age is known
         return []
-    (run,) = query_rows(store,
-                   "WITH (SELECT max(watermark) FROM pipeline_health "
-                   "      WHERE toUnixTimestamp64Milli(started) = {s:Int64}) AS wm "
-                   "SELECT wm, minIf(ts, watermark = wm) AS since FROM pipeline_health "
-                   "WHERE toUnixTimestamp64Milli(started) = {s:Int64}", {"s": started})
+    (run,) = store.query_dicts("WITH (SELECT max(watermark) FROM pipeline_health "
+                               "      WHERE toUnixTimestamp64Milli(started) = {s:Int64}) AS wm "
+                               "SELECT wm, minIf(ts, watermark = wm) AS since FROM pipeline_health "
+                               "WHERE toUnixTimestamp64Milli(started) = {s:Int64}", {"s": started})
     wm = to_ms(run["wm"])
     if wm is None:
         if now_ms - started > bound:

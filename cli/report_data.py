@@ -177,8 +177,7 @@ def parameters(day: date, strategy: str = "production", low_conf: float = LOW_CO
 
 def run_query(store: Store, name: str, params: Mapping) -> list[dict]:
     """One named query as a list of row dicts."""
-    cols, rows = store.query(QUERIES[name], dict(params))
-    return [dict(zip(cols, r)) for r in rows]
+    return store.query_dicts(QUERIES[name], dict(params))
 
 def strategy_key(r: Mapping) -> str:
     """A row's strategy as ``origin/strategy_id/variant_id``."""

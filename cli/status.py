@@ -18,7 +18,7 @@ from rich.text import Text
 
 from cli.common import command_settings, open_store, out_console
 from cli.health import (
-    embedded_store_in_use, fmt_age, fmt_ts, pipeline_stalls, query_rows, to_ms, wall_ms,
+    embedded_store_in_use, fmt_age, fmt_ts, pipeline_stalls, to_ms, wall_ms,
 )
 from cli.summaries import kill_switch_status, leaderboard
 from dataflows.control import pending
@@ -63,16 +63,16 @@ def read_status(store, heartbeat: Path, data_dir: Path, store_name: str, now_ms:
 
 
 def _pipeline(store) -> dict:
-    rows = query_rows(store, "SELECT max(ts) AS last_ts, argMax(trades_per_s, ts) AS rate, "
-                        "argMax(rss_mb, ts) AS rss, argMax(trades_total, ts) AS total, "
-                        "max(watermark) AS wm, count() AS n FROM pipeline_health "
-                        "WHERE ts >= (SELECT max(ts) FROM pipeline_health) - INTERVAL 1 DAY")
+    rows = store.query_dicts("SELECT max(ts) AS last_ts, argMax(trades_per_s, ts) AS rate, "
+                             "argMax(rss_mb, ts) AS rss, argMax(trades_total, ts) AS total, "
+                             "max(watermark) AS wm, count() AS n FROM pipeline_health "
+                             "WHERE ts >= (SELECT max(ts) FROM pipeline_health) - INTERVAL 1 DAY")
     if not rows or not rows[0]["n"]:
         return {}
     r = rows[0]
-    (recent,) = query_rows(store, "SELECT sum(trades_in) AS trades, sum(late_trades) AS late, "
-                             "sum(dead_letters) AS dead FROM pipeline_health "
-                             "WHERE ts >= (SELECT max(ts) FROM pipeline_health) - INTERVAL 5 MINUTE")
+    (recent,) = store.query_dicts("SELECT sum(trades_in) AS trades, sum(late_trades) AS late, "
+                                  "sum(dead_letters) AS dead FROM pipeline_health "
+                                  "WHERE ts >= (SELECT max(ts) FROM pipeline_health) - INTERVAL 5 MINUTE")
     return {"last_row_ms": to_ms(r["last_ts"]), "trades_per_s": r["rate"], "rss_mb": r["rss"],
             "trades_total": r["total"], "watermark_ms": to_ms(r["wm"]), **recent}
 
@@ -80,24 +80,23 @@ def _pipeline(store) -> dict:
 def _instruments(store) -> list[dict]:
     """Per instrument: end of its newest 1m bar (a minute that had trades) and its event-time
     trade rate over its last five bar-minutes."""
-    rows = query_rows(store,
-                 "SELECT b.exchange AS exchange, b.symbol AS symbol, max(b.end) AS last_end, "
-                 "sum(b.trades) / 300 AS trades_per_s "
-                 "FROM bars AS b FINAL "
-                 "INNER JOIN (SELECT exchange, symbol, max(start) AS last_start FROM bars "
-                 "            WHERE tf = '1m' GROUP BY exchange, symbol) AS l "
-                 "ON b.exchange = l.exchange AND b.symbol = l.symbol "
-                 "WHERE b.tf = '1m' AND b.start > l.last_start - INTERVAL 5 MINUTE "
-                 "GROUP BY b.exchange, b.symbol ORDER BY exchange, symbol")
+    rows = store.query_dicts("SELECT b.exchange AS exchange, b.symbol AS symbol, max(b.end) AS last_end, "
+                             "sum(b.trades) / 300 AS trades_per_s "
+                             "FROM bars AS b FINAL "
+                             "INNER JOIN (SELECT exchange, symbol, max(start) AS last_start FROM bars "
+                             "            WHERE tf = '1m' GROUP BY exchange, symbol) AS l "
+                             "ON b.exchange = l.exchange AND b.symbol = l.symbol "
+                             "WHERE b.tf = '1m' AND b.start > l.last_start - INTERVAL 5 MINUTE "
+                             "GROUP BY b.exchange, b.symbol ORDER BY exchange, symbol")
     return [{**r, "last_end": to_ms(r["last_end"])} for r in rows]
 
 
 def _strategies(store) -> tuple[list[dict], int]:
-    rows = query_rows(store,
-                 "SELECT origin, strategy_id, variant_id, max(ts) AS marked, argMax(equity, (ts, seq)) AS eq, "
-                 "argMax(open_positions, (ts, seq)) AS positions, argMax(drawdown, (ts, seq)) AS dd, "
-                 "argMax(halted, (ts, seq)) AS is_halted FROM equity GROUP BY origin, strategy_id, variant_id "
-                 "ORDER BY origin = 'production' DESC, strategy_id, variant_id")
+    rows = store.query_dicts(
+        "SELECT origin, strategy_id, variant_id, max(ts) AS marked, argMax(equity, (ts, seq)) AS eq, "
+        "argMax(open_positions, (ts, seq)) AS positions, argMax(drawdown, (ts, seq)) AS dd, "
+        "argMax(halted, (ts, seq)) AS is_halted FROM equity GROUP BY origin, strategy_id, variant_id "
+        "ORDER BY origin = 'production' DESC, strategy_id, variant_id")
     prod = [{"origin": r["origin"], "strategy_id": r["strategy_id"], "variant_id": r["variant_id"], "ts": to_ms(r["marked"]),
              "equity": r["eq"], "open_positions": r["positions"], "drawdown": r["dd"], "halted": r["is_halted"]}
             for r in rows if r["origin"] == "production"]
@@ -124,7 +123,7 @@ SELECT source, guard, active, at, last_reason AS reason FROM (
 def _guards(store) -> list[dict]:
     """Production kill switch (the latest equity mark's ``halted``) and loss pauses (the latest of
     a pause event and its ``pause_end``), with the reason of the last kill-switch trip."""
-    rows = query_rows(store, GUARD_SQL)
+    rows = store.query_dicts(GUARD_SQL)
     trips = {r["source"]: r for r in kill_switch_status(store)}
     for r in rows:
         r["at"] = to_ms(r["at"])
@@ -163,10 +162,10 @@ GROUP BY model
 
 
 def _models(store) -> list[dict]:
-    models = {r["model"]: {**r, "last_start": to_ms(r["last_start"])} for r in query_rows(store, MODELS_SQL)}
-    for r in query_rows(store, CALIBRATION_SQL):
+    models = {r["model"]: {**r, "last_start": to_ms(r["last_start"])} for r in store.query_dicts(MODELS_SQL)}
+    for r in store.query_dicts(CALIBRATION_SQL):
         models.setdefault(r["model"], {"model": r["model"], "version": "", "last_start": None}).update(r)
-    for r in query_rows(store, ECE_SQL):
+    for r in store.query_dicts(ECE_SQL):
         if r["model"] in models:
             models[r["model"]]["ece"] = r["ece"]
     return [models[m] for m in sorted(models)]

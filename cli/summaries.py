@@ -51,16 +51,15 @@ def strategy_summary(store: Store, initial_equity: float) -> list[dict]:
 
 def kill_switch_status(store: Store) -> list[dict]:
     """The last kill-switch event (trip or reset) of every strategy."""
-    cols, rows = store.query(
+    return store.query_dicts(
         "SELECT source, argMax(kind, ts) AS last_kind, max(ts) AS at, argMax(reason, ts) AS reason "
         "FROM events FINAL WHERE kind IN ('kill_switch', 'kill_switch_reset') GROUP BY source ORDER BY source")
-    return [dict(zip(cols, r)) for r in rows]
 
 
 def leaderboard(store: Store, strategy_id: Optional[str] = None) -> list[dict]:
     """The newest metrics row of every variant (and production), best deflated Sharpe first."""
     where = "WHERE strategy_id = {sid:String}" if strategy_id else ""
-    cols, rows = store.query(
+    return store.query_dicts(
         "SELECT origin, strategy_id, variant_id, argMax(status, ts) AS status, max(ts) AS at, "
         "argMax(runtime_ms, ts) AS runtime_ms, argMax(trades, ts) AS trades, argMax(roi, ts) AS roi, "
         "argMax(win_rate, ts) AS win_rate, argMax(sharpe, ts) AS sharpe, argMax(sortino, ts) AS sortino, "
@@ -68,13 +67,11 @@ def leaderboard(store: Store, strategy_id: Optional[str] = None) -> list[dict]:
         f"FROM variant_metrics FINAL {where} GROUP BY origin, strategy_id, variant_id "
         "ORDER BY origin = 'production' DESC, ifNull(dsr, -1) DESC, ifNull(sharpe, -1e9) DESC",
         {"sid": strategy_id} if strategy_id else None)
-    return [dict(zip(cols, r)) for r in rows]
 
 
 def promotions(store: Store) -> list[dict]:
     """The optimizer's promotions, oldest first."""
-    cols, rows = store.query("SELECT ts, reason, detail FROM events FINAL WHERE kind = 'promotion' ORDER BY ts")
-    return [dict(zip(cols, r)) for r in rows]
+    return store.query_dicts("SELECT ts, reason, detail FROM events FINAL WHERE kind = 'promotion' ORDER BY ts")
 
 
 class ProgressBar:

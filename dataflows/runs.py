@@ -97,10 +97,9 @@ def _count(store, table: str) -> int:
 def recorded_runs(store) -> list[dict]:
     """The runs since the trading tables were last empty: run_id, source (dict), config_hash,
     first and last start, oldest first."""
-    cols, rows = store.query(
+    out = store.query_dicts(
         "SELECT run_id, any(source) AS source, any(config_hash) AS config_hash, min(started_at) AS first, "
         "max(started_at) AS last FROM runs FINAL GROUP BY run_id ORDER BY first")
-    out = [dict(zip(cols, r)) for r in rows]
     for r in out:
         try:
             r["source"] = json.loads(r["source"])

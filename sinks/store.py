@@ -262,6 +262,11 @@ class Store:
         res = self._retry("query", self.client.query, sql, parameters, wrap=False)
         return list(res.column_names), list(res.result_rows)
 
+    def query_dicts(self, sql: str, parameters: Optional[dict] = None) -> list[dict]:
+        """A query's rows as dicts keyed by column name."""
+        cols, rows = self.query(sql, parameters)
+        return [dict(zip(cols, r)) for r in rows]
+
     def command(self, sql: str) -> Any:
         return self._retry("command", self.client.command, sql, wrap=False)
 
