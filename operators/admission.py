@@ -9,7 +9,7 @@ import polars as pl
 
 from operators.admit_state import AdmitConfig, AdmitState, Admitted, remember
 from operators.chunk_news import carry_news, unplaced_perps
-from operators.decode import InstrumentSlice
+from operators.by_instrument import InstrumentSlice
 from operators.perp import PerpUpdate
 from operators.records import CHUNK_COLUMNS, MINUTE_MS, Chunk, LateTrades
 

@@ -4,7 +4,7 @@ dead letter. Pure logic, no bytewax.
 A trade travels in batches. Sources hand over either raw messages (``RawBatch``: Kafka
 payloads, JSON lines) or columns (``FrameBatch``: replay files, the synthetic generator);
 ``decode_batch`` turns either into one validated Polars frame plus dead letters. The frame is
-then split per instrument (``split_instruments``) for admission (``operators.admission``).
+then split per instrument (``operators.by_instrument``) for admission (``operators.admission``).
 
 Validation rules live in one place (``_reason_expr``) for both kinds of batch, so a row from
 a CSV file and the same trade as JSON from Kafka meet the same fate.
@@ -129,7 +129,8 @@ def _reason_expr(now_ms: int, max_future_ms: int, limits: DecodeLimits) -> pl.Ex
     for c in _TEXT_FIELDS:
         too_long = too_long | (pl.col(c).str.len_chars() > limits.max_field_chars).fill_null(False)
     key = pl.col("_key")
-    key_mismatch = (key.is_not_null() & (key != pl.concat_str("exchange", pl.lit(":"), "symbol"))).fill_null(False)
+    own_key = pl.concat_str("exchange", pl.lit(":"), "symbol").cast(pl.Binary)
+    key_mismatch = (key.is_not_null() & (key != own_key)).fill_null(False)
     price, amount, ts = pl.col("price"), pl.col("amount"), pl.col("ts")
     return (
         pl.when(pl.col("_wrong_type"))  # first: a failed cast leaves a null behind
@@ -160,7 +161,9 @@ def explain(reason: str, row: dict, now_ms: int, max_future_ms: int, limits: Dec
                 if isinstance(row.get(c), str) and len(row[c]) > limits.max_field_chars]
         return f"{', '.join(long)} longer than max_field_chars={limits.max_field_chars}"
     if reason == "key_mismatch":
-        return (f"Kafka key {row.get('_key')!r} is not the trade's exchange:symbol "
+        key = row.get("_key")
+        key = bytes(key).decode("utf-8", "replace") if isinstance(key, (bytes, bytearray)) else key
+        return (f"Kafka key {key!r} is not the trade's exchange:symbol "
                 f"{row.get('exchange')}:{row.get('symbol')}")
     if reason == "missing_field":
         absent = [c for c in ("exchange", "symbol", "id", "ts", "price", "amount", "side")
@@ -187,7 +190,7 @@ def _split_valid(frame: pl.DataFrame, now_ms: int, max_future_ms: int,
     """Apply the value rules. ``frame`` has the decoded columns plus ``_wrong_type``, ``_key`` and ``_row``."""
     checked = frame.with_columns(_reason_expr(now_ms, max_future_ms, limits))
     bad = checked.filter(pl.col("_reason").is_not_null())
-    good = checked.filter(pl.col("_reason").is_null()).select(
+    good = (checked if bad.height == 0 else checked.filter(pl.col("_reason").is_null())).select(
         "exchange", "symbol", "id", "ts", "price", "amount",
         (pl.col("side") == "buy").alias("is_buy"), "trader", "recv_ts", "seq",
     )
@@ -256,14 +259,11 @@ def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int, limits: Decode
                 dead.append(got)
             else:
                 events.append(got)
-    seqs = [batch.offsets[i] for i in ok_idx]
-    keys = batch.keys
-    key_col = (pl.Series("_key", [None if keys[i] is None else bytes(keys[i]).decode("utf-8", "replace")
-                                  for i in ok_idx], dtype=pl.String)
-               if keys else pl.lit(None, dtype=pl.String).alias("_key"))
-    frame = _trades_to_frame(trades, seqs, batch.recv_ts).with_columns(
-        pl.lit(False).alias("_wrong_type"), pl.Series("_row", ok_idx, dtype=pl.Int64), key_col
-    )
+    seqs = batch.offsets if len(ok_idx) == len(payloads) else [batch.offsets[i] for i in ok_idx]
+    key_col = _key_column(batch.keys, ok_idx, len(payloads))
+    rows = (pl.int_range(pl.len(), dtype=pl.Int64) if len(ok_idx) == len(payloads)
+            else pl.Series(ok_idx, dtype=pl.Int64)).alias("_row")
+    frame = _trades_to_frame(trades, seqs, batch.recv_ts).with_columns(pl.lit(False).alias("_wrong_type"), rows, key_col)
     good, bad = _split_valid(frame, now_ms, max_future_ms, limits)
     for row in bad.iter_rows(named=True):
         i = row["_row"]
@@ -271,10 +271,24 @@ def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int, limits: Decode
             DeadLetter(batch.source, batch.partition, batch.offsets[i], _text(payloads[i], limits),
                        row["_reason"], explain(row["_reason"], row, now_ms, max_future_ms, limits), batch.recv_ts)
         )
-    events = _check_perps(events, dead, batch.source, batch.partition, batch.recv_ts, now_ms, max_future_ms, limits,
-                          dict(zip(batch.offsets, payloads)))
+    if events:
+        events = _check_perps(events, dead, batch.source, batch.partition, batch.recv_ts, now_ms, max_future_ms,
+                              limits, dict(zip(batch.offsets, payloads)))
     dead.sort(key=lambda d: d.offset)
     return Decoded(good, dead, events)
+
+
+def _key_column(keys: list, ok_idx: list[int], n: int) -> Any:
+    """The Kafka keys of the decoded trades as bytes (compared with ``exchange:symbol`` in
+    ``_reason_expr``); no keys: a null column."""
+    if not keys:
+        return pl.lit(None, dtype=pl.Binary).alias("_key")
+    picked = keys if len(ok_idx) == n else [keys[i] for i in ok_idx]
+    try:
+        return pl.Series("_key", picked, dtype=pl.Binary)
+    except (TypeError, ValueError, pl.exceptions.PolarsError):  # str or bytearray keys (tests, other clients)
+        return pl.Series("_key", [k if k is None or isinstance(k, bytes) else
+                                  k.encode() if isinstance(k, str) else bytes(k) for k in picked], dtype=pl.Binary)
 
 
 def _check_perps(events: list, dead: list, source: str, partition: str, recv_ts: int, now_ms: int,
@@ -328,7 +342,7 @@ def _decode_frame(batch: FrameBatch, now_ms: int, max_future_ms: int, limits: De
         exprs.append(pl.col(c).cast(pl.String) if c in cols else pl.lit(None, dtype=pl.String).alias(c))
     exprs += [pl.col("offset").cast(pl.Int64).alias("seq"), wrong.alias("_wrong_type"),
               detail.alias("_type_detail"), pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
-              pl.lit(None, dtype=pl.String).alias("_key")]
+              pl.lit(None, dtype=pl.Binary).alias("_key")]
     frame = raw.select(exprs)
     if "recv_ts" in cols:
         frame = frame.with_columns(pl.col("recv_ts").fill_null(batch.recv_ts))
@@ -367,30 +381,3 @@ def decode_batch(batch: RawBatch | FrameBatch, now_ms: int, max_future_ms: int =
     if isinstance(batch, RawBatch):
         return _decode_raw(batch, now_ms, max_future_ms, limits)
     return _decode_frame(batch, now_ms, max_future_ms, limits)
-
-
-def split_instruments(frame: pl.DataFrame, events: list = ()) -> list[tuple[str, Any]]:
-    """``[("exchange:symbol", trades of that instrument in arrival order), ...]``; an instrument
-    with data-gap events or perp updates (``operators.perp``) in the batch gets an
-    ``InstrumentSlice`` (its trades, or None, and those items), so they travel with its trades
-    (``admit``: news carried to the portfolio, perp data placed in its bars)."""
-    extra: dict[str, list] = {}
-    for ev in events:
-        if isinstance(ev, PerpUpdate) or (getattr(ev, "kind", None) == "data_gap" and ev.exchange and ev.symbol):
-            extra.setdefault(f"{ev.exchange}:{ev.symbol}", []).append(ev)
-    parts = {} if frame.height == 0 else {
-        f"{ex}:{sym}": part for (ex, sym), part in
-        frame.partition_by("exchange", "symbol", as_dict=True, maintain_order=True).items()}
-    out: list[tuple[str, Any]] = []
-    for inst, part in parts.items():
-        out.append((inst, InstrumentSlice(part, tuple(extra.pop(inst))) if inst in extra else part))
-    out.extend((inst, InstrumentSlice(None, tuple(evs))) for inst, evs in extra.items())
-    return out
-
-
-@dataclass(frozen=True)
-class InstrumentSlice:
-    """One instrument's part of a batch when it carries data-gap events or perp updates (else a bare frame)."""
-
-    trades: pl.DataFrame | None
-    events: tuple

@@ -12,7 +12,8 @@ from operators.perp import PerpUpdate
 from operators.slippage import build, walk_price
 from operators.admission import admit, flush
 from operators.admit_state import AdmitConfig, AdmitState
-from operators.decode import TRADE_SCHEMA, InstrumentSlice, decode_batch
+from operators.by_instrument import InstrumentSlice
+from operators.decode import TRADE_SCHEMA, decode_batch
 from operators.records import RawBatch
 
 T0 = 1_704_067_200_000

@@ -15,7 +15,8 @@ from polars.testing import assert_frame_equal
 
 from operators.admission import LATE_REASONS, admit, flush
 from operators.admit_state import AdmitConfig, AdmitState
-from operators.decode import DEAD_LETTER_REASONS, TRADE_SCHEMA, DecodeLimits, decode_batch, split_instruments
+from operators.by_instrument import split_instruments
+from operators.decode import DEAD_LETTER_REASONS, TRADE_SCHEMA, DecodeLimits, decode_batch
 from operators.records import CHUNK_COLUMNS, DAY_MS, MIN_TS_MS, FrameBatch, RawBatch
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z, a minute boundary
