@@ -19,7 +19,7 @@ from cli.models import train_and_show
 from cli.run_stop import is_stop, stopped
 from cli.source_options import build_source, parse_instruments, recovery_fingerprint
 from cli.summaries import ProgressBar, print_model_quality, print_run_summary, print_strategies
-from dataflows import runner, runs
+from dataflows import run_counts, runner, runs
 from dataflows.config import Settings
 from dataflows.control import lineage_of
 from dataflows.pipeline import build_flow
@@ -172,7 +172,7 @@ def run(ctx: click.Context, **options) -> None:
     if rec_dir is not None:  # refuse a recovery directory that holds another source's state
         runner.claim_recovery_dir(rec_dir, fingerprint)
 
-    counts = runner.RunCounts()
+    counts = run_counts.RunCounts()
     progress_ui = None if (o.quiet or is_peer) else ProgressBar(counts)
     progress = runner.counting_progress(counts, progress_ui.update if progress_ui else None)
     live = (o.source == "kafka" and not o.eof) or o.source == "ccxt" or bool(o.speed)
@@ -194,7 +194,7 @@ def run(ctx: click.Context, **options) -> None:
         first_of_split = split_ms is not None and k == 0
         flow = build_flow(settings, src, _sink(o, settings, counts, src), pace=pace,
                           ensemble=None if (o.no_store or first_of_split) else "auto",
-                          control_lineage=lineage_of(rec_dir))
+                          control_lineage=lineage_of(rec_dir), snapshots=rec_dir is not None)
         recovery = runner.recovery_config(rec_dir, o.processes * o.workers)
         phase_dir = run_dir / f"phase-{k}" if o.proc_id is None else run_dir
         phase_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +208,7 @@ def run(ctx: click.Context, **options) -> None:
             else:
                 runner.stop_peers(peers)
                 if o.processes > 1:
-                    runner.collect_counts(phase_dir, o.processes, counts)
+                    run_counts.collect_counts(phase_dir, o.processes, counts)
             stopped(ctx, stop, counts, elapsed, settings, is_peer=is_peer,
                     resumable=settings.recovery_dir is not None, main_job=split_ms is not None)
         if o.source == "ccxt":
@@ -220,7 +220,7 @@ def run(ctx: click.Context, **options) -> None:
         if any(codes):
             raise click.ClickException(f"a pipeline process failed (exit codes {codes}); see its output above")
         if o.processes > 1:
-            runner.collect_counts(phase_dir, o.processes, counts)
+            run_counts.collect_counts(phase_dir, o.processes, counts)
         if k < len(phases) - 1:
             try:
                 train_and_show(settings, until_ms=phase_end, quiet=o.quiet)
@@ -310,8 +310,8 @@ def _execute(flow, settings: Settings, o: RunOptions, recovery, addresses, peers
 
 
 def _leave_counts(counts, phase_dir: Path, proc_id: int) -> None:
-    """A peer's counts (and peak memory), for process 0's summary."""
-    counts.peak_rss_mb = runner.peak_rss_mb()
+    """A peer's counts (and peak memory, CPU time), for process 0's summary."""
+    counts.peak_rss_mb, counts.cpu_s = run_counts.peak_rss_mb(), run_counts.cpu_s()
     (phase_dir / f"proc-{proc_id}.json").write_text(counts.to_json())
 
 
@@ -319,6 +319,7 @@ def _summarise(o: RunOptions, settings: Settings, counts, elapsed: float, src, *
                split_ms: Optional[int]) -> None:
     """After the last phase: the summary, the store's read-backs (model quality, strategies) and
     ``--summary-json``; a last flush the store did not take fails the run."""
+    own_cpu_s = run_counts.cpu_s()  # before the read-backs below
     print_run_summary(counts, elapsed, settings, resumed=resumed,
                       replay=src.describe() if o.source == "replay" else None)
     if o.source == "kafka" and not settings.kafka_instruments:  # after the run: an error stays one line
@@ -336,7 +337,8 @@ def _summarise(o: RunOptions, settings: Settings, counts, elapsed: float, src, *
         o.summary_json.write_text(json.dumps({
             "trades_in": counts.trades_in, "elapsed_s": elapsed, "trades_per_s": counts.trades_in / elapsed,
             "processes": o.processes, "workers": o.workers,
-            "peak_rss_mb": [runner.peak_rss_mb(), *counts.peer_rss_mb.values()],
+            "peak_rss_mb": [run_counts.peak_rss_mb(), *counts.peer_rss_mb.values()],
+            "cpu_s_by_process": [own_cpu_s, *counts.peer_cpu_s.values()],
             "sink": asdict(counts.sink), "model_quality": quality, "strategies": strategies},
             indent=2, default=str))
 

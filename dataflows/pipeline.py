@@ -36,18 +36,18 @@ from bytewax.outputs import Sink
 from dataflows.clock import PacedEventClock, utc_now
 from dataflows.config import Settings
 from dataflows.control import ControlInbox
+from dataflows.snapshots import Snapshot, snapshotter, stateful_flat_map
 from operators.bars import Bar, BarConfig, BarState, make_bar
 from operators.rollups import BarGroup, RollupState, close_until, open_periods, rollup
 from operators.features import FeatureStage
 from operators.labels import Label
 from operators.portfolio import BatchQuality, News, PORTFOLIO_KEY, Portfolio, Sequencer
 from operators.signals import ScoredRow, metrics_rows, scored
-from operators.records import MINUTE_MS
 from operators.admission import admit, chunk_late, concat_chunks, flush
 from operators.admit_state import AdmitConfig, AdmitState
-from operators.decode import decode_batch, split_instruments
-from operators.records import Chunk, LateTrades
-from operators.records import Event
+from operators.by_instrument import split_instruments
+from operators.decode import decode_batch
+from operators.records import MINUTE_MS, Chunk, Event, LateTrades
 from operators.perp import PerpUpdate, absorb, levels_only
 from dataflows.model_io import open_ensemble
 from sinks.rows import SourcePosition
@@ -64,8 +64,8 @@ class AdmitLogic(StatefulLogic):
     """Per instrument: dedup, lateness and the jump rule (``operators.admission.admit``); at the end of
     the input, what a held jump becomes (``operators.admission.flush``)."""
 
-    def __init__(self, resume: Optional[AdmitState], cfg: AdmitConfig):
-        self.state, self.cfg = resume or AdmitState(), cfg
+    def __init__(self, resume: Optional[AdmitState], cfg: AdmitConfig, snap: Snapshot = copy.deepcopy):
+        self.state, self.cfg, self.snap = resume or AdmitState(), cfg, snap
 
     def on_item(self, trades) -> tuple[list, bool]:
         return admit(self.state, trades, self.cfg).records(), StatefulLogic.RETAIN
@@ -74,7 +74,7 @@ class AdmitLogic(StatefulLogic):
         return flush(self.state, self.cfg).records(), StatefulLogic.RETAIN
 
     def snapshot(self) -> AdmitState:
-        return copy.deepcopy(self.state)
+        return self.snap(self.state)
 
 
 def _bar_1m(cfg: BarConfig):
@@ -110,8 +110,9 @@ class RollupLogic(StatefulLogic):
     """
 
     def __init__(self, state: Optional[RollupState], timeframes: list[str], va: float,
-                 pace: Optional[float], grace_ms: int, now_getter: Callable[[], datetime]):
-        self.state = state or RollupState()
+                 pace: Optional[float], grace_ms: int, now_getter: Callable[[], datetime],
+                 snap: Snapshot = copy.deepcopy):
+        self.state, self.snap = state or RollupState(), snap
         self.timeframes, self.va, self.pace, self.grace_ms = timeframes, va, pace, grace_ms
         self.now_getter = now_getter
         self.seen_at = now_getter()  # system time when the newest 1m bar came in
@@ -138,7 +139,7 @@ class RollupLogic(StatefulLogic):
         return self.seen_at + timedelta(milliseconds=max(wait_ms, 0))
 
     def snapshot(self) -> RollupState:
-        return copy.deepcopy(self.state)
+        return self.snap(self.state)
 
 
 def _group(bars: list[Bar]) -> list[BarGroup]:
@@ -202,13 +203,13 @@ class PortfolioLogic(StatefulBatchLogic):
     applied again to the state restored from the snapshot before it (``dataflows.control``)."""
 
     def __init__(self, state: Optional[tuple], make: Callable[[], Portfolio], inbox,
-                 make_seq: Callable[[], Optional[Sequencer]] = Sequencer):
+                 make_seq: Callable[[], Optional[Sequencer]] = Sequencer, snap: Snapshot = copy.deepcopy):
         if state is None:
             state = (make(), make_seq(), {})
         self.p, self.seq, self.applied = state
         if self.seq is not None and not hasattr(self.seq, "progress"):  # a snapshot of the previous release
             self.seq = _upgrade_sequencer(self.seq, make_seq())
-        self.inbox = inbox
+        self.inbox, self.snap = inbox, snap
 
     def on_batch(self, items: list) -> tuple[list, bool]:
         out: list = []
@@ -265,7 +266,7 @@ class PortfolioLogic(StatefulBatchLogic):
         return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> tuple:
-        return copy.deepcopy((self.p, self.seq, self.applied))
+        return self.snap((self.p, self.seq, self.applied))
 
 
 def _upgrade_sequencer(old, new: Sequencer) -> Sequencer:
@@ -307,14 +308,16 @@ def build_flow(
     ensemble: Any = "auto",
     control_lineage: Optional[str] = None,
     instruments: Optional[Iterable[str]] = None,
+    snapshots: bool = True,
 ) -> Dataflow:
     """The whole pipeline. ``pace``: None for replay/backfill (event time only), 1.0 for live.
     ``ensemble``: the ONNX ensemble scorer ("auto": ``dataflows.model_io.open_ensemble``; None: off).
     ``control_lineage``: whose operator requests these are (``dataflows.control.lineage_of`` the
     recovery directory; None: this flow's own). ``instruments``: the universe the portfolio waits
-    for (``exchange:symbol``; None: the source's ``instruments()``, if it has one)."""
-    strategy_cfg = settings.strategy_config()
-    quality_cfg = settings.quality_config()
+    for (``exchange:symbol``; None: the source's ``instruments()``, if it has one). ``snapshots``:
+    False when no recovery directory keeps them (``dataflows.snapshots``)."""
+    snap = snapshotter(snapshots)
+    strategy_cfg, quality_cfg = settings.strategy_config(), settings.quality_config()
     optimizer_cfg = settings.optimizer_config()
 
     def make_portfolio() -> Portfolio:
@@ -347,7 +350,7 @@ def build_flow(
     events = op.flat_map("events", decoded, lambda d: d.events)
     batch_quality = op.map("batch_quality", decoded, lambda d: BatchQuality(d.frame.height, len(d.dead)))
     per_instrument = op.flat_map("by_instrument", decoded, lambda d: split_instruments(d.frame, d.events))
-    admitted = op.stateful("admit", per_instrument, lambda resume: AdmitLogic(resume, admit_cfg))
+    admitted = op.stateful("admit", per_instrument, lambda resume: AdmitLogic(resume, admit_cfg, snap))
     is_chunk = op.branch("chunks", admitted, lambda kv: isinstance(kv[1], Chunk))
 
     clock = PacedEventClock(
@@ -361,14 +364,14 @@ def build_flow(
         win.TumblingWindower(length=timedelta(minutes=1), align_to=EPOCH), ordered=False,
     )
     late_chunks = op.flat_map_value("late_chunks", windows.late, _late_chunk)
-    bars_1m = op.stateful_flat_map("bar_1m", windows.down, _bar_1m(bar_cfg))
+    bars_1m = stateful_flat_map("bar_1m", windows.down, _bar_1m(bar_cfg), snap)
     groups = op.stateful(
         "rollup", bars_1m,
-        lambda resume: RollupLogic(resume, higher, bar_cfg.value_area, pace, settings.lateness_ms, now_getter),
+        lambda resume: RollupLogic(resume, higher, bar_cfg.value_area, pace, settings.lateness_ms, now_getter, snap),
     )
     all_bars = op.flat_map_value("bars", groups, lambda g: g.bars)
-    featured = op.stateful_flat_map("features", groups, _features(settings))
-    scored_rows = op.stateful_flat_map("score", featured, _score(settings, ensemble))
+    featured = stateful_flat_map("features", groups, _features(settings), snap)
+    scored_rows = stateful_flat_map("score", featured, _score(settings, ensemble), snap)
 
     # late counts and data-gap events ride the instruments' bars (trades.carry_news); what the
     # window refused (live: closed on the wall clock) comes on its own
@@ -380,7 +383,7 @@ def build_flow(
     )
     trading = op.stateful_batch(
         "portfolio", op.key_on("to_portfolio", portfolio_in, lambda _: PORTFOLIO_KEY),
-        lambda resume: PortfolioLogic(resume, make_portfolio, inbox, make_sequencer))
+        lambda resume: PortfolioLogic(resume, make_portfolio, inbox, make_sequencer, snap))
 
     records = op.merge(
         "records",
