@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cli.common import err_console, out_console
 from dataflows.config import Settings
-from dataflows.runner import peak_rss_mb
+from dataflows.run_counts import peak_rss_mb
 from dataflows.model_io import model_quality
 from operators.records import MINUTES_PER_YEAR
 from operators.stats import sharpe, simple_returns

@@ -27,7 +27,6 @@ import ctypes.util
 import hashlib
 import json
 import os
-import resource
 import select
 import signal
 import socket
@@ -35,7 +34,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -45,42 +43,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 
 from dataflows import bytewax_errors
-from sinks.clickhouse import SinkStats
-
-
-@dataclass
-class RunCounts:
-    """What one process saw: rows its source partitions released and what its sink wrote."""
-
-    trades_in: int = 0
-    sink: SinkStats = field(default_factory=SinkStats)
-    peak_rss_mb: float = 0.0  # of this process
-    peer_rss_mb: dict = field(default_factory=dict)  # process index -> peak (over the run's phases)
-
-    def add(self, other: "RunCounts", proc: int = 0) -> None:
-        self.trades_in += other.trades_in
-        if other.peak_rss_mb:
-            self.peer_rss_mb[proc] = max(self.peer_rss_mb.get(proc, 0.0), other.peak_rss_mb)
-        s, o = self.sink, other.sink
-        for mine, theirs in ((s.rows, o.rows), (s.bars, o.bars), (s.counters, o.counters)):
-            for k, v in theirs.items():
-                mine[k] = mine.get(k, 0) + v
-        s.late_trades += o.late_trades
-        s.dead_letters += o.dead_letters
-        s.trades_in_bars += o.trades_in_bars
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "RunCounts":
-        d = json.loads(text)
-        return cls(d["trades_in"], SinkStats(**d["sink"]), d.get("peak_rss_mb", 0.0))
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from dataflows.run_counts import RunCounts
 
 
 def free_ports(n: int) -> list[int]:
@@ -375,15 +338,6 @@ def stop_peers(children: list[subprocess.Popen], timeout_s: float = 20) -> list[
     peer that has not stopped within ``timeout_s`` is killed. No process outlives this."""
     _forward_stop(children)
     return wait_peers(children, timeout_s)
-
-
-def collect_counts(run_dir: Path, processes: int, mine: RunCounts) -> RunCounts:
-    """Add the other processes' counts (their files in ``run_dir``) to ``mine``."""
-    for i in range(1, processes):
-        f = run_dir / f"proc-{i}.json"
-        if f.exists():
-            mine.add(RunCounts.from_json(f.read_text()), proc=i)
-    return mine
 
 
 def counting_progress(counts: RunCounts, show: Optional[Callable[[str, int, int], None]]):

@@ -43,8 +43,12 @@ def test_two_processes_store_the_same_bars_as_one(tmp_path):
     args = ["run", "--hours", "2", "--rate", "2", "--quiet", "--train-split", "0", "--symbols",
             "BTC/USDT:USDT,ETH/USDT:USDT,SOL/USDT:USDT,XRP/USDT:USDT"]
     tapeflow(*args, "--data-dir", str(tmp_path / "one"))
-    two = tapeflow(*args, "--data-dir", str(tmp_path / "two"), "--processes", "2")
+    two = tapeflow(*args, "--data-dir", str(tmp_path / "two"), "--processes", "2",
+                   "--summary-json", str(tmp_path / "two.json"))
     assert "trades in" in two.stdout
+    summary = json.loads((tmp_path / "two.json").read_text())
+    assert len(summary["peak_rss_mb"]) == len(summary["cpu_s_by_process"]) == 2  # what each process used
+    assert all(s > 0.5 for s in summary["cpu_s_by_process"])  # each ran a share of the pipeline (and its imports)
     a, b = sql_json(tmp_path / "one", QUERY), sql_json(tmp_path / "two", QUERY)
     assert len(a) > 4 * 120 and a == b
 
