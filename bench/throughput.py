@@ -3,7 +3,8 @@
 
 Runs `tapeflow run` (the real command: source -> decode -> windows -> bars -> roll-ups ->
 embedded ClickHouse) in fresh subprocesses and prints trades/s (dataflow wall time, start-up
-excluded) and peak RSS per process. Medians over --repeat runs.
+excluded), peak RSS per process and, with several processes, each one's CPU time. Medians over
+--repeat runs.
 
     .venv/bin/python bench/throughput.py                 # 8 symbols x 6 h, ~2.5M trades
     .venv/bin/python bench/throughput.py --symbols 50 --hours 2 --rate 4   # memory at 50 symbols
@@ -46,6 +47,10 @@ def main() -> None:
         print(f"processes={p}: {runs[0]['trades_in']:,} trades, median {rate:,.0f} trades/s (runs: {each}), "
               f"wall incl. start-up {statistics.median(r['wall_s'] for r in runs):.1f} s, "
               f"peak RSS per process {rss:,.0f} MB", flush=True)
+        if p > 1:  # where the time went: process 0 also owns the store and the portfolio
+            cpu = [statistics.median(r["cpu_s_by_process"][i] for r in runs) for i in range(p)]
+            print("  CPU per process (median, start-up included): "
+                  + ", ".join(f"p{i} {c:.1f} s" for i, c in enumerate(cpu)), flush=True)
     if 1 in results and 2 in results:
         print(f"two processes / one = {results[2] / results[1]:.2f}x")
 
