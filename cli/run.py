@@ -194,7 +194,8 @@ def run(ctx: click.Context, **options) -> None:
         first_of_split = split_ms is not None and k == 0
         flow = build_flow(settings, src, _sink(o, settings, counts, src), pace=pace,
                           ensemble=None if (o.no_store or first_of_split) else "auto",
-                          control_lineage=lineage_of(rec_dir), snapshots=rec_dir is not None)
+                          control_lineage=lineage_of(rec_dir), snapshots=rec_dir is not None,
+                          balance_workers=_balance_workers(o, rec_dir))
         recovery = runner.recovery_config(rec_dir, o.processes * o.workers)
         phase_dir = run_dir / f"phase-{k}" if o.proc_id is None else run_dir
         phase_dir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +277,15 @@ def _sink(o: RunOptions, settings: Settings, counts, src):
                           health_every_s=settings.health_every_s or None, process=o.proc_id or 0,
                           retry_s=settings.store_retry_s,
                           committer=src.offset_committer() if o.source == "kafka" else None)
+
+
+def _balance_workers(o: RunOptions, rec_dir: Optional[Path]) -> int:
+    """Over how many workers the pipeline spreads its instruments evenly (``operators.routing``): the
+    cluster's, the same in every process. With a recovery directory 1: the state is kept under the
+    instruments' own keys, which a later run with another process count or instrument list finds."""
+    if rec_dir is not None:
+        return 1
+    return (len(o.addresses.split(";")) if o.addresses else o.processes) * o.workers
 
 
 def _start_peers(o: RunOptions, phase_end: int, start_from: str, phase_dir: Path) -> tuple[Optional[list[str]], list]:

@@ -41,11 +41,12 @@ from operators.bars import Bar, BarConfig, BarState, make_bar
 from operators.rollups import BarGroup, RollupState, close_until, open_periods, rollup
 from operators.features import FeatureStage
 from operators.labels import Label
-from operators.portfolio import BatchQuality, News, PORTFOLIO_KEY, Portfolio, Sequencer
+from operators.portfolio import BatchQuality, News, PORTFOLIO_KEY, Portfolio, Sequencer, upgrade_sequencer
 from operators.signals import ScoredRow, metrics_rows, scored
 from operators.admission import admit, chunk_late, concat_chunks, flush
 from operators.admit_state import AdmitConfig, AdmitState
 from operators.by_instrument import split_instruments
+from operators.routing import balanced_keys
 from operators.decode import decode_batch
 from operators.records import MINUTE_MS, Chunk, Event, LateTrades
 from operators.perp import PerpUpdate, absorb, levels_only
@@ -208,7 +209,7 @@ class PortfolioLogic(StatefulBatchLogic):
             state = (make(), make_seq(), {})
         self.p, self.seq, self.applied = state
         if self.seq is not None and not hasattr(self.seq, "progress"):  # a snapshot of the previous release
-            self.seq = _upgrade_sequencer(self.seq, make_seq())
+            self.seq = upgrade_sequencer(self.seq, make_seq())
         self.inbox, self.snap = inbox, snap
 
     def on_batch(self, items: list) -> tuple[list, bool]:
@@ -269,15 +270,6 @@ class PortfolioLogic(StatefulBatchLogic):
         return self.snap((self.p, self.seq, self.applied))
 
 
-def _upgrade_sequencer(old, new: Sequencer) -> Sequencer:
-    """A ``Sequencer`` snapshotted by the previous release (``last_end``; its buffer held the same
-    ``(t, rank, instrument, n, item)`` tuples, as a list)."""
-    new.progress = dict(getattr(old, "last_end", {}))
-    new.buffer = sorted(getattr(old, "buffer", []), key=lambda b: b[:4])  # a sorted list is a heap
-    new.n = getattr(old, "n", len(new.buffer))
-    return new
-
-
 def _position(batch) -> Optional[SourcePosition]:
     offsets = getattr(batch, "offsets", None)
     return SourcePosition(batch.source, batch.partition, offsets[-1] + 1) if offsets else None
@@ -309,16 +301,18 @@ def build_flow(
     control_lineage: Optional[str] = None,
     instruments: Optional[Iterable[str]] = None,
     snapshots: bool = True,
+    balance_workers: int = 1,
 ) -> Dataflow:
     """The whole pipeline. ``pace``: None for replay/backfill (event time only), 1.0 for live.
     ``ensemble``: the ONNX ensemble scorer ("auto": ``dataflows.model_io.open_ensemble``; None: off).
     ``control_lineage``: whose operator requests these are (``dataflows.control.lineage_of`` the
     recovery directory; None: this flow's own). ``instruments``: the universe the portfolio waits
     for (``exchange:symbol``; None: the source's ``instruments()``, if it has one). ``snapshots``:
-    False when no recovery directory keeps them (``dataflows.snapshots``)."""
+    False when no recovery directory keeps them (``dataflows.snapshots``). ``balance_workers``: spread the
+    universe's instruments evenly over that many workers (``operators.routing``; 1: their own keys)."""
     snap = snapshotter(snapshots)
-    strategy_cfg, quality_cfg = settings.strategy_config(), settings.quality_config()
-    optimizer_cfg = settings.optimizer_config()
+    strategy_cfg, quality_cfg, optimizer_cfg = (settings.strategy_config(), settings.quality_config(),
+                                                settings.optimizer_config())
 
     def make_portfolio() -> Portfolio:
         return Portfolio.create(strategy_cfg, quality_cfg, optimizer=optimizer_cfg, primary_tf=settings.primary_tf,
@@ -327,6 +321,7 @@ def build_flow(
     if instruments is None:  # the source's universe (synthetic symbols, a tape's instruments, ccxt feeds)
         instruments = getattr(source, "instruments", lambda: ())()
     universe = tuple(sorted(instruments))
+    route = balanced_keys(universe, balance_workers) if balance_workers > 1 else {}
     wait_ms = settings.portfolio_wait_ms if pace is not None else None
 
     def make_sequencer() -> Sequencer:
@@ -334,7 +329,6 @@ def build_flow(
 
     inbox = ControlInbox(settings.data_dir, lineage=control_lineage)
     if ensemble == "auto":  # the named one (TAPEFLOW_MODEL) or one trained on this store
-
         ensemble = open_ensemble(settings)
     admit_cfg, bar_cfg = settings.admit_config(), settings.bar_config()
     higher = [tf for tf in settings.timeframes if tf != "1m"]
@@ -349,7 +343,7 @@ def build_flow(
     dead = op.flat_map("dead_letters", decoded, lambda d: d.dead)
     events = op.flat_map("events", decoded, lambda d: d.events)
     batch_quality = op.map("batch_quality", decoded, lambda d: BatchQuality(d.frame.height, len(d.dead)))
-    per_instrument = op.flat_map("by_instrument", decoded, lambda d: split_instruments(d.frame, d.events))
+    per_instrument = op.flat_map("by_instrument", decoded, lambda d: split_instruments(d.frame, d.events, route))
     admitted = op.stateful("admit", per_instrument, lambda resume: AdmitLogic(resume, admit_cfg, snap))
     is_chunk = op.branch("chunks", admitted, lambda kv: isinstance(kv[1], Chunk))
 

@@ -4,15 +4,18 @@ sends on to admission (``operators.admission``), keyed ``exchange:symbol``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import polars as pl
 
 from operators.perp import PerpUpdate
 
 
-def split_instruments(frame: pl.DataFrame, events: list = ()) -> list[tuple[str, Any]]:
-    """``[("exchange:symbol", trades of that instrument in arrival order), ...]``; an instrument
+def split_instruments(frame: pl.DataFrame, events: list = (), route: Mapping[str, str] = MappingProxyType({})
+                      ) -> list[tuple[str, Any]]:
+    """``[(key, trades of that instrument in arrival order), ...]``, the key being the instrument's
+    ``exchange:symbol`` or its routing key in ``route`` (``operators.routing``); an instrument
     with data-gap events or perp updates (``operators.perp``) in the batch gets an
     ``InstrumentSlice`` (its trades, or None, and those items), so they travel with its trades
     (``admit``: news carried to the portfolio, perp data placed in its bars)."""
@@ -25,8 +28,8 @@ def split_instruments(frame: pl.DataFrame, events: list = ()) -> list[tuple[str,
         frame.partition_by("exchange", "symbol", as_dict=True, maintain_order=True).items()}
     out: list[tuple[str, Any]] = []
     for inst, part in parts.items():
-        out.append((inst, InstrumentSlice(part, tuple(extra.pop(inst))) if inst in extra else part))
-    out.extend((inst, InstrumentSlice(None, tuple(evs))) for inst, evs in extra.items())
+        out.append((route.get(inst, inst), InstrumentSlice(part, tuple(extra.pop(inst))) if inst in extra else part))
+    out.extend((route.get(inst, inst), InstrumentSlice(None, tuple(evs))) for inst, evs in extra.items())
     return out
 
 

@@ -323,3 +323,12 @@ class Portfolio:
     def reset_kill_switch(self, ts_ms: int, by: str, strategy: str = "production") -> list:
         return [e.reset_kill_switch(ts_ms, by) for e in self.engines()
                 if strategy in ("all", e.origin, e.strategy_id)]
+
+
+def upgrade_sequencer(old, new: Sequencer) -> Sequencer:
+    """A ``Sequencer`` snapshotted by the previous release (``last_end``; its buffer held the same
+    ``(t, rank, instrument, n, item)`` tuples, as a list)."""
+    new.progress = dict(getattr(old, "last_end", {}))
+    new.buffer = sorted(getattr(old, "buffer", []), key=lambda b: b[:4])  # a sorted list is a heap
+    new.n = getattr(old, "n", len(new.buffer))
+    return new

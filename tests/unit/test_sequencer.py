@@ -7,11 +7,10 @@ from types import SimpleNamespace
 
 import msgspec
 
-from dataflows.pipeline import _upgrade_sequencer
 from operators.bars import Bar
 from operators.strategy_config import StrategyConfig
 from operators.records import Event
-from operators.portfolio import Portfolio, Sequencer
+from operators.portfolio import Portfolio, Sequencer, upgrade_sequencer
 from tests.unit.test_strategy import EX, M, SYM, T0, bar, row, scenario
 
 ETH = "ETH/USDT:USDT"
@@ -131,7 +130,7 @@ def test_the_sequencer_survives_a_snapshot_and_a_previous_release_snapshot_is_up
     again = pickle.loads(pickle.dumps(seq))
     assert again == seq
     old = SimpleNamespace(last_end={f"{EX}:{SYM}": T0 + M}, buffer=[(T0 + M, 0, f"{EX}:{SYM}", 1, "x")], n=1)
-    new = _upgrade_sequencer(old, Sequencer(UNIVERSE))
+    new = upgrade_sequencer(old, Sequencer(UNIVERSE))
     assert new.progress == {f"{EX}:{SYM}": T0 + M} and new.buffer == [(T0 + M, 0, f"{EX}:{SYM}", 1, "x")]
     new.universe = (f"{EX}:{SYM}",)
     assert new.release() == ["x"]

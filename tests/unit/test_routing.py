@@ -1,0 +1,60 @@
+"""Routing keys: ``worker_of`` is the worker bytewax itself picks, and ``balanced_keys`` spreads
+instruments evenly over workers."""
+
+import threading
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSource, cluster_main
+
+from operators.routing import balanced_keys, worker_of
+
+BENCH_16 = [f"synthetic:S{i:02d}/USDT:USDT" for i in range(16)]  # bench/kafka_throughput.py's instruments
+
+
+def _workers_seen(keys: list[str], workers: int) -> list[set]:
+    """Run a keyed stateful step on ``workers`` worker threads; the keys each thread handled."""
+    seen: dict[int, set] = {}
+    lock = threading.Lock()
+
+    def mapper(state, key):
+        with lock:
+            seen.setdefault(threading.get_ident(), set()).add(key)
+        return None, key
+
+    flow = Dataflow("routing_probe")
+    keyed = op.key_on("key", op.input("in", flow, TestingSource(keys)), lambda k: k)
+    op.inspect("out", op.stateful_map("where", keyed, mapper), lambda *_: None)
+    cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    return list(seen.values())
+
+
+def test_worker_of_is_the_worker_bytewax_routes_a_key_to():
+    keys = BENCH_16 + ["portfolio"] + [f"{k}#{n}" for k in BENCH_16[:4] for n in range(1, 4)]
+    for workers in (2, 3):
+        expected = {}
+        for k in keys:
+            expected.setdefault(worker_of(k, workers), set()).add(k)
+        got = _workers_seen(keys, workers)
+        assert sorted(map(sorted, got)) == sorted(map(sorted, expected.values()))
+        assert len(expected) == workers  # every worker had keys: the comparison says something
+
+
+def test_the_instruments_own_keys_are_uneven_and_balanced_keys_are_not():
+    own = [worker_of(k, 2) for k in BENCH_16]
+    assert sorted([own.count(0), own.count(1)]) == [5, 11]  # what the bench saw before: one worker did 11
+    keys = balanced_keys(BENCH_16, 2)
+    placed = [worker_of(keys[k], 2) for k in BENCH_16]
+    assert placed.count(0) == placed.count(1) == 8
+    assert len(set(keys.values())) == 16
+    for name, key in keys.items():
+        assert key == name or (key.startswith(name + "#") and key[len(name) + 1:].isdigit())
+
+
+def test_balanced_keys_depend_only_on_the_set_and_the_worker_count():
+    assert balanced_keys(reversed(BENCH_16), 3) == balanced_keys(BENCH_16 + BENCH_16[:2], 3)
+    three = balanced_keys(BENCH_16, 3)
+    assert sorted(sum(worker_of(k, 3) == w for k in three.values()) for w in range(3)) == [5, 5, 6]
+    odd = balanced_keys(BENCH_16[:3], 2)  # the odd one out goes to worker 1: worker 0 owns the store
+    assert [worker_of(k, 2) for k in odd.values()].count(1) == 2
+    assert balanced_keys(BENCH_16, 1) == {k: k for k in BENCH_16}
