@@ -5,8 +5,9 @@ Rust's ``DefaultHasher`` (SipHash-1-3 with zero keys) of the key string (its UTF
 0xFF byte). With few instruments that hash can be uneven (16 instruments on 2 workers: 11 and 5),
 and one worker then does most of the per-instrument work. ``balanced_keys`` gives each instrument a
 routing key, its own name or ``name#n`` for the smallest ``n`` that lands it on the worker it
-should go to, so the counts differ by at most one. Only the routing changes: records carry their
-exchange and symbol, and the rows are the same whatever the keys (the determinism tests).
+should go to, so the counts differ by at most one; the portfolio's one key goes to the last worker
+(``key_on_worker``), as worker 0 owns the embedded store. Only the routing changes: records carry
+their exchange and symbol, and the rows are the same whatever the keys (the determinism tests).
 
 >>> worker_of("synthetic:S00/USDT:USDT", 1)
 0
@@ -67,6 +68,15 @@ def worker_of(key: str, workers: int) -> int:
     return siphash13(key.encode() + b"\xff") % workers
 
 
+def key_on_worker(name: str, worker: int, workers: int) -> str:
+    """``name`` if bytewax routes it to ``worker``, else ``name#n`` for the smallest ``n`` that it does."""
+    key, n = name, 0
+    while worker_of(key, workers) != worker:
+        n += 1
+        key = f"{name}#{n}"
+    return key
+
+
 def balanced_keys(instruments: Iterable[str], workers: int) -> dict[str, str]:
     """``{instrument: routing key}``: in sorted order, each instrument goes to the worker with the
     fewest so far (the highest index on a tie: worker 0 also owns the embedded store); its key is
@@ -78,10 +88,6 @@ def balanced_keys(instruments: Iterable[str], workers: int) -> dict[str, str]:
     out = {}
     for name in names:
         target = min(range(workers), key=lambda w: (load[w], -w))
-        key, n = name, 0
-        while worker_of(key, workers) != target:
-            n += 1
-            key = f"{name}#{n}"
-        out[name] = key
+        out[name] = key_on_worker(name, target, workers)
         load[target] += 1
     return out

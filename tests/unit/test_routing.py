@@ -7,7 +7,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSource, cluster_main
 
-from operators.routing import balanced_keys, worker_of
+from operators.routing import balanced_keys, key_on_worker, worker_of
 
 BENCH_16 = [f"synthetic:S{i:02d}/USDT:USDT" for i in range(16)]  # bench/kafka_throughput.py's instruments
 
@@ -58,3 +58,11 @@ def test_balanced_keys_depend_only_on_the_set_and_the_worker_count():
     odd = balanced_keys(BENCH_16[:3], 2)  # the odd one out goes to worker 1: worker 0 owns the store
     assert [worker_of(k, 2) for k in odd.values()].count(1) == 2
     assert balanced_keys(BENCH_16, 1) == {k: k for k in BENCH_16}
+
+
+def test_the_portfolio_key_can_be_put_on_any_worker():
+    for workers in (2, 3, 4):
+        for w in range(workers):
+            key = key_on_worker("portfolio", w, workers)
+            assert worker_of(key, workers) == w and (key == "portfolio" or key.startswith("portfolio#"))
+    assert key_on_worker("portfolio", worker_of("portfolio", 2), 2) == "portfolio"  # its own name when it lands
