@@ -263,7 +263,8 @@ def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int, limits: Decode
     key_col = _key_column(batch.keys, ok_idx, len(payloads))
     rows = (pl.int_range(pl.len(), dtype=pl.Int64) if len(ok_idx) == len(payloads)
             else pl.Series(ok_idx, dtype=pl.Int64)).alias("_row")
-    frame = _trades_to_frame(trades, seqs, batch.recv_ts).with_columns(pl.lit(False).alias("_wrong_type"), rows, key_col)
+    frame = _trades_to_frame(trades, seqs, batch.recv_ts).with_columns(pl.lit(False).alias("_wrong_type"), rows,
+                                                                       key_col)
     good, bad = _split_valid(frame, now_ms, max_future_ms, limits)
     for row in bad.iter_rows(named=True):
         i = row["_row"]
