@@ -23,6 +23,7 @@ dataflow is still running ``STOP_GRACE_S`` later it ends the process with a one-
 from __future__ import annotations
 
 import ctypes
+import gc
 import ctypes.util
 import hashlib
 import json
@@ -278,6 +279,10 @@ def execute(flow: Dataflow, *, epoch_interval_s: float, recovery: Optional[Recov
     bytewax_errors.remember_bytewax_errors()
     bytewax_errors.forget_bytewax_errors()
     _executing = True
+    # what exists now (modules, models, configs) lives for the whole run: out of the collector's way,
+    # a full collection walks only what the run makes (it paused a decision by ~65 ms before)
+    gc.collect()
+    gc.freeze()
     try:
         if not addresses and workers == 1:  # bytewax's production entry point (what `python -m bytewax.run` calls)
             cli_main(flow, epoch_interval=epoch, recovery_config=recovery)
@@ -288,6 +293,7 @@ def execute(flow: Dataflow, *, epoch_interval_s: float, recovery: Optional[Recov
         raise bytewax_errors.with_lost_cause(err)
     finally:
         _executing = False
+        gc.unfreeze()
 
 
 def _die_with_parent() -> None:
