@@ -46,7 +46,7 @@ from operators.signals import ScoredRow, metrics_rows, scored
 from operators.admission import admit, chunk_late, concat_chunks, flush
 from operators.admit_state import AdmitConfig, AdmitState
 from operators.by_instrument import split_instruments
-from operators.routing import balanced_keys, key_on_worker
+from operators.routing import balanced_keys
 from operators.decode import decode_batch
 from operators.records import MINUTE_MS, Chunk, Event, LateTrades
 from operators.perp import PerpUpdate, absorb, levels_only
@@ -309,7 +309,7 @@ def build_flow(
     recovery directory; None: this flow's own). ``instruments``: the universe the portfolio waits
     for (``exchange:symbol``; None: the source's ``instruments()``, if it has one). ``snapshots``:
     False when no recovery directory keeps them (``dataflows.snapshots``). ``balance_workers``: spread the
-    universe's instruments and the portfolio over that many workers (``operators.routing``; 1: their own keys)."""
+    universe's instruments over that many workers (``operators.routing``; 1: their own keys)."""
     snap = snapshotter(snapshots)
     strategy_cfg, quality_cfg, optimizer_cfg = (settings.strategy_config(), settings.quality_config(),
                                                 settings.optimizer_config())
@@ -321,8 +321,8 @@ def build_flow(
     if instruments is None:  # the source's universe (synthetic symbols, a tape's instruments, ccxt feeds)
         instruments = getattr(source, "instruments", lambda: ())()
     universe = tuple(sorted(instruments))
-    route = balanced_keys(universe, balance_workers) if balance_workers > 1 else {}
-    portfolio_key = key_on_worker(PORTFOLIO_KEY, balance_workers - 1, balance_workers) if route else PORTFOLIO_KEY
+    home = getattr(source, "home_worker", None)  # the worker that reads an instrument, where the source knows it
+    route = balanced_keys(universe, balance_workers, home) if balance_workers > 1 else {}
     wait_ms = settings.portfolio_wait_ms if pace is not None else None
 
     def make_sequencer() -> Sequencer:
@@ -377,7 +377,7 @@ def build_flow(
         batch_quality,
     )
     trading = op.stateful_batch(
-        "portfolio", op.key_on("to_portfolio", portfolio_in, lambda _: portfolio_key),
+        "portfolio", op.key_on("to_portfolio", portfolio_in, lambda _: PORTFOLIO_KEY),
         lambda resume: PortfolioLogic(resume, make_portfolio, inbox, make_sequencer, snap))
 
     records = op.merge(

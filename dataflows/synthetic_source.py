@@ -118,6 +118,15 @@ class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
     def instruments(self) -> list[str]:
         return [f"{self.exchange}:{s}" for s in self.symbols]
 
+    def home_worker(self, instrument: str, workers: int) -> Optional[int]:
+        """The worker that generates ``instrument``: symbol ``k`` is in partition ``k % n``, and
+        bytewax gives partitions to workers round-robin over their sorted names."""
+        ex, _, sym = instrument.partition(":")
+        if ex != self.exchange or sym not in self.symbols:
+            return None
+        parts = sorted(self.list_parts())
+        return parts.index(f"synthetic-{self.symbols.index(sym) % self._n_parts()}") % workers
+
     def pacer(self) -> Pacer:
         """The partitions' shared pacer (this process): anchored once, at ``start_ms``, so paced
         partitions do not drift apart by when each was first polled."""

@@ -5,9 +5,10 @@ Rust's ``DefaultHasher`` (SipHash-1-3 with zero keys) of the key string (its UTF
 0xFF byte). With few instruments that hash can be uneven (16 instruments on 2 workers: 11 and 5),
 and one worker then does most of the per-instrument work. ``balanced_keys`` gives each instrument a
 routing key, its own name or ``name#n`` for the smallest ``n`` that lands it on the worker it
-should go to, so the counts differ by at most one; the portfolio's one key goes to the last worker
-(``key_on_worker``), as worker 0 owns the embedded store. Only the routing changes: records carry
-their exchange and symbol, and the rows are the same whatever the keys (the determinism tests).
+should go to: the worker that reads it, where the source knows that (the synthetic source; its
+trades then never cross processes), else the one with the fewest, so the counts differ by at most
+one. Only the routing changes: records carry their exchange and symbol, and the rows are the same
+whatever the keys (the determinism tests).
 
 >>> worker_of("synthetic:S00/USDT:USDT", 1)
 0
@@ -19,7 +20,7 @@ their exchange and symbol, and the rows are the same whatever the keys (the dete
 from __future__ import annotations
 
 import struct
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 _M = 0xFFFFFFFFFFFFFFFF
 
@@ -77,17 +78,25 @@ def key_on_worker(name: str, worker: int, workers: int) -> str:
     return key
 
 
-def balanced_keys(instruments: Iterable[str], workers: int) -> dict[str, str]:
-    """``{instrument: routing key}``: in sorted order, each instrument goes to the worker with the
-    fewest so far (the highest index on a tie: worker 0 also owns the embedded store); its key is
-    its own name if that lands there, else ``name#n``. Depends only on the set and ``workers``."""
+def balanced_keys(instruments: Iterable[str], workers: int,
+                  home: Optional[Callable[[str, int], Optional[int]]] = None) -> dict[str, str]:
+    """``{instrument: routing key}``: an instrument whose source reads it on a known worker
+    (``home(instrument, workers)``) stays there, so its trades never cross processes; the others,
+    in sorted order, go to the worker with the fewest so far (the lowest index on a tie). The key is
+    the instrument's own name if that lands there, else ``name#n``. Depends only on the set,
+    ``workers`` and ``home``."""
     names = sorted(set(instruments))
     if workers <= 1:
         return {name: name for name in names}
     load = [0] * workers
-    out = {}
+    target = {}
     for name in names:
-        target = min(range(workers), key=lambda w: (load[w], -w))
-        out[name] = key_on_worker(name, target, workers)
-        load[target] += 1
-    return out
+        at = home(name, workers) if home is not None else None
+        if at is not None:
+            target[name] = at
+            load[at] += 1
+    for name in names:
+        if name not in target:
+            target[name] = min(range(workers), key=lambda w: (load[w], w))
+            load[target[name]] += 1
+    return {name: key_on_worker(name, target[name], workers) for name in names}

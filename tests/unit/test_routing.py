@@ -7,8 +7,11 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSource, cluster_main
 
+from dataflows.synthetic_source import SyntheticSource
+from operators.records import MINUTE_MS
 from operators.routing import balanced_keys, key_on_worker, worker_of
 
+T0 = 1_704_067_200_000
 BENCH_16 = [f"synthetic:S{i:02d}/USDT:USDT" for i in range(16)]  # bench/kafka_throughput.py's instruments
 
 
@@ -55,14 +58,35 @@ def test_balanced_keys_depend_only_on_the_set_and_the_worker_count():
     assert balanced_keys(reversed(BENCH_16), 3) == balanced_keys(BENCH_16 + BENCH_16[:2], 3)
     three = balanced_keys(BENCH_16, 3)
     assert sorted(sum(worker_of(k, 3) == w for k in three.values()) for w in range(3)) == [5, 5, 6]
-    odd = balanced_keys(BENCH_16[:3], 2)  # the odd one out goes to worker 1: worker 0 owns the store
-    assert [worker_of(k, 2) for k in odd.values()].count(1) == 2
+    odd = balanced_keys(BENCH_16[:3], 2)  # the odd one out goes to the lowest worker
+    assert [worker_of(k, 2) for k in odd.values()].count(0) == 2
     assert balanced_keys(BENCH_16, 1) == {k: k for k in BENCH_16}
 
 
-def test_the_portfolio_key_can_be_put_on_any_worker():
+def test_a_key_can_be_put_on_any_worker():
     for workers in (2, 3, 4):
         for w in range(workers):
             key = key_on_worker("portfolio", w, workers)
             assert worker_of(key, workers) == w and (key == "portfolio" or key.startswith("portfolio#"))
     assert key_on_worker("portfolio", worker_of("portfolio", 2), 2) == "portfolio"  # its own name when it lands
+
+
+def test_an_instrument_stays_on_the_worker_that_reads_it_where_the_source_knows_it():
+    symbols = [f"S{i:02d}/USDT:USDT" for i in range(6)]
+    src = SyntheticSource(symbols, T0, T0 + 2 * MINUTE_MS, perp=False)
+    read_by: dict[int, set] = {}
+    lock = threading.Lock()
+
+    def note(_step, batch):
+        with lock:
+            read_by.setdefault(threading.get_ident(), set()).update(f"synthetic:{s}" for s in batch.frame["symbol"])
+
+    flow = Dataflow("home_probe")
+    op.inspect("read", op.input("in", flow, src), note)
+    cluster_main(flow, [], 0, worker_count_per_proc=2)
+    keys = balanced_keys(src.instruments(), 2, src.home_worker)
+    routed = {}
+    for inst, key in keys.items():
+        routed.setdefault(worker_of(key, 2), set()).add(inst)
+    assert sorted(map(sorted, read_by.values())) == sorted(map(sorted, routed.values()))  # no trade changes worker
+    assert len(read_by) == 2 and all(len(v) == 3 for v in read_by.values())
