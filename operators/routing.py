@@ -69,10 +69,11 @@ def worker_of(key: str, workers: int) -> int:
     return siphash13(key.encode() + b"\xff") % workers
 
 
-def key_on_worker(name: str, worker: int, workers: int) -> str:
-    """``name`` if bytewax routes it to ``worker``, else ``name#n`` for the smallest ``n`` that it does."""
+def key_on_worker(name: str, worker: int, workers: int, taken: frozenset = frozenset()) -> str:
+    """``name`` if bytewax routes it to ``worker``, else ``name#n`` for the smallest ``n`` that it does
+    and that is not in ``taken`` (another instrument's name or key: two instruments never share one)."""
     key, n = name, 0
-    while worker_of(key, workers) != worker:
+    while worker_of(key, workers) != worker or (n and key in taken):
         n += 1
         key = f"{name}#{n}"
     return key
@@ -99,4 +100,9 @@ def balanced_keys(instruments: Iterable[str], workers: int,
         if name not in target:
             target[name] = min(range(workers), key=lambda w: (load[w], w))
             load[target[name]] += 1
-    return {name: key_on_worker(name, target[name], workers) for name in names}
+    taken = set(names)
+    out = {}
+    for name in names:
+        out[name] = key_on_worker(name, target[name], workers, frozenset(taken))
+        taken.add(out[name])
+    return out

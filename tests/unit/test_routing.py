@@ -90,3 +90,13 @@ def test_an_instrument_stays_on_the_worker_that_reads_it_where_the_source_knows_
         routed.setdefault(worker_of(key, 2), set()).add(inst)
     assert sorted(map(sorted, read_by.values())) == sorted(map(sorted, routed.values()))  # no trade changes worker
     assert len(read_by) == 2 and all(len(v) == 3 for v in read_by.values())
+
+
+def test_two_instruments_never_share_a_routing_key_even_named_like_each_others_keys():
+    # instruments whose names are other instruments' candidate keys (name#n): 2 000 small sets
+    for i in range(500):
+        base = f"x:S{i}"
+        names = [base, f"{base}#1", f"{base}#2", f"{base}#1#1"]
+        for workers in (2, 3, 4, 5):
+            keys = balanced_keys(names, workers)
+            assert len(set(keys.values())) == len(names), (names, workers, keys)
