@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     online_models: bool = Field(True, description="River models (learn on matured labels)")
     online_warmup_labels: int = Field(50, ge=0, description="labels learned before River predicts")
     arf_models: int = Field(10, ge=1, description="trees in River's adaptive random forest")
+    arf_max_depth: int = Field(6, ge=1, description="depth limit of each ARF tree: bounds the forest's memory "
+                                                      "per instrument (models/online.py)")
     online_features: list[str] = Field(
         ["ret_1", "ret_3", "ret_12", "rv", "atr", "atr_pct", "rsi", "ema_gap", "macd_hist", "bb_width", "adx", "vol_z",
          "delta_z", "cvd_slope", "vwap_dev", "intensity", "s_top", "s_bot", "s_mood", "s_top_ema", "s_bot_ema",

@@ -162,7 +162,7 @@ def _score(settings: Settings, ensemble):
     """River per instrument (state) + the shared ONNX ensemble (closure: sessions do not pickle)."""
     from models.online import OnlineConfig, OnlineModels  # here: River costs ~1 s of start-up, a bench without models skips it
 
-    cfg = OnlineConfig(seed=settings.seed, arf_models=settings.arf_models,
+    cfg = OnlineConfig(seed=settings.seed, arf_models=settings.arf_models, arf_max_depth=settings.arf_max_depth,
                        warmup_labels=settings.online_warmup_labels, features=tuple(settings.online_features))
 
     def step(state, item) -> tuple[Any, list]:

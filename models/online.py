@@ -8,7 +8,7 @@ One ``OnlineModels`` per instrument holds two River pipelines on the same featur
   intercept, so ``FillScaled`` adds a constant ``__bias__`` = 1.0 feature after scaling (the
   scaler would turn a constant into 0); its weights learn the class prior. Its weights are
   created for all three classes up front, so the probabilities always cover down/flat/up.
-- ``river_arf``: ``StandardScaler | FillScaled | ARFClassifier(n_models=arf_models, seed=seed)``.
+- ``river_arf``: ``StandardScaler | FillScaled | ARFClassifier(n_models=arf_models, max_depth=arf_max_depth, seed=seed)``.
 
 Missing values, the same rule for both models: a feature that is None, NaN, ±inf or not a
 number is left out
@@ -81,52 +81,16 @@ from collections import deque
 from numbers import Real
 from typing import Annotated, Any, Mapping
 
-import importlib.util
-import os
-import sys
-import types
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
 
+from models.calibration import RollingCalibrator
+from models.river_imports import import_river
+from operators.signals import DOWN, FLAT, UP, Prediction, make_prediction
+from operators.stats import brier_score, log_loss
 
-def _defer_river_datasets() -> None:
-    """Put a stand-in for ``river.drift.datasets`` in ``sys.modules`` that imports the real module
-    on first attribute access (PEP 562 ``__getattr__``). River's drift detectors (which ARF uses)
-    import it for their example data sets, and through it ``river.datasets`` and ``river.stream``,
-    which import scikit-learn and pandas: ~110 MB resident that the pipeline never calls. Code
-    that uses those data sets still gets them, on first use. (``importlib.util.LazyLoader`` does
-    not help here: the import system reads ``__spec__``, which would load the module at once.)"""
-    name = "river.drift.datasets"
-    root = importlib.util.find_spec("river")
-    if name in sys.modules or root is None or not root.submodule_search_locations:
-        return
-    init = os.path.join(list(root.submodule_search_locations)[0], "drift", "datasets", "__init__.py")
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
-    if spec is None or spec.loader is None:
-        return
-
-    def load(attr: str):
-        real = importlib.util.module_from_spec(spec)
-        sys.modules[name] = real
-        spec.loader.exec_module(real)
-        parent = sys.modules.get("river.drift")
-        if parent is not None:
-            parent.datasets = real
-        return getattr(real, attr)
-
-    stub = types.ModuleType(name)
-    stub.__spec__, stub.__path__, stub.__file__ = spec, spec.submodule_search_locations, init
-    stub.__getattr__ = load
-    sys.modules[name] = stub
-
-
-_defer_river_datasets()
-
-from pydantic import Field, model_validator  # noqa: E402
-from pydantic.dataclasses import dataclass  # noqa: E402
-from river import base, compose, forest, linear_model, optim, preprocessing  # noqa: E402
-
-from models.calibration import RollingCalibrator  # noqa: E402
-from operators.signals import DOWN, FLAT, UP, Prediction, make_prediction  # noqa: E402
-from operators.stats import brier_score, log_loss  # noqa: E402
+base, compose, forest, linear_model, optim, preprocessing = import_river(
+    "base", "compose", "forest", "linear_model", "optim", "preprocessing")
 
 CLASSES: tuple[int, int, int] = (DOWN, FLAT, UP)
 LR, ARF = "river_lr", "river_arf"
@@ -142,6 +106,12 @@ class OnlineConfig:
 
     seed: int = 42
     arf_models: Annotated[int, Field(ge=1)] = 10
+    # River's Hoeffding trees split a leaf whenever its statistics allow, so without a limit a
+    # forest grows with every label: pickled, 16 MB after 5,000 labels and 75 MB after 20,000 (10
+    # trees, the 22 default features; 288 labels a day on 5m), against 6.8 and 6.3 MB at depth 6,
+    # with the same accuracy on a synthetic signal (bench/arf_memory.py). A leaf at the limit stops
+    # collecting split statistics and only predicts.
+    arf_max_depth: Annotated[int, Field(ge=1)] = 6
     metric_window: Annotated[int, Field(ge=1)] = 200  # matured, scored labels per model in the rolling metrics
     warmup_labels: Annotated[int, Field(ge=0)] = 50  # labels learned before a model predicts
     lr: Annotated[float, Field(gt=0)] = 0.003  # SGD learning rate of the softmax regression (small: module docstring)
@@ -220,7 +190,7 @@ def build_models(names: tuple[str, ...], config: OnlineConfig) -> dict[str, comp
     arf = (
         preprocessing.StandardScaler()
         | FillScaled(names, config.clip)
-        | forest.ARFClassifier(n_models=config.arf_models, seed=config.seed)
+        | forest.ARFClassifier(n_models=config.arf_models, max_depth=config.arf_max_depth, seed=config.seed)
     )
     return {LR: lr, ARF: arf}
 

@@ -330,16 +330,3 @@ def test_predictions_are_calibrated_on_matured_labels_with_the_raw_output_beside
     # the first predictions after warm-up have no fitted map yet: calibrated = raw (the prior)
     first = next(p for p in preds if p)
     assert (first[LR].p_down, first[LR].p_flat, first[LR].p_up) == pytest.approx(first[LR].raw)
-
-
-def test_the_online_models_do_not_load_scikit_learn_or_pandas():
-    """River's drift detectors import its example data sets, which import scikit-learn and pandas
-    (~110 MB resident); models.online defers that module to first use (issue 16: memory)."""
-    import subprocess
-    import sys
-
-    code = ("import sys, models.online as m; m.OnlineModels(m.OnlineConfig(seed=1)); "
-            "print(sorted(k for k in ('sklearn', 'pandas') if k in sys.modules)); "
-            "import river.drift; print(river.drift.datasets.AirlinePassengers.__name__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["[]", "AirlinePassengers"]  # not loaded by the pipeline's models; still there for whoever asks
