@@ -97,6 +97,10 @@ LR, ARF = "river_lr", "river_arf"
 MODEL_NAMES: tuple[str, str] = (LR, ARF)
 VERSION = "online"
 BIAS = "__bias__"
+# labels between two calls of share_distribution_rngs while learning: without it, a run that keeps
+# no snapshots (nothing pickles the state) kept every new distribution's own generator, 18 MB over
+# 12 h of 50 instruments. A call costs ~0.2 ms on a grown forest; a label's learning ~0.6 ms.
+SHARE_RNGS_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,8 @@ class OnlineModels:
         for model in self.models.values():
             model.learn_one(x, y)
         self.n_learned += 1
+        if self.n_learned % SHARE_RNGS_EVERY == 0 and ARF in self.models:
+            share_distribution_rngs(self.models[ARF][-1], self._spare_rng)
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """model -> {"accuracy", "log_loss", "brier", "n"} over its last ``metric_window`` scored
