@@ -331,7 +331,7 @@ def _summarise(o: RunOptions, settings: Settings, counts, elapsed: float, src, *
     ``--summary-json``; a last flush the store did not take fails the run."""
     own_cpu_s = run_counts.cpu_s()  # before the read-backs below
     print_run_summary(counts, elapsed, settings, resumed=resumed,
-                      replay=src.describe() if o.source == "replay" else None)
+                      replay=src.describe() if o.source == "replay" else None, stored=not o.no_store)
     if o.source == "kafka" and not settings.kafka_instruments:  # after the run: an error stays one line
         err_console.print("[yellow]note: no --instruments: instruments joined the portfolio as they arrived, so "
                           "with several partitions its decisions may depend on their order; name them "

@@ -35,7 +35,8 @@ def stopped(ctx: click.Context, err: BaseException, counts, elapsed: float, sett
     code = errors.STOPPED if sigterm else errors.INTERRUPTED
     if is_peer:
         ctx.exit(code)
-    print_run_summary(counts, elapsed, settings, resumed=True, title="tapeflow run (stopped before the end)")
+    print_run_summary(counts, elapsed, settings, resumed=True, title="tapeflow run (stopped before the end)",
+                      stored=not ctx.params.get("no_store"))
     what = "stopped (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
     if resumable:
         args = [a for a in sys.argv[1:] if a != "--replace"]  # the resumed run keeps the rows it made

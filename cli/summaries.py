@@ -99,7 +99,7 @@ class ProgressBar:
 
 
 def print_run_summary(total, elapsed: float, settings: Settings, resumed: bool, title: str = "tapeflow run",
-                      replay: Optional[dict] = None) -> None:
+                      replay: Optional[dict] = None, stored: bool = True) -> None:
     """The run's counts (trades in, bars, late, duplicates, dead letters), time, memory and store."""
     s = total.sink
     dup = s.counters.get("duplicates", 0)
@@ -119,7 +119,8 @@ def print_run_summary(total, elapsed: float, settings: Settings, resumed: bool, 
     t.add_row("elapsed", f"{elapsed:.2f} s")
     t.add_row("throughput", f"{total.trades_in / elapsed:,.0f} trades/s" if elapsed > 0 else "-")
     t.add_row("peak RSS", " + ".join(f"{m:,.0f} MB" for m in [peak_rss_mb(), *total.peer_rss_mb.values()]))
-    t.add_row("store", f"{settings.clickhouse_database} @ {redact_dsn(settings.dsn())}")
+    t.add_row("store", f"{settings.clickhouse_database} @ {redact_dsn(settings.dsn())}" if stored
+              else "none (--no-store: rows counted, not kept)")
     out_console.print(t)
     if replay and replay.get("summary"):
         err_console.print(f"replay: {replay['summary']}")

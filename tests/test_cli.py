@@ -53,6 +53,15 @@ def test_two_processes_store_the_same_bars_as_one(tmp_path):
     assert len(a) > 4 * 120 and a == b
 
 
+def test_no_store_counts_every_trade_and_says_nothing_was_kept(tmp_path):
+    res = tapeflow("run", "--data-dir", str(tmp_path), "--hours", "1", "--rate", "1", "--quiet", "--no-store",
+                   "--summary-json", str(tmp_path / "s.json"))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["trades_in"] > 0 and summary["sink"]["trades_in_bars"] == summary["trades_in"]
+    assert "none (--no-store" in res.stdout and "chdb://" not in res.stdout  # not a store it never wrote to
+    assert not (tmp_path / "clickhouse").exists()
+
+
 def test_rerunning_the_same_input_leaves_the_same_rows(tmp_path):
     args = ["run", "--data-dir", str(tmp_path), "--hours", "1", "--rate", "1", "--quiet", "--train-split", "0"]
     tapeflow(*args)
