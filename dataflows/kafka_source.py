@@ -35,6 +35,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 from dataflows.frame_partition import now_ms
 from dataflows.kafka_topic import TRADES_TOPIC, KafkaUnavailable, client_conf, preflight
 from operators.records import RawBatch
+from operators.routing import kafka_partition, partition_reader
 from sinks.rows import SourcePosition
 from sinks.store import redact_dsn
 
@@ -175,6 +176,19 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
     def list_parts(self) -> list[str]:
         n = preflight(self.brokers, self.topic)
         return [f"{i}-{self.topic}" for i in range(n)]
+
+    def home_worker(self, instrument: str, workers: int) -> Optional[int]:
+        """The worker that reads ``instrument``'s partition, where the topic was written with the
+        murmur2 partitioner on the ``exchange:symbol`` key (``tapeflow ingest`` / ``replay``, and Java
+        clients by default). A topic partitioned otherwise only costs speed (trades then cross to
+        their instrument's worker); None while the broker does not answer (the run then says so)."""
+        if "_parts" not in self.__dict__:
+            try:
+                self.__dict__["_parts"] = self.list_parts()
+            except KafkaUnavailable:
+                return None
+        parts = self.__dict__["_parts"]
+        return partition_reader(f"{kafka_partition(instrument, len(parts))}-{self.topic}", parts, workers)
 
     def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]) -> _Partition:
         idx, topic = for_part.split("-", 1)

@@ -13,6 +13,7 @@ from dataflows.frame_partition import FramePartition, Pacer, Progress
 from operators import synthetic as syn
 from operators.records import MINUTE_MS
 from operators.records import FrameBatch
+from operators.routing import partition_reader
 
 
 class _SyntheticPartition(FramePartition):
@@ -119,13 +120,12 @@ class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
         return [f"{self.exchange}:{s}" for s in self.symbols]
 
     def home_worker(self, instrument: str, workers: int) -> Optional[int]:
-        """The worker that generates ``instrument``: symbol ``k`` is in partition ``k % n``, and
-        bytewax gives partitions to workers round-robin over their sorted names."""
+        """The worker that generates ``instrument``: symbol ``k`` is in partition ``k % n``
+        (``operators.routing.partition_reader``)."""
         ex, _, sym = instrument.partition(":")
         if ex != self.exchange or sym not in self.symbols:
             return None
-        parts = sorted(self.list_parts())
-        return parts.index(f"synthetic-{self.symbols.index(sym) % self._n_parts()}") % workers
+        return partition_reader(f"synthetic-{self.symbols.index(sym) % self._n_parts()}", self.list_parts(), workers)
 
     def pacer(self) -> Pacer:
         """The partitions' shared pacer (this process): anchored once, at ``start_ms``, so paced

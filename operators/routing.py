@@ -5,9 +5,10 @@ Rust's ``DefaultHasher`` (SipHash-1-3 with zero keys) of the key string (its UTF
 0xFF byte). With few instruments that hash can be uneven (16 instruments on 2 workers: 11 and 5),
 and one worker then does most of the per-instrument work. ``balanced_keys`` gives each instrument a
 routing key, its own name or ``name#n`` for the smallest ``n`` that lands it on the worker it
-should go to: the worker that reads it, where the source knows that (the synthetic source; its
-trades then never cross processes), else the one with the fewest, so the counts differ by at most
-one. Only the routing changes: records carry their exchange and symbol, and the rows are the same
+should go to: the worker that reads it, where the source knows that (its trades then never cross
+processes: the synthetic source, and Kafka topics written with the murmur2 partitioner, whose
+partition ``kafka_partition`` computes), else the one with the fewest, so the counts differ by at
+most one. Only the routing changes: records carry their exchange and symbol, and the rows are the same
 whatever the keys (the determinism tests).
 
 >>> worker_of("synthetic:S00/USDT:USDT", 1)
@@ -62,6 +63,39 @@ def siphash13(data: bytes) -> int:
     v2 ^= 0xFF
     v0, v1, v2, v3 = _rounds(v0, v1, v2, v3, 3)
     return v0 ^ v1 ^ v2 ^ v3
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash (the Java client's ``Utils.murmur2``; librdkafka's ``murmur2`` partitioners),
+    as a signed 32-bit integer."""
+    m, n = 0x5BD1E995, len(data)
+    h = (0x9747B28C ^ n) & 0xFFFFFFFF
+    end = n - n % 4
+    for i in range(0, end, 4):
+        k = (int.from_bytes(data[i:i + 4], "little") * m) & 0xFFFFFFFF
+        k = ((k ^ (k >> 24)) * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    rest = data[end:]
+    if rest:
+        for j in range(len(rest) - 1, -1, -1):
+            h ^= rest[j] << (8 * j)
+        h = (h * m) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def kafka_partition(key: str, partitions: int) -> int:
+    """The partition a keyed message goes to with the murmur2 partitioner (the Java client's default;
+    ``TradeProducer``'s ``murmur2_random``): the hash's low 31 bits modulo the partition count."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def partition_reader(part: str, parts: Iterable[str], workers: int) -> int:
+    """The worker that reads partition ``part`` of a source whose every worker lists all ``parts``:
+    bytewax 0.21 makes each partition, in sorted order, primary on the worker with the fewest so far
+    (lowest index on a tie; ``calc_primaries`` in its ``src/timely.rs``), which is round-robin."""
+    return sorted(parts).index(part) % workers
 
 
 def worker_of(key: str, workers: int) -> int:

@@ -9,7 +9,7 @@ from bytewax.testing import TestingSource, cluster_main
 
 from dataflows.synthetic_source import SyntheticSource
 from operators.records import MINUTE_MS
-from operators.routing import balanced_keys, key_on_worker, worker_of
+from operators.routing import balanced_keys, kafka_partition, key_on_worker, murmur2, partition_reader, worker_of
 
 T0 = 1_704_067_200_000
 BENCH_16 = [f"synthetic:S{i:02d}/USDT:USDT" for i in range(16)]  # bench/kafka_throughput.py's instruments
@@ -100,3 +100,18 @@ def test_two_instruments_never_share_a_routing_key_even_named_like_each_others_k
         for workers in (2, 3, 4, 5):
             keys = balanced_keys(names, workers)
             assert len(set(keys.values())) == len(names), (names, workers, keys)
+
+
+def test_murmur2_is_kafka_s():
+    # the vectors of Kafka's own UtilsTest.testMurmur2 (the Java client's partitioner hash)
+    cases = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
+             b"a-little-bit-longer-string": -1486304829, b"abc": 479470107,
+             b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971}
+    assert {k: murmur2(k) for k in cases} == cases
+    assert all(0 <= kafka_partition(k.decode(), 7) < 7 for k in cases)
+
+
+def test_partitions_are_read_round_robin_over_their_sorted_names():
+    parts = [f"{i}-trades" for i in range(12)]  # sorted as text: 0, 1, 10, 11, 2, ...
+    assert [partition_reader(p, parts, 3) for p in ("0-trades", "1-trades", "10-trades", "11-trades", "2-trades")] \
+        == [0, 1, 2, 0, 1]
