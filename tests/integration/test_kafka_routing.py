@@ -1,7 +1,8 @@
 """Where a Kafka instrument's trades are read, on a real broker (tansu on loopback): the murmur2
 partitioner puts each key where ``kafka_partition`` says, and bytewax's workers read the partitions
 as ``partition_reader`` says, so ``KafkaBatchSource.home_worker`` keeps an instrument on the worker
-that reads it (operators/routing.py; issue 16: a trade then never crosses processes)."""
+that reads it, up to its even share of the instruments (operators/routing.py; issue 16: a trade
+then never crosses processes)."""
 import threading
 
 import bytewax.operators as op
@@ -62,9 +63,16 @@ def test_every_instrument_is_routed_to_the_worker_that_reads_it(kafka_broker, pa
     flow = Dataflow("kafka_home_probe")
     op.inspect("read", op.input("in", flow, src), note)
     cluster_main(flow, [], 0, worker_count_per_proc=workers)
-    keys = balanced_keys(INSTRUMENTS, workers, src.home_worker)
-    routed: dict[int, set] = {}
-    for inst, key in keys.items():
-        routed.setdefault(worker_of(key, workers), set()).add(inst)
-    assert sorted(map(sorted, read_by.values())) == sorted(map(sorted, routed.values()))  # no trade changes worker
     assert len(read_by) == min(partitions, workers)
+    home = {inst: src.home_worker(inst, workers) for inst in INSTRUMENTS}
+    for seen in read_by.values():  # each thread read exactly the instruments home_worker gives one worker
+        assert len({home[inst] for inst in seen}) == 1
+    assert sorted(map(sorted, read_by.values())) == sorted(
+        sorted(i for i in INSTRUMENTS if home[i] == w) for w in set(home.values()))
+    routed = {inst: worker_of(key, workers) for inst, key in balanced_keys(INSTRUMENTS, workers, src.home_worker).items()}
+    share = -(-len(INSTRUMENTS) // workers)
+    at_home = {w: sum(h == w for h in home.values()) for w in range(workers)}
+    # every instrument stays where it is read, but for those beyond a worker's even share
+    assert sum(routed[i] == home[i] for i in INSTRUMENTS) == sum(min(n, share) for n in at_home.values())
+    load = [sum(w == v for v in routed.values()) for w in range(workers)]
+    assert max(load) - min(load) <= 1

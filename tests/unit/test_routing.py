@@ -115,3 +115,12 @@ def test_partitions_are_read_round_robin_over_their_sorted_names():
     parts = [f"{i}-trades" for i in range(12)]  # sorted as text: 0, 1, 10, 11, 2, ...
     assert [partition_reader(p, parts, 3) for p in ("0-trades", "1-trades", "10-trades", "11-trades", "2-trades")] \
         == [0, 1, 2, 0, 1]
+
+
+def test_a_worker_keeps_no_more_than_its_even_share_of_the_instruments_it_reads():
+    names = [f"x:S{i}" for i in range(7)]
+    keys = balanced_keys(names, 2, lambda name, workers: 0)  # worker 0 reads them all
+    placed = {n: worker_of(k, 2) for n, k in keys.items()}
+    assert [placed[n] for n in sorted(names)] == [0, 0, 0, 0, 1, 1, 1]  # the first 4 (its share) stay
+    keys = balanced_keys(names, 2, lambda name, workers: int(name[-1]) % 2)  # already even: all stay home
+    assert all(worker_of(k, 2) == int(n[-1]) % 2 for n, k in keys.items())
