@@ -195,7 +195,7 @@ def run(ctx: click.Context, **options) -> None:
         flow = build_flow(settings, src, _sink(o, settings, counts, src), pace=pace,
                           ensemble=None if (o.no_store or first_of_split) else "auto",
                           control_lineage=lineage_of(rec_dir), snapshots=rec_dir is not None,
-                          balance_workers=_balance_workers(o, rec_dir))
+                          balance_workers=_balance_workers(o), recovery_dir=rec_dir, resuming=resuming)
         recovery = runner.recovery_config(rec_dir, o.processes * o.workers)
         phase_dir = run_dir / f"phase-{k}" if o.proc_id is None else run_dir
         phase_dir.mkdir(parents=True, exist_ok=True)
@@ -279,12 +279,10 @@ def _sink(o: RunOptions, settings: Settings, counts, src):
                           committer=src.offset_committer() if o.source == "kafka" else None)
 
 
-def _balance_workers(o: RunOptions, rec_dir: Optional[Path]) -> int:
+def _balance_workers(o: RunOptions) -> int:
     """Over how many workers the pipeline spreads its instruments evenly (``operators.routing``): the
-    cluster's, the same in every process. With a recovery directory 1: the state is kept under the
-    instruments' own keys, which a later run with another process count or instrument list finds."""
-    if rec_dir is not None:
-        return 1
+    cluster's, the same in every process. A run that resumes a recovery directory keeps the keys its
+    first run chose instead (``dataflows.routes``)."""
     return (len(o.addresses.split(";")) if o.addresses else o.processes) * o.workers
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import bytewax.operators as op
@@ -36,6 +37,7 @@ from bytewax.outputs import Sink
 from dataflows.clock import PacedEventClock, utc_now
 from dataflows.config import Settings
 from dataflows.control import ControlInbox
+from dataflows.routes import run_routes
 from dataflows.snapshots import Snapshot, snapshotter, stateful_flat_map
 from operators.bars import Bar, BarConfig, BarState, make_bar
 from operators.rollups import BarGroup, RollupState, close_until, open_periods, rollup
@@ -46,7 +48,6 @@ from operators.signals import ScoredRow, metrics_rows, scored
 from operators.admission import admit, chunk_late, concat_chunks, flush
 from operators.admit_state import AdmitConfig, AdmitState
 from operators.by_instrument import split_instruments
-from operators.routing import balanced_keys
 from operators.decode import decode_batch
 from operators.records import MINUTE_MS, Chunk, Event, LateTrades
 from operators.perp import PerpUpdate, absorb, levels_only
@@ -302,6 +303,8 @@ def build_flow(
     instruments: Optional[Iterable[str]] = None,
     snapshots: bool = True,
     balance_workers: int = 1,
+    recovery_dir: Optional[Path] = None,
+    resuming: bool = False,
 ) -> Dataflow:
     """The whole pipeline. ``pace``: None for replay/backfill (event time only), 1.0 for live.
     ``ensemble``: the ONNX ensemble scorer ("auto": ``dataflows.model_io.open_ensemble``; None: off).
@@ -309,7 +312,9 @@ def build_flow(
     recovery directory; None: this flow's own). ``instruments``: the universe the portfolio waits
     for (``exchange:symbol``; None: the source's ``instruments()``, if it has one). ``snapshots``:
     False when no recovery directory keeps them (``dataflows.snapshots``). ``balance_workers``: spread the
-    universe's instruments over that many workers (``operators.routing``; 1: their own keys)."""
+    universe's instruments over that many workers (``operators.routing``; 1: their own keys), or keep
+    the keys chosen by the first run of ``recovery_dir`` (``dataflows.routes``; ``resuming``: it
+    held state before this run)."""
     snap = snapshotter(snapshots)
     strategy_cfg, quality_cfg, optimizer_cfg = (settings.strategy_config(), settings.quality_config(),
                                                 settings.optimizer_config())
@@ -322,7 +327,7 @@ def build_flow(
         instruments = getattr(source, "instruments", lambda: ())()
     universe = tuple(sorted(instruments))
     home = getattr(source, "home_worker", None)  # the worker that reads an instrument, where the source knows it
-    route = balanced_keys(universe, balance_workers, home) if balance_workers > 1 else {}
+    route = run_routes(universe, balance_workers, home, recovery_dir, resuming)
     wait_ms = settings.portfolio_wait_ms if pace is not None else None
 
     def make_sequencer() -> Sequencer:

@@ -25,7 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from cli.source_options import parse_instruments
 from dataflows.kafka_topic import ensure_topic
+from dataflows.routes import ROUTES_FILE
 from tests.helpers import synthetic_tape
 from tests.integration.test_kafka_pipeline import SYMBOLS, _snapshotted_offsets, publish
 
@@ -152,6 +154,10 @@ def test_kills_and_a_sigterm_resume_to_the_uninterrupted_rows(kafka_broker, topi
         if last:  # SIGTERM: a clean stop with the summary, exit 0 (or done already)
             assert proc.returncode == 0, err.decode()[-2000:]
     assert stopped == len(marks), "every signal should have found the run still going"
+    # the first run's routing keys, kept for every resumed one (dataflows/routes.py): balanced over
+    # the 2 workers, not the instruments' own names
+    keys = json.loads((rec / ROUTES_FILE).read_text())["keys"]
+    assert sorted(keys) == sorted(parse_instruments(INSTRUMENTS)) and keys != {k: k for k in keys}
     cli(*args, timeout=300)  # the rest
 
     got = tables(d)
