@@ -38,9 +38,12 @@ class _Deferred(types.ModuleType):
             setattr(self, attr, _DeferredName(self, attr))
 
     def _real(self) -> types.ModuleType:
-        _withdraw()  # the real module may import another deferred one: no placeholder must answer
-        real = importlib.import_module(self.__name__)
-        self.__dict__.update({k: v for k, v in real.__dict__.items() if not k.startswith("__")})
+        real = self.__dict__.get("_loaded")
+        if real is None:
+            _withdraw()  # the real module may import another deferred one: no placeholder must answer
+            real = importlib.import_module(self.__name__)
+            self.__dict__.update({k: v for k, v in real.__dict__.items() if not k.startswith("__")})
+            self.__dict__["_loaded"] = real
         return real
 
     def __getattr__(self, attr: str):
@@ -73,8 +76,9 @@ def _withdraw() -> None:
         if isinstance(module, _Deferred):
             del sys.modules[name]
             parent, _, child = name.rpartition(".")
-            if vars(sys.modules.get(parent, types.ModuleType("none"))).get(child) is module:
-                delattr(sys.modules[parent], child)
+            owner = sys.modules.get(parent)
+            if owner is not None and vars(owner).get(child) is module:
+                delattr(owner, child)
 
 
 @contextmanager
