@@ -181,13 +181,15 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
         """The worker that reads ``instrument``'s partition, where the topic was written with the
         murmur2 partitioner on the ``exchange:symbol`` key (``tapeflow ingest`` / ``replay``, and Java
         clients by default). A topic partitioned otherwise only costs speed (trades then cross to
-        their instrument's worker); None while the broker does not answer (the run then says so)."""
+        their instrument's worker); None if the broker did not answer (asked once: the run then says so)."""
         if "_parts" not in self.__dict__:
             try:
                 self.__dict__["_parts"] = self.list_parts()
             except KafkaUnavailable:
-                return None
+                self.__dict__["_parts"] = None  # not once more per instrument, each with its own timeout
         parts = self.__dict__["_parts"]
+        if not parts:
+            return None
         return partition_reader(f"{kafka_partition(instrument, len(parts))}-{self.topic}", parts, workers)
 
     def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]) -> _Partition:

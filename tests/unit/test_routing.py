@@ -124,3 +124,21 @@ def test_a_worker_keeps_no_more_than_its_even_share_of_the_instruments_it_reads(
     assert [placed[n] for n in sorted(names)] == [0, 0, 0, 0, 1, 1, 1]  # the first 4 (its share) stay
     keys = balanced_keys(names, 2, lambda name, workers: int(name[-1]) % 2)  # already even: all stay home
     assert all(worker_of(k, 2) == int(n[-1]) % 2 for n, k in keys.items())
+
+
+def test_a_kafka_source_asks_the_broker_for_its_partitions_once_even_when_it_does_not_answer(monkeypatch):
+    from dataflows.kafka_source import KafkaBatchSource
+    from dataflows.kafka_topic import KafkaUnavailable
+
+    calls = []
+
+    def down(self):  # test seam: a broker that times out (10 s each in a real run)
+        calls.append(1)
+        raise KafkaUnavailable("down")
+
+    monkeypatch.setattr(KafkaBatchSource, "list_parts", down)
+    src = KafkaBatchSource("127.0.0.1:9", "t")
+    assert [src.home_worker(f"x:S{i}", 2) for i in range(5)] == [None] * 5 and len(calls) == 1
+    up = KafkaBatchSource("127.0.0.1:9", "t")
+    monkeypatch.setattr(KafkaBatchSource, "list_parts", lambda self: (calls.append(1), ["0-t", "1-t"])[1])
+    assert {up.home_worker(f"x:S{i}", 2) for i in range(8)} == {0, 1} and len(calls) == 2
