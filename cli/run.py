@@ -283,13 +283,20 @@ def _balance_workers(o: RunOptions) -> int:
     """Over how many workers the pipeline spreads its instruments evenly (``operators.routing``): the
     cluster's, the same in every process. A run that resumes a recovery directory keeps the keys its
     first run chose instead (``dataflows.routes``)."""
-    return (len(o.addresses.split(";")) if o.addresses else o.processes) * o.workers
+    addresses = _addresses(o.addresses)
+    return (len(addresses) if addresses else o.processes) * o.workers
+
+
+def _addresses(text: Optional[str]) -> Optional[list[str]]:
+    """The processes of a multi-machine cluster, from ``--addresses`` ('host:port;host:port', blanks
+    ignored: a trailing ';' is not a process to wait for); None without it."""
+    return [a.strip() for a in text.split(";") if a.strip()] if text else None
 
 
 def _start_peers(o: RunOptions, phase_end: int, start_from: str, phase_dir: Path) -> tuple[Optional[list[str]], list]:
     """The cluster's addresses (None: one process) and the local peers started for this phase
     (``--processes`` > 1 on process 0; they run this command line with their ``--proc-id``)."""
-    addr_list = o.addresses.split(";") if o.addresses else None
+    addr_list = _addresses(o.addresses)
     if o.processes > 1 and o.proc_id is None:
         argv = [a for a in sys.argv[1:]] + (["--phase-end-ms", str(phase_end)] if o.source == "synthetic" else [])
         argv += ["--from", start_from] if o.source == "kafka" else []  # decided here, before the claim
@@ -359,7 +366,7 @@ def _check_cluster_options(proc_id: Optional[int], addresses: Optional[str]) -> 
     if proc_id is not None:
         if not addresses:
             raise click.UsageError("--proc-id needs --addresses 'host:port;host:port;...' (every process, same order)")
-        n = len([a for a in addresses.split(";") if a.strip()])
+        n = len(_addresses(addresses) or [])
         if proc_id >= n:
             raise click.BadParameter(f"{proc_id} is not an index into the {n} --addresses", param_hint="--proc-id")
 

@@ -102,6 +102,15 @@ def test_option_mistakes(tmp_path, args, needles):
     assert_short_error(tapeflow("run", "--data-dir", str(tmp_path), *args), 2, *needles)
 
 
+def test_a_trailing_semicolon_in_addresses_is_not_a_process_to_wait_for(tmp_path):
+    # the check counted 1 address, the cluster was started with 2 (one empty) and waited for it forever
+    (port,) = runner.free_ports(1)
+    res = tapeflow("run", "--data-dir", str(tmp_path), "--hours", "0.2", "--rate", "1", "--train-split", "0",
+                   "--quiet", "--proc-id", "0", "--addresses", f"127.0.0.1:{port};", timeout=90)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert re.search(r"trades in\s+│\s+[1-9]", res.stdout)
+
+
 @pytest.mark.parametrize("name,value,needles", [
     ("TAPEFLOW_STRATEGY", '{"conf_min": "high"}', ["TAPEFLOW_STRATEGY", "conf_min", "'high'"]),
     ("TAPEFLOW_STRATEGY", '{"conf_mn": 0.6}', ["TAPEFLOW_STRATEGY", "did you mean conf_min"]),
