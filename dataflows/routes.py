@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from dataflows.runner import RecoveryMismatch
-from operators.routing import balanced_keys
+from operators.routing import balanced_keys, first_key
 
 ROUTES_FILE = "tapeflow-routes.json"
 
@@ -30,10 +30,7 @@ def with_new(kept: dict[str, str], universe: Iterable[str]) -> dict[str, str]:
     out = dict(kept)
     taken = set(kept) | set(kept.values())
     for name in sorted(set(universe) - set(kept)):
-        key, n = name, 0
-        while key in taken:
-            n += 1
-            key = f"{name}#{n}"
+        key = first_key(name, lambda k: k not in taken)
         out[name] = key
         taken |= {name, key}
     return out

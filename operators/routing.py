@@ -103,14 +103,19 @@ def worker_of(key: str, workers: int) -> int:
     return siphash13(key.encode() + b"\xff") % workers
 
 
-def key_on_worker(name: str, worker: int, workers: int, taken: frozenset = frozenset()) -> str:
-    """``name`` if bytewax routes it to ``worker``, else ``name#n`` for the smallest ``n`` that it does
-    and that is not in ``taken`` (another instrument's name or key: two instruments never share one)."""
+def first_key(name: str, fits: Callable[[str], bool]) -> str:
+    """The first of ``name``, ``name#1``, ``name#2``, ... that ``fits``."""
     key, n = name, 0
-    while worker_of(key, workers) != worker or (n and key in taken):
+    while not fits(key):
         n += 1
         key = f"{name}#{n}"
     return key
+
+
+def key_on_worker(name: str, worker: int, workers: int, taken: frozenset = frozenset()) -> str:
+    """``name`` if bytewax routes it to ``worker``, else ``name#n`` for the smallest ``n`` that it does
+    and that is not in ``taken`` (another instrument's name or key: two instruments never share one)."""
+    return first_key(name, lambda key: worker_of(key, workers) == worker and (key == name or key not in taken))
 
 
 def balanced_keys(instruments: Iterable[str], workers: int,
