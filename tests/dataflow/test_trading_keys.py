@@ -41,6 +41,7 @@ class _CrashingSink(ClickHouseSink):
         def write_batch(values):
             before = sum(self.stats.rows.values())
             write(values)
+            part._wait()  # the rows handed to the writer thread are stored now: the crash comes after them
             now = sum(self.stats.rows.values())
             if self.crash_after and now > before and now >= self.crash_after[0]:
                 self.crash_after.pop(0)
