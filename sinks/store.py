@@ -120,6 +120,32 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def embedded_holder(dsn: str) -> Optional[int]:
+    """The process id of another process that has the embedded store of ``dsn`` open, or None.
+
+    The embedded ClickHouse holds an exclusive ``flock`` on ``<path>/status`` and writes its PID
+    there. chdb itself reports a held lock only on stderr, and raises "Error initializing
+    EmbeddedServer" without the reason, so the store asks first. This process's own engine (which
+    the next ``Store`` on the same path shares) is not another holder."""
+    import fcntl
+
+    status = Path(dsn[len("chdb://"):].split("?", 1)[0]) / "status"
+    try:
+        fd = os.open(status, os.O_RDONLY)
+    except OSError:
+        return None  # a new store: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        m = re.search(r"^PID: (\d+)", status.read_text(errors="replace"), re.M)
+        pid = int(m.group(1)) if m else -1
+        return None if pid == os.getpid() else pid
+    finally:
+        os.close(fd)
+
+
 # An insert hook (the test seam): called as hook(table, rows) before every insert attempt; whatever
 # it raises is handled like an error of the store (retried if ``is_transient``).
 InsertHook = Callable[[str, Rows], None]
@@ -138,6 +164,10 @@ class Store:
             raise StoreError(f"database name {database!r} must be an identifier")
         self.retry_s = default_retry_s() if retry_s is None else retry_s
         self.insert_hook = insert_hook
+        holder = embedded_holder(dsn) if dsn.startswith("chdb:") else None
+        if holder is not None:
+            raise StoreError(f"the embedded store {redact_dsn(dsn)} is open in another process (pid {holder}: a running "
+                             "`tapeflow run`?); wait for it to end, or use a ClickHouse server DSN for concurrent access")
         try:
             self.client = self._retry("open", self._connect, wrap=False)
         except StoreError:

@@ -229,3 +229,31 @@ def test_an_unreachable_server_fails_the_run_at_the_retry_bound(tmp_path):
     assert re.search(rf"ClickHouse at http://127\.0\.0\.1:{port}: open failed for 3 s \(\d+ attempts, "
                      r"store_retry_s=3\): .*Connection refused", lines[0]), shown
     assert "Traceback" not in res.stderr, shown
+
+
+def test_a_store_open_in_another_process_is_named_with_its_pid(tmp_path):
+    """The embedded store takes one process at a time. A second command on it says which process
+    holds it, in one line, instead of chdb's "Error initializing EmbeddedServer" (the reason, a
+    held lock, was only on chdb's own stderr line); once the holder ends, the same command works."""
+    data = tmp_path / "data"
+    hold = ("import sys; from sinks.store import Store; "
+            f"s = Store('chdb://{data / 'clickhouse'}', 'tapeflow'); print('open', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    sql = ("sql", "--data-dir", str(data), "SELECT count() FROM bars")
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        for args in (sql, (*RUN, "--data-dir", str(data))):
+            res, _ = _tapeflow(*args, retry_s=30)
+            shown = f"{args[0]}: exit {res.returncode}\n--- stderr\n{res.stderr}\n--- stdout\n{res.stdout}"
+            assert res.returncode == 1, shown
+            assert _error_lines(res.stderr) == [
+                f"Error: the embedded store chdb://{data / 'clickhouse'} is open in another process (pid {holder.pid}: "
+                "a running `tapeflow run`?); wait for it to end, or use a ClickHouse server DSN for concurrent access"
+            ], shown
+            assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, shown  # nothing of chdb's own
+    finally:
+        holder.stdin.close()
+        holder.wait(60)
+    res, _ = _tapeflow(*sql, retry_s=30)
+    assert res.returncode == 0, res.stderr
