@@ -6,16 +6,14 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Iterator, Optional
-from urllib.parse import urlsplit
+from typing import Iterator
 
 import click
 from rich.console import Console
 
 from dataflows.config import ConfigError, Settings, load_settings, unknown_env_vars
 from dataflows.logs import register_settings_secrets
-from sinks.store import Store, StoreError
+from sinks.store import Store, StoreError, embedded_path
 
 err_console = Console(stderr=True)
 out_console = Console(width=140)
@@ -54,12 +52,6 @@ def command_settings(ctx: click.Context, **overrides) -> Settings:
         raise Failure(str(err), 2) from None
     register_settings_secrets(settings)
     return settings
-
-
-def embedded_path(dsn: str) -> Optional[Path]:
-    """The directory of an embedded (chdb://) store; None for a server DSN."""
-    parts = urlsplit(dsn)
-    return Path(parts.path) if parts.scheme == "chdb" else None
 
 
 @contextmanager

@@ -16,8 +16,6 @@ Each finding is one line saying what stalled and since when. Everything here onl
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +26,7 @@ import click
 from cli.common import command_settings, embedded_path
 from dataflows.heartbeat import heartbeat_dir, read_ingest
 from dataflows.kafka_topic import KafkaUnavailable, preflight
-from sinks.store import Store, StoreError, redact_dsn
+from sinks.store import Store, StoreError, embedded_holder, redact_dsn
 
 
 def wall_ms() -> int:
@@ -68,45 +66,6 @@ def to_ms(v: Any) -> Optional[int]:
             v = v.replace(tzinfo=timezone.utc)
         return int(round(v.timestamp() * 1000))
     return int(v)
-
-
-def embedded_store_in_use(dsn: str) -> Optional[Path]:
-    """The directory of an embedded (chdb://) store that another process holds open, else None.
-
-    The engine locks ``<dir>/status`` (flock) while it runs and removes it at exit; chdb's own
-    error for a second opener does not say so (only its stderr does), hence this look. A store
-    this process itself has open (its engine holds the file) is not "in use": it can be read."""
-    path = embedded_path(dsn)
-    if path is None:
-        return None
-    status_file = path / "status"
-    try:
-        fd = os.open(status_file, os.O_RDONLY)
-    except OSError:
-        return None  # no engine has it open
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except OSError:
-        return None if _open_here(status_file, skip=fd) else path
-    finally:
-        os.close(fd)
-
-
-def _open_here(path: Path, skip: int) -> bool:
-    """Whether this process has ``path`` open on a descriptor other than ``skip`` (Linux /proc)."""
-    target = str(path.resolve())
-    fds = Path("/proc/self/fd")
-    if not fds.is_dir():
-        return False
-    for fd in fds.iterdir():
-        try:
-            if int(fd.name) != skip and os.readlink(fd) == target:
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
 
 
 def pipeline_stalls(store, now_ms: int, max_stall_s: float) -> list[str]:
@@ -208,7 +167,7 @@ def health(ctx: click.Context, kafka: bool, clickhouse: bool, pipeline: Optional
         pass
     elif embedded is not None and not embedded.exists():
         problems.append(f"ClickHouse: no embedded store at {embedded} (check --data-dir / --dsn)")
-    elif embedded_store_in_use(settings.dsn()) is not None:
+    elif embedded_holder(settings.dsn()) is not None:
         problems.append(f"ClickHouse: the embedded store {embedded} is in use by another process (a running "
                         "pipeline?) and cannot be checked from here; use a ClickHouse server DSN for live checks")
     else:

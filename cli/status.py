@@ -16,14 +16,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from cli.common import command_settings, open_store, out_console
-from cli.health import (
-    embedded_store_in_use, fmt_age, fmt_ts, pipeline_stalls, to_ms, wall_ms,
-)
+from cli.common import command_settings, embedded_path, open_store, out_console
+from cli.health import fmt_age, fmt_ts, pipeline_stalls, to_ms, wall_ms
 from cli.summaries import kill_switch_status, leaderboard
 from dataflows.control import pending
 from dataflows.heartbeat import heartbeat_dir, read_ingest
-from sinks.store import redact_dsn
+from sinks.store import embedded_holder, redact_dsn
 
 
 @dataclass
@@ -283,10 +281,9 @@ def status(ctx: click.Context, watch: Optional[float], max_stall_s: float, dsn: 
     by one process only: while `tapeflow run` holds it, status says so and exits 1."""
     settings = command_settings(ctx, clickhouse_dsn=dsn, clickhouse_database=database, data_dir=data_dir)
     name = f"{settings.clickhouse_database} @ {redact_dsn(settings.dsn())}"
-    held = embedded_store_in_use(settings.dsn())
-    if held is not None:
+    if embedded_holder(settings.dsn()) is not None:
         raise click.ClickException(
-            f"the embedded store {held} is in use by another process (a running `tapeflow run`?): only one "
+            f"the embedded store {embedded_path(settings.dsn())} is in use by another process (a running `tapeflow run`?): only one "
             "process can open it. While the pipeline runs, point status at a ClickHouse server "
             "(--dsn http://user:pw@host:8123); or run it after the pipeline stops.")
     with open_store(settings, must_exist=True) as store:

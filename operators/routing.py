@@ -7,9 +7,9 @@ and one worker then does most of the per-instrument work. ``balanced_keys`` give
 routing key, its own name or ``name#n`` for the smallest ``n`` that lands it on the worker it
 should go to: the worker that reads it, where the source knows that (its trades then never cross
 processes: the synthetic source, and Kafka topics written with the murmur2 partitioner, whose
-partition ``kafka_partition`` computes), else the one with the fewest, so the counts differ by at
-most one. Only the routing changes: records carry their exchange and symbol, and the rows are the same
-whatever the keys (the determinism tests).
+partition ``kafka_partition`` computes) up to its even share, else the one with the fewest. Only
+the routing changes: records carry their exchange and symbol, and the rows are the same whatever
+the keys (the determinism tests).
 
 >>> worker_of("synthetic:S00/USDT:USDT", 1)
 0
@@ -123,9 +123,11 @@ def balanced_keys(instruments: Iterable[str], workers: int,
     """``{instrument: routing key}``: an instrument whose source reads it on a known worker
     (``home(instrument, workers)``) stays there, so its trades never cross processes, while that
     worker has fewer than its even share (``ceil(n / workers)``; in sorted order); the others, in
-    sorted order, go to the worker with the fewest so far (the lowest index on a tie). So the counts
-    differ by at most one, however unevenly the source spreads its reading (a Kafka topic's 16
-    instruments were read 11 / 5 by 2 workers). The key is the instrument's own name if that lands
+    sorted order, go to the worker with the fewest so far (the lowest index on a tie). So no worker
+    holds more than its even share, however unevenly the source spreads its reading (a Kafka topic's
+    16 instruments were read 11 / 5 by 2 workers: 8 / 8 here). Without homes the counts differ by at
+    most one; with them they can differ more (of 7 instruments on 3 workers, 3 read by worker 0 and 3
+    by worker 1 stay there, and the seventh makes 3 / 3 / 1). The key is the instrument's own name if that lands
     there, else ``name#n``. Depends only on the set, ``workers`` and ``home``."""
     names = sorted(set(instruments))
     if workers <= 1:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 import tenacity
 
@@ -120,30 +121,56 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def embedded_holder(dsn: str) -> Optional[int]:
-    """The process id of another process that has the embedded store of ``dsn`` open, or None.
+def embedded_path(dsn: str) -> Optional[Path]:
+    """The directory of an embedded (chdb://) store; None for a server DSN."""
+    parts = urlsplit(dsn)
+    return Path(parts.path) if parts.scheme == "chdb" else None
 
-    The embedded ClickHouse holds an exclusive ``flock`` on ``<path>/status`` and writes its PID
-    there. chdb itself reports a held lock only on stderr, and raises "Error initializing
-    EmbeddedServer" without the reason, so the store asks first. This process's own engine (which
-    the next ``Store`` on the same path shares) is not another holder."""
+
+def embedded_holder(dsn: str) -> Optional[int]:
+    """Whether another process has the embedded store of ``dsn`` open: its process id (0 where the
+    status file does not say), else None (also for a server DSN).
+
+    The engine holds an exclusive ``flock`` on ``<dir>/status`` while it runs and writes its PID
+    there. chdb's own error for a second opener ("Error initializing EmbeddedServer") does not say
+    so (only its stderr does), hence this look before opening. A store this process itself has open
+    (its engine holds the file; the next ``Store`` on the path shares it) is not held by another."""
     import fcntl
 
-    status = Path(dsn[len("chdb://"):].split("?", 1)[0]) / "status"
+    path = embedded_path(dsn)
+    if path is None:
+        return None
+    status = path / "status"
     try:
         fd = os.open(status, os.O_RDONLY)
     except OSError:
-        return None  # a new store: nobody holds it
+        return None  # no engine has it open
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
-    except BlockingIOError:
+    except OSError:
+        if _open_here(status, skip=fd):
+            return None
         m = re.search(r"^PID: (\d+)", status.read_text(errors="replace"), re.M)
-        pid = int(m.group(1)) if m else -1
-        return None if pid == os.getpid() else pid
+        return int(m.group(1)) if m else 0
     finally:
         os.close(fd)
+
+
+def _open_here(path: Path, skip: int) -> bool:
+    """Whether this process has ``path`` open on a descriptor other than ``skip`` (Linux /proc)."""
+    target = str(path.resolve())
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        return False
+    for fd in fds.iterdir():
+        try:
+            if int(fd.name) != skip and os.readlink(fd) == target:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 # An insert hook (the test seam): called as hook(table, rows) before every insert attempt; whatever
@@ -164,10 +191,11 @@ class Store:
             raise StoreError(f"database name {database!r} must be an identifier")
         self.retry_s = default_retry_s() if retry_s is None else retry_s
         self.insert_hook = insert_hook
-        holder = embedded_holder(dsn) if dsn.startswith("chdb:") else None
+        holder = embedded_holder(dsn)
         if holder is not None:
-            raise StoreError(f"the embedded store {redact_dsn(dsn)} is open in another process (pid {holder}: a running "
-                             "`tapeflow run`?); wait for it to end, or use a ClickHouse server DSN for concurrent access")
+            raise StoreError(f"the embedded store {redact_dsn(dsn)} is open in another process ("
+                             f"{f'pid {holder}: ' if holder else ''}a running `tapeflow run`?); wait for it to end, "
+                             "or use a ClickHouse server DSN for concurrent access")
         try:
             self.client = self._retry("open", self._connect, wrap=False)
         except StoreError:
