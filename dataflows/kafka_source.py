@@ -27,6 +27,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from typing import Callable, Optional
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -182,15 +183,19 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
         murmur2 partitioner on the ``exchange:symbol`` key (``tapeflow ingest`` / ``replay``, and Java
         clients by default). A topic partitioned otherwise only costs speed (trades then cross to
         their instrument's worker); None if the broker did not answer (asked once: the run then says so)."""
-        if "_parts" not in self.__dict__:
-            try:
-                self.__dict__["_parts"] = self.list_parts()
-            except KafkaUnavailable:
-                self.__dict__["_parts"] = None  # not once more per instrument, each with its own timeout
-        parts = self.__dict__["_parts"]
+        parts = self._known_parts
         if not parts:
             return None
         return partition_reader(f"{kafka_partition(instrument, len(parts))}-{self.topic}", parts, workers)
+
+    @cached_property
+    def _known_parts(self) -> Optional[list[str]]:
+        """``list_parts()``, asked once: None if the broker did not answer (not asked again for every
+        instrument, each time with its own timeout)."""
+        try:
+            return self.list_parts()
+        except KafkaUnavailable:
+            return None
 
     def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]) -> _Partition:
         idx, topic = for_part.split("-", 1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models.calibration import (
-    RollingCalibrator, VectorScaling, classwise_ece, cross_fitted, fit_vector_scaling, reliability,
+    RIDGE, RollingCalibrator, VectorScaling, classwise_ece, cross_fitted, fit_vector_scaling, reliability,
 )
 from operators.stats import log_loss
 from operators.sharpe_inference import hac_se
@@ -154,19 +154,19 @@ def _problems():
     rng = np.random.default_rng(12)
     noise_y = rng.choice(3, size=800, p=[0.3, 0.2, 0.5])
     noise = softmax(rng.normal(size=(800, 3)) * 1.5)
-    return [("over-confident", softmax(2.5 * np.log(p)), y, RIDGE_DEFAULT),
+    return [("over-confident", softmax(2.5 * np.log(p)), y, RIDGE),
             ("under-confident, slope held at MAX_SLOPE", softmax(0.1 * np.log(p)), y, 0.0),
-            ("no skill", noise, noise_y, RIDGE_DEFAULT),
-            ("reversed, slope held at 0", softmax(-1.0 * np.log(p)), y, RIDGE_DEFAULT),
+            ("no skill", noise, noise_y, RIDGE),
+            ("reversed, slope held at 0", softmax(-1.0 * np.log(p)), y, RIDGE),
             ("strong prior", softmax(2.0 * np.log(p[:40])), y[:40], 25.0 / 40),
             ("one class only, biases held at -10", p[:30], np.full(30, 2), 0.0),
             ("few rows", p[:12], y[:12], 0.0)]
 
 
-RIDGE_DEFAULT = 1e-4
+PROBLEMS = _problems()
 
 
-@pytest.mark.parametrize("name, probs, labels, ridge", _problems(), ids=[x[0] for x in _problems()])
+@pytest.mark.parametrize("name, probs, labels, ridge", PROBLEMS, ids=[x[0] for x in PROBLEMS])
 def test_the_fit_matches_scipys_bounded_optimizer(name, probs, labels, ridge):
     """The projected Newton fit (written out so the dataflow never imports SciPy's optimizer) finds
     the optimum SciPy's L-BFGS-B finds, inside the bounds and on them."""
