@@ -13,7 +13,8 @@ from rich.console import Console
 
 from dataflows.config import ConfigError, Settings, load_settings, unknown_env_vars
 from dataflows.logs import register_settings_secrets
-from sinks.store import Store, StoreError, embedded_path
+from sinks.embedded import embedded_path
+from sinks.store import Store, StoreError
 
 err_console = Console(stderr=True)
 out_console = Console(width=140)

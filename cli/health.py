@@ -26,7 +26,8 @@ import click
 from cli.common import command_settings, embedded_path
 from dataflows.heartbeat import heartbeat_dir, read_ingest
 from dataflows.kafka_topic import KafkaUnavailable, preflight
-from sinks.store import Store, StoreError, embedded_holder, redact_dsn
+from sinks.embedded import embedded_holder
+from sinks.store import Store, StoreError, redact_dsn
 
 
 def wall_ms() -> int:

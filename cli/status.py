@@ -21,7 +21,8 @@ from cli.health import fmt_age, fmt_ts, pipeline_stalls, to_ms, wall_ms
 from cli.summaries import kill_switch_status, leaderboard
 from dataflows.control import pending
 from dataflows.heartbeat import heartbeat_dir, read_ingest
-from sinks.store import embedded_holder, redact_dsn
+from sinks.embedded import embedded_holder
+from sinks.store import redact_dsn
 
 
 @dataclass

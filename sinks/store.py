@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
-from urllib.parse import urlsplit
 
 import tenacity
 
+from sinks.embedded import embedded_holder
 from sinks.rows import Rows
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "infra" / "clickhouse"
@@ -119,58 +119,6 @@ def redact_dsn(dsn: str) -> str:
 def one_line(err: BaseException) -> str:
     """An error's text on one line (server errors span lines; a supervisor's log wants one)."""
     return " ".join(str(err).split()) or type(err).__name__
-
-
-def embedded_path(dsn: str) -> Optional[Path]:
-    """The directory of an embedded (chdb://) store; None for a server DSN."""
-    parts = urlsplit(dsn)
-    return Path(parts.path) if parts.scheme == "chdb" else None
-
-
-def embedded_holder(dsn: str) -> Optional[int]:
-    """Whether another process has the embedded store of ``dsn`` open: its process id (0 where the
-    status file does not say), else None (also for a server DSN).
-
-    The engine holds an exclusive ``flock`` on ``<dir>/status`` while it runs and writes its PID
-    there. chdb's own error for a second opener ("Error initializing EmbeddedServer") does not say
-    so (only its stderr does), hence this look before opening. A store this process itself has open
-    (its engine holds the file; the next ``Store`` on the path shares it) is not held by another."""
-    import fcntl
-
-    path = embedded_path(dsn)
-    if path is None:
-        return None
-    status = path / "status"
-    try:
-        fd = os.open(status, os.O_RDONLY)
-    except OSError:
-        return None  # no engine has it open
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except OSError:
-        if _open_here(status, skip=fd):
-            return None
-        m = re.search(r"^PID: (\d+)", status.read_text(errors="replace"), re.M)
-        return int(m.group(1)) if m else 0
-    finally:
-        os.close(fd)
-
-
-def _open_here(path: Path, skip: int) -> bool:
-    """Whether this process has ``path`` open on a descriptor other than ``skip`` (Linux /proc)."""
-    target = str(path.resolve())
-    fds = Path("/proc/self/fd")
-    if not fds.is_dir():
-        return False
-    for fd in fds.iterdir():
-        try:
-            if int(fd.name) != skip and os.readlink(fd) == target:
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
 
 
 # An insert hook (the test seam): called as hook(table, rows) before every insert attempt; whatever
