@@ -100,7 +100,8 @@ def new_state(mod):
 def warm_stage(mod, bars: dict[str, list[Bar]], warm_end: int, history: int):
     """A FeatureStage whose every timeframe has seen its last ``history`` bars ending by
     ``warm_end`` (the old code's windows are full), overlays offered to its book."""
-    stage = mod.FeatureStage("5m", ("15m", "1h"), history, 3, 0.5)
+    old_window = {"history": history} if "history" in mod.FeatureStage.__dataclass_fields__ else {}
+    stage = mod.FeatureStage(primary="5m", overlays=("15m", "1h"), horizon=3, band_k=0.5, **old_window)
     for tf, bs in bars.items():
         st = stage.states[tf] = new_state(mod)
         for b in [b for b in bs if b.end <= warm_end][-history:]:

@@ -94,7 +94,6 @@ class Settings(BaseSettings):
     # features, labels, models
     primary_tf: str = Field("5m", description="timeframe that is scored and traded")
     overlay_tfs: list[str] = Field(["15m", "1h"], description="closed overlay timeframes on each primary row")
-    feature_history: int = Field(600, ge=64, description="bars of history per timeframe for features")
     label_horizon: int = Field(3, ge=1, description="label: forward return over this many primary bars")
     label_band_k: float = Field(0.5, ge=0, description="label: flat band = k * ATR / close")
     online_models: bool = Field(True, description="River models (learn on matured labels)")

@@ -150,7 +150,7 @@ def _group(bars: list[Bar]) -> list[BarGroup]:
 
 def _features(settings: Settings):
     def step(state: Optional[FeatureStage], group: BarGroup) -> tuple[FeatureStage, list]:
-        state = state or FeatureStage(settings.primary_tf, tuple(settings.overlay_tfs), settings.feature_history,
+        state = state or FeatureStage(settings.primary_tf, tuple(settings.overlay_tfs),
                                         settings.label_horizon, settings.label_band_k)
         # the group's 1m bar goes last, on to the portfolio behind every row of its minute (on this
         # path an instrument's items keep their order: the Sequencer's progress; not to the sink)

@@ -177,7 +177,6 @@ class FeatureStage:
 
     primary: str = "5m"
     overlays: tuple = ("15m", "1h")
-    history: int = 600  # unused since features are incremental (kept: callers pass it positionally)
     horizon: int = 3
     band_k: float = 0.5
     states: dict = field(default_factory=dict)  # tf -> FeatureState

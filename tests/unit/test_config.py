@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dataflows.config import ConfigError, Settings, load_settings
+from dataflows.config import ConfigError, Settings, load_settings, unknown_env_vars
 
 SECRET = "pA55-w0rd-do-not-print"
 
@@ -123,6 +123,16 @@ def test_unknown_key_in_the_file_is_rejected(tmp_path):
     cfg.write_text("latenes_ms = 10\n")  # typo
     with pytest.raises(ConfigError, match="latenes_ms"):
         load_settings(cfg)
+
+
+def test_feature_history_is_not_a_setting_any_more(tmp_path):
+    # it bounded the Polars window of the features until they became incremental, and then did
+    # nothing while still accepted: now the file is refused and the variable warned about
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("feature_history = 2000\n")
+    with pytest.raises(ConfigError, match="feature_history"):
+        load_settings(cfg)
+    assert [name for name, _ in unknown_env_vars({"TAPEFLOW_FEATURE_HISTORY": "2000"})] == ["TAPEFLOW_FEATURE_HISTORY"]
 
 
 def test_unreadable_file_gives_a_config_error_naming_it(tmp_path):
