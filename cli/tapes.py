@@ -28,7 +28,8 @@ from operators.tape_files import ReplayFormatError
 @click.option("--topic", "topic_name", default=None)
 @click.option("--partitions", type=int, default=None, help="create the topic with this many partitions if missing")
 @click.option("--record", "record_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="also record the normalised tape as Parquet files here (replay with --source replay)")
+              help="also record the normalised tape as Parquet files here: trades and perp data "
+                   "(replay them with --source replay --file ...)")
 @click.option("--duration", type=float, default=None, help="stop after this many seconds (default: run forever)")
 @click.option("--exchange-factory", default=None, help="module:callable making exchange objects (default ccxt.pro)")
 @click.pass_context

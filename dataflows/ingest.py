@@ -5,7 +5,8 @@
     kafka     every trade as contract JSON keyed exchange:symbol, events, refused trades and perp
               data (funding, open interest, liquidations) in band on the same key; idempotent
               producer, acks=all
-    record    (optional) the normalised tape as Parquet files, replayable with --source replay
+    record    (optional) the normalised tape as Parquet files, replayable with --source replay: trades,
+              and perp data in perp files beside them
     heartbeat <data_dir>/heartbeat/ingest.json: per venue and instrument the newest trade (liveness)
 """
 
@@ -57,6 +58,7 @@ class _ParquetPart(StatelessSinkPartition[FrameBatch]):
         self.dir, self.rows, self.worker = directory, rows, worker
         self.dir.mkdir(parents=True, exist_ok=True)
         self.frames: list[pl.DataFrame] = []
+        self.perps: list[PerpUpdate] = []
         self.n = 0
 
     def write_batch(self, items: list[FrameBatch]) -> None:
@@ -64,25 +66,44 @@ class _ParquetPart(StatelessSinkPartition[FrameBatch]):
             if b.frame.height:
                 self.frames.append(b.frame.drop("offset"))
                 self.n += b.frame.height
-        if self.n >= self.rows:
+            self.perps += [e for e in b.events if isinstance(e, PerpUpdate)]
+        if self.n + len(self.perps) >= self.rows:
             self._write()
 
     def _write(self) -> None:
-        if not self.frames:
-            return
-        df = pl.concat(self.frames)
-        name = f"tape-{int(df['ts'].min())}-{int(time.time() * 1000)}-w{self.worker}.parquet"
+        stamp = int(time.time() * 1000)
+        if self.frames:
+            df = pl.concat(self.frames)
+            self._file(f"tape-{int(df['ts'].min())}-{stamp}-w{self.worker}.parquet", df)
+        if self.perps:  # funding, open interest, liquidations: a perp file (operators.tape_files.perp_updates)
+            df = perp_frame(self.perps)
+            self._file(f"perp-{int(df['ts'].min())}-{stamp}-w{self.worker}.parquet", df)
+        self.frames, self.perps, self.n = [], [], 0
+
+    def _file(self, name: str, df: pl.DataFrame) -> None:
         tmp = self.dir / (name + ".part")
         df.write_parquet(tmp)
         tmp.rename(self.dir / name)  # readers never see half a file
-        self.frames, self.n = [], 0
 
     def close(self) -> None:
         self._write()
 
 
+def perp_frame(updates: list[PerpUpdate]) -> pl.DataFrame:
+    """Perp updates as the rows of a perp file: a ``perp`` column naming the kind and the update's
+    fields (its position among the trades, ``seq``, is the live reader's and is not kept: a replay
+    places each update by its ts)."""
+    fields = [f for f in PerpUpdate.__struct_fields__ if f not in ("kind", "seq")]
+    schema = {"perp": pl.String, "exchange": pl.String, "symbol": pl.String, "ts": pl.Int64, "rate": pl.Float64,
+              "funding_time": pl.Int64, "mark_price": pl.Float64, "index_price": pl.Float64,
+              "open_interest": pl.Float64, "oi_value": pl.Float64, "side": pl.String, "price": pl.Float64,
+              "amount": pl.Float64, "source": pl.String}
+    return pl.DataFrame([{"perp": u.kind, **{f: getattr(u, f) for f in fields}} for u in updates], schema=schema)
+
+
 class ParquetTapeSink(DynamicSink[FrameBatch]):
-    """The normalised tape as Parquet files of about ``rows`` trades (contract columns)."""
+    """The normalised tape as Parquet files of about ``rows`` trades (contract columns), and the
+    perp updates that came with them as perp files beside them (``perp-*.parquet``)."""
 
     def __init__(self, directory: Path, rows: int = 200_000):
         self.directory, self.rows = Path(directory), rows

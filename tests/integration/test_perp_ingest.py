@@ -97,13 +97,15 @@ def test_with_perp_puts_each_update_after_the_trades_before_its_seq():
     assert with_perp(frame, []) == tape_messages(frame)
 
 
-def test_ingest_publishes_perp_data_in_band_on_the_instruments_key(kafka_broker):
+def test_ingest_publishes_perp_data_in_band_on_the_instruments_key(kafka_broker, tmp_path):
     from tests.integration.test_ingest import read_topic
-    from tests.integration.test_kafka_pipeline import cli
+    from tests.integration.test_kafka_pipeline import cli, sql
 
     topic = f"trades-{uuid.uuid4().hex[:8]}"
+    record = tmp_path / "tape"
     cli("ingest", "--feeds", "binanceusdm:BTC/USDT:USDT", "--brokers", kafka_broker, "--topic", topic,
-        "--partitions", "2", "--duration", "2", "--exchange-factory", "tests.integration.fake_venues:perp")
+        "--partitions", "2", "--duration", "2", "--exchange-factory", "tests.integration.fake_venues:perp",
+        "--record", str(record))
     msgs = read_topic(kafka_broker, topic)
     perp = [(k, PERP_DECODER.decode(json.dumps(m).encode())) for k, m in msgs if "perp" in m]
     assert {k for k, _ in perp} == {f"binanceusdm:{BTC}"}
@@ -117,3 +119,20 @@ def test_ingest_publishes_perp_data_in_band_on_the_instruments_key(kafka_broker)
     first_perp = next(i for i, (_, m) in enumerate(msgs) if "perp" in m)
     last_trade = max(i for i, (_, m) in enumerate(msgs) if "perp" not in m and "event" not in m)
     assert first_perp < last_trade
+
+    # the recording keeps them too (perp files beside the tape): a replay of it stores every update
+    # the topic carried, with the venue's times and source
+    files = sorted(record.glob("*.parquet"))
+    assert {f.name.split("-")[0] for f in files} == {"tape", "perp"}
+    args = ["run", "--source", "replay", "--data-dir", str(tmp_path / "replayed"), "--quiet"]
+    for f in files:
+        args += ["--file", str(f)]
+    cli(*args)
+    got = sql(tmp_path / "replayed", "SELECT toUnixTimestamp64Milli(ts) AS ts, rate, source FROM funding_rates FINAL "
+                                     "ORDER BY ts")
+    assert [(r["ts"], r["rate"], r["source"]) for r in got] == sorted(
+        (u.ts, u.rate, u.source) for _, u in perp if u.kind == "funding")
+    oi = sql(tmp_path / "replayed", "SELECT open_interest FROM open_interest FINAL ORDER BY ts")
+    assert [r["open_interest"] for r in oi] == PERP_OI
+    liq = sql(tmp_path / "replayed", "SELECT side, amount FROM liquidations FINAL")
+    assert sorted((r["side"], r["amount"]) for r in liq) == sorted(PERP_LIQ)

@@ -195,3 +195,26 @@ def test_a_funding_time_after_a_quiet_minute_is_paid_with_the_announcement_from_
     assert b.settle_funding("x:A", start + 60_000) == []
     (later,) = b.settle_funding("x:A", T0 + 2 * H8)
     assert later.rate == -4e-3 and later.amount == pytest.approx(+4.0)
+
+
+def test_a_recorded_perp_file_reads_back_as_the_same_updates(tmp_path):
+    # ingest --record writes the perp data that came with the trades as a perp file beside the
+    # tape; replay must read back every kind and field as it was (the venue's source included)
+    from dataflows.ingest import perp_frame
+    from operators.tape_files import is_perp_file, perp_updates
+
+    t0 = 1_704_067_200_000
+    ups = [PerpUpdate(kind="funding", exchange="binanceusdm", symbol="BTC/USDT:USDT", ts=t0 + 5, rate=-2.5e-4,
+                      funding_time=t0 + 28_800_000, mark_price=42_001.5, index_price=41_999.0,
+                      source="ccxt:binanceusdm", seq=17),
+           PerpUpdate(kind="open_interest", exchange="binanceusdm", symbol="BTC/USDT:USDT", ts=t0 + 60_000,
+                      open_interest=1234.5, oi_value=5.2e7, source="ccxt:binanceusdm", seq=40),
+           PerpUpdate(kind="liquidation", exchange="bybit", symbol="ETH/USDT:USDT", ts=t0 + 61_000, side="sell",
+                      price=2_250.25, amount=3.0, source="ccxt:bybit")]
+    frame = perp_frame(ups)
+    assert set(frame.columns) == {"perp", *PerpUpdate.__struct_fields__} - {"kind", "seq"}  # every field kept
+    path = tmp_path / "perp-1.parquet"
+    frame.write_parquet(path)
+    back = pl.read_parquet(path)
+    assert is_perp_file(back)
+    assert perp_updates(back, None, None, path) == [msgspec.structs.replace(u, seq=None) for u in ups]
