@@ -106,7 +106,7 @@ _FRAME_FIELDS = ("exchange", "symbol", "id", "ts", "price", "amount", "side", "t
 _RAW_SCHEMA = {**{k: v for k, v in TRADE_SCHEMA.items() if k not in ("is_buy", "seq")}, "side": pl.String}
 
 
-def _trades_to_frame(trades: list[Trade], seqs: list[int], recv_ts: int) -> pl.DataFrame:
+def _trades_to_frame(trades: list[Trade], seqs: list[int]) -> pl.DataFrame:
     cols = {name: list(map(attrgetter(name), trades)) for name in _FRAME_FIELDS}
     try:
         frame = pl.DataFrame(cols, schema=_RAW_SCHEMA)
@@ -262,7 +262,7 @@ def _decode_raw(batch: RawBatch, now_ms: int, max_future_ms: int, limits: Decode
     key_col = _key_column(batch.keys, ok_idx, len(payloads))
     rows = (pl.int_range(pl.len(), dtype=pl.Int64) if len(ok_idx) == len(payloads)
             else pl.Series(ok_idx, dtype=pl.Int64)).alias("_row")
-    frame = _trades_to_frame(trades, seqs, batch.recv_ts).with_columns(
+    frame = _trades_to_frame(trades, seqs).with_columns(
         pl.col("recv_ts").fill_null(batch.recv_ts), pl.lit(False).alias("_wrong_type"), rows, key_col,
         _ts_max(now_ms, max_future_ms))
     good, bad = _split_valid(frame, limits)
