@@ -26,7 +26,7 @@ import click
 from cli.common import command_settings, embedded_path
 from dataflows.heartbeat import heartbeat_dir, read_ingest
 from dataflows.kafka_topic import KafkaUnavailable, preflight
-from sinks.embedded import embedded_holder
+from sinks.embedded import embedded_holder, embedded_open
 from sinks.store import Store, StoreError, redact_dsn
 
 
@@ -69,8 +69,10 @@ def to_ms(v: Any) -> Optional[int]:
     return int(v)
 
 
-def pipeline_stalls(store, now_ms: int, max_stall_s: float) -> list[str]:
-    """Findings about the pipeline's progress (empty: it is making progress)."""
+def pipeline_stalls(store, now_ms: int, max_stall_s: float, running: Optional[bool] = None) -> list[str]:
+    """Findings about the pipeline's progress (empty: it is making progress). ``running``: False when
+    no process has the embedded store open (``sinks.embedded.embedded_open``, asked before this
+    process opened it): then no pipeline writes to it, however fresh its newest row."""
     bound = max_stall_s * 1000
     try:
         (last,) = store.query_dicts("SELECT count() AS n, max(ts) AS last_ts, argMax(started, ts) AS last_started "
@@ -82,6 +84,9 @@ def pipeline_stalls(store, now_ms: int, max_stall_s: float) -> list[str]:
     if not last["n"]:
         return ["pipeline: no pipeline_health row at all (is the pipeline running, with health_every_s > 0?)"]
     newest = to_ms(last["last_ts"])
+    if running is False:
+        return [f"pipeline not running: nothing has the embedded store open (a running pipeline keeps it open); "
+                f"its newest pipeline_health row is from {fmt_ts(newest)} ({fmt_age((now_ms - newest) / 1000)} ago)"]
     if now_ms - newest > bound:
         return [f"pipeline stalled: no pipeline_health row since {fmt_ts(newest)} "
                 f"({fmt_age((now_ms - newest) / 1000)} ago; bound {max_stall_s:g} s)"]
@@ -175,6 +180,7 @@ def health(ctx: click.Context, kafka: bool, clickhouse: bool, pipeline: Optional
         import clickhouse_connect
 
         store = None
+        running = embedded_open(settings.dsn())  # before this process opens it
         try:
             if embedded is not None:
                 store = Store(settings.dsn(), settings.clickhouse_database, apply_schema=False, retry_s=0)
@@ -185,7 +191,7 @@ def health(ctx: click.Context, kafka: bool, clickhouse: bool, pipeline: Optional
                 if pipeline:
                     store = Store(settings.dsn(), settings.clickhouse_database, apply_schema=False, retry_s=0)
             if pipeline:
-                problems.extend(pipeline_stalls(store, wall_ms(), max_stall_s))
+                problems.extend(pipeline_stalls(store, wall_ms(), max_stall_s, running))
         except StoreError as err:
             problems.append(str(err).splitlines()[0])
         except Exception as err:  # noqa: BLE001

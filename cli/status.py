@@ -21,7 +21,7 @@ from cli.health import fmt_age, fmt_ts, pipeline_stalls, to_ms, wall_ms
 from cli.summaries import kill_switch_status, leaderboard
 from dataflows.control import pending
 from dataflows.heartbeat import heartbeat_dir, read_ingest
-from sinks.embedded import embedded_holder
+from sinks.embedded import embedded_holder, embedded_open
 from sinks.store import redact_dsn
 
 
@@ -45,11 +45,12 @@ class Status:
 
 
 def read_status(store, heartbeat: Path, data_dir: Path, store_name: str, now_ms: Optional[int] = None,
-                max_stall_s: float = 120.0) -> Status:
-    """Everything the status screen shows, read from the store, the heartbeat and the control directory."""
+                max_stall_s: float = 120.0, running: Optional[bool] = None) -> Status:
+    """Everything the status screen shows, read from the store, the heartbeat and the control directory
+    (``running``: as ``cli.health.pipeline_stalls``)."""
     now = now_ms if now_ms is not None else wall_ms()
     st = Status(now, store_name)
-    st.stalls = pipeline_stalls(store, now, max_stall_s)
+    st.stalls = pipeline_stalls(store, now, max_stall_s, running)
     st.pipeline = _pipeline(store)
     st.instruments = _instruments(store)
     st.ingest = read_ingest(heartbeat)
@@ -287,11 +288,12 @@ def status(ctx: click.Context, watch: Optional[float], max_stall_s: float, dsn: 
             f"the embedded store {embedded_path(settings.dsn())} is in use by another process (a running `tapeflow run`?): only one "
             "process can open it. While the pipeline runs, point status at a ClickHouse server "
             "(--dsn http://user:pw@host:8123); or run it after the pipeline stops.")
+    running = embedded_open(settings.dsn())  # before this process opens it (None: a server)
     with open_store(settings, must_exist=True) as store:
 
         def snapshot():
             return render(read_status(store, heartbeat_dir(settings.data_dir), settings.data_dir, name,
-                                      max_stall_s=max_stall_s))
+                                      max_stall_s=max_stall_s, running=running))
 
         if watch is None:
             out_console.print(snapshot())

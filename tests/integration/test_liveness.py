@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -152,6 +153,25 @@ def test_a_pipeline_whose_feed_stops_is_reported_stalled_within_the_bound(kafka_
     assert not worker.is_alive()
     ((n,),) = store.query("SELECT count() FROM pipeline_health WHERE watermark IS NOT NULL")[1]
     assert n > 10  # the rows health read carry the watermark
+
+
+def test_a_pipeline_that_has_ended_is_not_running_however_fresh_its_last_row(tmp_path):
+    """The embedded store: a run that ended a moment ago left a pipeline_health row younger than the
+    bound, and health said "ok" and status "making progress" for two minutes after it. A running
+    pipeline always has its store open (the engine's lock), so a store nobody has open is one no
+    pipeline writes to: health exits 1 saying so, and status shows it."""
+    data = tmp_path / "data"
+    run = subprocess.run([sys.executable, "-m", "cli.main", "run", "--quiet", "--data-dir", str(data), "--hours", "0.2",
+                          "--symbols", "BTC/USDT:USDT", "--train-split", "0"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    code, out = health("--no-kafka", "--data-dir", str(data))  # default bound 120 s: the row is seconds old
+    assert code == 1, out
+    assert len(out.splitlines()) == 1 and "pipeline not running: nothing has the embedded store open" in out, out
+    assert re.search(r"newest pipeline_health row is from 20\S+ \S+ UTC \(\d+(\.\d+)? s ago\)", out), out
+    res = CliRunner().invoke(main, ["status", "--data-dir", str(data)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "pipeline not running" in res.output and "making progress" not in res.output, res.output
 
 
 # ============================================================ 2. the ingest heartbeat (subprocess)

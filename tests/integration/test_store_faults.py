@@ -25,6 +25,7 @@ from cli.errors import describe
 from dataflows.bytewax_errors import original
 from dataflows.runner import free_ports
 from sinks.clickhouse import ClickHouseSink, SinkStats
+from sinks.embedded import embedded_holder, embedded_open
 from sinks.store import StoreError, is_transient
 from tests.helpers import raw_batches, run_pipeline, settings, stored, synthetic_tape
 
@@ -241,8 +242,11 @@ def test_a_store_open_in_another_process_is_named_with_its_pid(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
     sql = ("sql", "--data-dir", str(data), "SELECT count() FROM bars")
+    dsn = f"chdb://{data / 'clickhouse'}"
+    assert embedded_open(dsn) is False  # not created yet
     try:
         assert holder.stdout.readline().strip() == "open"
+        assert embedded_open(dsn) is True and embedded_holder(dsn) == holder.pid
         for args in (sql, (*RUN, "--data-dir", str(data))):
             res, _ = _tapeflow(*args, retry_s=30)
             shown = f"{args[0]}: exit {res.returncode}\n--- stderr\n{res.stderr}\n--- stdout\n{res.stdout}"
@@ -255,5 +259,7 @@ def test_a_store_open_in_another_process_is_named_with_its_pid(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(60)
+    assert embedded_open(dsn) is False and embedded_holder(dsn) is None  # its end released the lock
+    assert embedded_open("http://localhost:8123") is None
     res, _ = _tapeflow(*sql, retry_s=30)
     assert res.returncode == 0, res.stderr
