@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     profile_bin_bps: float = Field(2.0, gt=0, description="default volume-profile bin, bps of the first price")
     profile_bins: dict[str, Annotated[float, Field(gt=0)]] = Field({}, description="explicit profile bin per symbol")
 
+    store_worker_share: float = Field(0.5, gt=0, le=1, description=(
+        "with several workers: the share of instruments worker 0 takes, as a fraction of what each other "
+        "worker takes (it also turns every record into rows and writes the store; 1: even)"))
+
     # features, labels, models
     primary_tf: str = Field("5m", description="timeframe that is scored and traded")
     overlay_tfs: list[str] = Field(["15m", "1h"], description="closed overlay timeframes on each primary row")

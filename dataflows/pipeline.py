@@ -327,7 +327,7 @@ def build_flow(
         instruments = getattr(source, "instruments", lambda: ())()
     universe = tuple(sorted(instruments))
     home = getattr(source, "home_worker", None)  # the worker that reads an instrument, where the source knows it
-    route = run_routes(universe, balance_workers, home, recovery_dir, resuming)
+    route = run_routes(universe, balance_workers, home, recovery_dir, resuming, settings.store_worker_share)
     wait_ms = settings.portfolio_wait_ms if pace is not None else None
 
     def make_sequencer() -> Sequencer:

@@ -37,13 +37,14 @@ def with_new(kept: dict[str, str], universe: Iterable[str]) -> dict[str, str]:
 
 
 def run_routes(universe: Iterable[str], workers: int, home: Optional[Callable[[str, int], Optional[int]]],
-               recovery_dir: Optional[Path], resuming: bool) -> dict[str, str]:
+               recovery_dir: Optional[Path], resuming: bool, first_share: float = 1.0) -> dict[str, str]:
     """``{instrument: routing key}`` for this run (module docstring). ``resuming``: the recovery
-    directory held a run's state before this run claimed it."""
+    directory held a run's state before this run claimed it. ``first_share``: worker 0's share
+    (``operators.routing.balanced_keys``)."""
     universe = sorted(set(universe))
 
     def fresh() -> dict[str, str]:
-        return balanced_keys(universe, workers, home) if workers > 1 else {}
+        return balanced_keys(universe, workers, home, first_share) if workers > 1 else {}
 
     if recovery_dir is None:
         return fresh()

@@ -7,7 +7,8 @@ and one worker then does most of the per-instrument work. ``balanced_keys`` give
 routing key, its own name or ``name#n`` for the smallest ``n`` that lands it on the worker it
 should go to: the worker that reads it, where the source knows that (its trades then never cross
 processes: the synthetic source, and Kafka topics written with the murmur2 partitioner, whose
-partition ``kafka_partition`` computes) up to its even share, else the one with the fewest. Only
+partition ``kafka_partition`` computes) up to its share, else the least full one; worker 0, which
+also writes the store, can be given a smaller share (``first_share``). Only
 the routing changes: records carry their exchange and symbol, and the rows are the same whatever
 the keys (the determinism tests).
 
@@ -119,30 +120,38 @@ def key_on_worker(name: str, worker: int, workers: int, taken: frozenset = froze
 
 
 def balanced_keys(instruments: Iterable[str], workers: int,
-                  home: Optional[Callable[[str, int], Optional[int]]] = None) -> dict[str, str]:
+                  home: Optional[Callable[[str, int], Optional[int]]] = None,
+                  first_share: float = 1.0) -> dict[str, str]:
     """``{instrument: routing key}``: an instrument whose source reads it on a known worker
     (``home(instrument, workers)``) stays there, so its trades never cross processes, while that
-    worker has fewer than its even share (``ceil(n / workers)``; in sorted order); the others, in
-    sorted order, go to the worker with the fewest so far (the lowest index on a tie). So no worker
-    holds more than its even share, however unevenly the source spreads its reading (a Kafka topic's
-    16 instruments were read 11 / 5 by 2 workers: 8 / 8 here). Without homes the counts differ by at
-    most one; with them they can differ more (of 7 instruments on 3 workers, 3 read by worker 0 and 3
-    by worker 1 stay there, and the seventh makes 3 / 3 / 1). The key is the instrument's own name if that lands
-    there, else ``name#n``. Depends only on the set, ``workers`` and ``home``."""
+    worker has fewer than its share; the others, in sorted order, go to the worker that is least
+    full for its share (the lowest index on a tie). With ``first_share`` 1 every share is the even
+    one (``ceil(n / workers)``), so no worker holds more, however unevenly the source spreads its
+    reading (a Kafka topic's 16 instruments were read 11 / 5 by 2 workers: 8 / 8 here); without
+    homes the counts then differ by at most one, with them they can differ more (of 7 instruments
+    on 3 workers, 3 read by worker 0 and 3 by worker 1 stay there, and the seventh makes 3 / 3 / 1).
+    ``first_share`` < 1: worker 0, which also turns every record into rows and writes the store,
+    takes that fraction of what each other worker takes (64 instruments, 2 workers, 0.5: 21 / 43).
+    The key is the instrument's own name if that lands there, else ``name#n``. Depends only on the
+    set, ``workers``, ``home`` and ``first_share``."""
     names = sorted(set(instruments))
     if workers <= 1:
         return {name: name for name in names}
     share = -(-len(names) // workers)
+    cap = [share] * workers
+    if first_share < 1:
+        cap[0] = round(first_share * len(names) / (first_share + workers - 1))
+        cap[1:] = [-(-(len(names) - cap[0]) // (workers - 1))] * (workers - 1)
     load = [0] * workers
     target = {}
     for name in names:
         at = home(name, workers) if home is not None else None
-        if at is not None and load[at] < share:
+        if at is not None and load[at] < cap[at]:
             target[name] = at
             load[at] += 1
     for name in names:
         if name not in target:
-            target[name] = min(range(workers), key=lambda w: (load[w], w))
+            target[name] = min(range(workers), key=lambda w: (load[w] / cap[w] if cap[w] else float("inf"), w))
             load[target[name]] += 1
     taken = set(names)
     out = {}

@@ -142,3 +142,21 @@ def test_a_kafka_source_asks_the_broker_for_its_partitions_once_even_when_it_doe
     up = KafkaBatchSource("127.0.0.1:9", "t")
     monkeypatch.setattr(KafkaBatchSource, "list_parts", lambda self: (calls.append(1), ["0-t", "1-t"])[1])
     assert {up.home_worker(f"x:S{i}", 2) for i in range(8)} == {0, 1} and len(calls) == 2
+
+
+def test_worker_0_which_writes_the_store_takes_a_smaller_share_when_asked():
+    # worker 0 also turns every record into rows and writes the embedded store: at an even split
+    # (64 instruments, 2 processes) process 0 used 22.2 s of CPU and process 1 17.0 s; at 0.5 they
+    # were even (bench/throughput.py). Each count: r * n / (r + workers - 1) for worker 0, rounded.
+    names = [f"x:S{i:02d}" for i in range(64)]
+    placed = [worker_of(k, 2) for k in balanced_keys(names, 2, first_share=0.5).values()]
+    assert (placed.count(0), placed.count(1)) == (21, 43)
+    placed = [worker_of(k, 3) for k in balanced_keys(names, 3, first_share=0.5).values()]
+    assert [placed.count(w) for w in range(3)] == [13, 26, 25]  # 0.5 * 64 / 2.5 = 12.8; the rest 51 = 26 + 25
+    # homes are kept up to each worker's share: worker 0 reads them all and keeps only its 21
+    keys = balanced_keys(names, 2, lambda name, workers: 0, first_share=0.5)
+    assert [n for n, k in keys.items() if worker_of(k, 2) == 0] == sorted(names)[:21]
+    # the default (1) is the even split
+    assert balanced_keys(names, 2) == balanced_keys(names, 2, first_share=1.0)
+    placed = [worker_of(k, 2) for k in balanced_keys(names, 2).values()]
+    assert placed.count(0) == placed.count(1) == 32
