@@ -91,10 +91,6 @@ class Settings(BaseSettings):
     profile_bin_bps: float = Field(2.0, gt=0, description="default volume-profile bin, bps of the first price")
     profile_bins: dict[str, Annotated[float, Field(gt=0)]] = Field({}, description="explicit profile bin per symbol")
 
-    store_worker_share: float = Field(0.5, gt=0, le=1, description=(
-        "with several workers: the share of instruments worker 0 takes, as a fraction of what each other "
-        "worker takes (it also turns every record into rows and writes the store; 1: even)"))
-
     # features, labels, models
     primary_tf: str = Field("5m", description="timeframe that is scored and traded")
     overlay_tfs: list[str] = Field(["15m", "1h"], description="closed overlay timeframes on each primary row")
@@ -129,6 +125,9 @@ class Settings(BaseSettings):
     # running
     batch_size: int = Field(20_000, gt=0, description="trades per source batch")
     epoch_interval_s: float = Field(10.0, ge=0, description="bytewax epoch = snapshot interval")
+    store_worker_share: float = Field(0.5, gt=0, le=1, description=(
+        "with several workers: the share of instruments worker 0 takes, as a fraction of what each other "
+        "worker takes (it also turns every record into rows and writes the store; 1: even)"))
     recovery_dir: Optional[Path] = Field(None, description="bytewax recovery directory (off if unset)")
     sink_flush_rows: int = Field(5_000, gt=0)
     sink_flush_ms: int = Field(1_000, ge=0)
