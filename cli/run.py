@@ -19,7 +19,7 @@ from cli.models import train_and_show
 from cli.run_stop import is_stop, stopped
 from cli.source_options import build_source, parse_instruments, recovery_fingerprint
 from cli.summaries import ProgressBar, print_model_quality, print_run_summary, print_strategies
-from dataflows import run_counts, runner, runs
+from dataflows import recovery_epochs, run_counts, runner, runs
 from dataflows.config import Settings
 from dataflows.control import lineage_of
 from dataflows.pipeline import build_flow
@@ -197,6 +197,8 @@ def run(ctx: click.Context, **options) -> None:
                           control_lineage=lineage_of(rec_dir), snapshots=rec_dir is not None,
                           balance_workers=_balance_workers(o), recovery_dir=rec_dir, resuming=resuming)
         recovery = runner.recovery_config(rec_dir, o.processes * o.workers)
+        if rec_dir is not None and not is_peer and o.addresses is None:  # this process sees every partition
+            recovery_epochs.drop_unfinished_snapshots(rec_dir)  # stale state a kill mid-epoch left behind
         phase_dir = run_dir / f"phase-{k}" if o.proc_id is None else run_dir
         phase_dir.mkdir(parents=True, exist_ok=True)
         addr_list, peers = _start_peers(o, phase_end, start_from, phase_dir)
