@@ -27,6 +27,7 @@ USAGE = frozenset({
     "dataflows.config.ConfigError",
     "operators.tape_files.ReplayFormatError",
     "dataflows.runner.RecoveryMismatch",
+    "dataflows.recovery_dir.RecoveryInUse",
     "builtins.FileNotFoundError",
     "click.exceptions.UsageError",
     "dataflows.venue_exchange.UnknownSymbolError",

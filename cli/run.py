@@ -19,7 +19,7 @@ from cli.models import train_and_show
 from cli.run_stop import is_stop, stopped
 from cli.source_options import build_source, parse_instruments, recovery_fingerprint
 from cli.summaries import ProgressBar, print_model_quality, print_run_summary, print_strategies
-from dataflows import recovery_epochs, run_counts, runner, runs
+from dataflows import recovery_dir, run_counts, runner, runs
 from dataflows.config import Settings
 from dataflows.control import lineage_of
 from dataflows.pipeline import build_flow
@@ -169,7 +169,10 @@ def run(ctx: click.Context, **options) -> None:
     resuming = _resuming(o, settings, is_peer)
     # Kafka partitions without a snapshot in a recovery dir that is resumed were not read yet: from the start
     start_from = "earliest" if resuming else o.start_from
-    if rec_dir is not None:  # refuse a recovery directory that holds another source's state
+    if rec_dir is not None:  # refuse a recovery directory that another run uses, or that holds another source's state
+        if not is_peer:
+            recovery_dir.hold(rec_dir, on_wait=lambda: err_console.print(
+                f"waiting for the processes of the previous run on {rec_dir} to end ...", highlight=False, soft_wrap=True))
         runner.claim_recovery_dir(rec_dir, fingerprint)
 
     counts = run_counts.RunCounts()
@@ -198,7 +201,7 @@ def run(ctx: click.Context, **options) -> None:
                           balance_workers=_balance_workers(o), recovery_dir=rec_dir, resuming=resuming)
         recovery = runner.recovery_config(rec_dir, o.processes * o.workers)
         if rec_dir is not None and not is_peer and o.addresses is None:  # this process sees every partition
-            recovery_epochs.drop_unfinished_snapshots(rec_dir)  # stale state a kill mid-epoch left behind
+            recovery_dir.drop_unfinished_snapshots(rec_dir)  # stale state a kill mid-epoch left behind
         phase_dir = run_dir / f"phase-{k}" if o.proc_id is None else run_dir
         phase_dir.mkdir(parents=True, exist_ok=True)
         addr_list, peers = _start_peers(o, phase_end, start_from, phase_dir)

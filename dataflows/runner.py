@@ -44,6 +44,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 
 from dataflows import bytewax_errors
+from dataflows.recovery_dir import held_fds
 from dataflows.run_counts import RunCounts
 
 
@@ -310,14 +311,15 @@ def spawn_peers(argv: list[str], processes: int, run_dir: Path) -> tuple[list[st
     """Start processes 1..N-1 of a cluster; returns the address list and the children.
 
     Peers run in their own session (a terminal's Ctrl-C goes to process 0 only, which passes the
-    stop on as SIGTERM: one way to stop, whatever the signal) and die with process 0."""
+    stop on as SIGTERM: one way to stop, whatever the signal), die with process 0, and share its
+    hold on the recovery directory (``dataflows.recovery_dir.hold``)."""
     addresses = [f"127.0.0.1:{p}" for p in free_ports(processes)]
     children = []
     for i in range(1, processes):
         cmd = [sys.executable, "-m", "cli.main", *argv, "--proc-id", str(i),
                "--addresses", ";".join(addresses), "--run-dir", str(run_dir)]
         children.append(subprocess.Popen(cmd, env=os.environ.copy(), stderr=sys.stderr, start_new_session=True,
-                                          preexec_fn=_die_with_parent))
+                                          preexec_fn=_die_with_parent, pass_fds=held_fds()))
         _peer_index[children[-1].pid] = i
     _children.extend(children)
     if _stop_signal is not None:  # a stop arrived while they were starting

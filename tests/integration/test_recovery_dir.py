@@ -1,5 +1,5 @@
 """A run killed between writing an epoch's snapshots and its frontier leaves snapshots of an epoch
-it did not finish; no later run may resume from them (``dataflows.recovery_epochs``).
+it did not finish; no later run may resume from them (``dataflows.recovery_dir``).
 
 Found as a rare failure of ``test_malformed_kafka``'s kill/resume test: after the third resume the
 roll-up state of BTC held the 1m bars up to minute 46 while its Kafka positions were at minute 27,
@@ -9,11 +9,14 @@ alone; the second checks that ``tapeflow run`` removes such snapshots before it 
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import bytewax.operators as op
 import pytest
@@ -21,7 +24,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from dataflows.recovery_epochs import drop_unfinished_snapshots, resume_epoch
+from dataflows.recovery_dir import drop_unfinished_snapshots, resume_epoch
 
 
 def _summing_flow(items: list, out: list) -> Dataflow:
@@ -119,3 +122,59 @@ def test_tapeflow_run_drops_unfinished_snapshots_before_it_resumes(tmp_path, pro
     # the one of a finished epoch stays: it is that key's state (bytewax's own clean-up would keep the
     # newer one and delete this one as superseded)
     assert _stale_rows(rec) == [epoch - 1]
+
+
+_HOLDER = """
+import subprocess, sys, time
+from dataflows.recovery_dir import hold, held_fds
+hold(sys.argv[1])
+if sys.argv[2] == "peer":  # a peer started the way runner.spawn_peers starts them; then this process dies
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=held_fds())
+    print("held", peer.pid, flush=True)
+    sys.exit(0)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def _holder(rec: Path, mode: str) -> tuple[subprocess.Popen, Optional[int]]:
+    """A process holding ``rec`` (and the pid of its peer, in mode "peer")."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(rec), mode], stdout=subprocess.PIPE, text=True)
+    said = proc.stdout.readline().split()
+    assert said[0] == "held"
+    return proc, int(said[1]) if len(said) > 1 else None
+
+
+def test_one_run_at_a_time_holds_a_recovery_directory_until_its_last_process_ends(tmp_path):
+    from dataflows.recovery_dir import RecoveryInUse, hold
+
+    rec = tmp_path / "recovery"
+    proc, _ = _holder(rec, "alone")
+    with pytest.raises(RecoveryInUse, match=f"recovery directory {rec} is in use by another tapeflow run"):
+        hold(rec, wait_s=0.3)
+    proc.kill()
+    proc.wait()
+    # a process that dies releases it; one whose peer lives on does not, until the peer ends
+    proc, peer = _holder(rec, "peer")
+    proc.wait()
+    with pytest.raises(RecoveryInUse):
+        hold(rec, wait_s=0.3)
+    os.kill(peer, signal.SIGKILL)
+    hold(rec, wait_s=10)
+
+
+def test_a_second_tapeflow_run_on_a_recovery_directory_in_use_is_refused(tmp_path):
+    rec = tmp_path / "recovery"
+    proc, _ = _holder(rec, "alone")  # a run that holds it (the CLI's own hold is what is tested here)
+    try:
+        res = subprocess.run([sys.executable, "-m", "cli.main", "run", "--source", "synthetic", "--hours", "0.1",
+                              "--no-store", "--quiet", "--data-dir", str(tmp_path / "data"), "--recovery-dir", str(rec)],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert f"waiting for the processes of the previous run on {rec} to end" in res.stderr
+    assert f"recovery directory {rec} is in use by another tapeflow run" in res.stderr
+    assert not (rec / "part-0.sqlite3").exists()  # refused before it touched the directory
