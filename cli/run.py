@@ -201,7 +201,11 @@ def run(ctx: click.Context, **options) -> None:
                           balance_workers=_balance_workers(o), recovery_dir=rec_dir, resuming=resuming)
         recovery = runner.recovery_config(rec_dir, o.processes * o.workers)
         if rec_dir is not None and not is_peer and o.addresses is None:  # this process sees every partition
-            recovery_dir.drop_unfinished_snapshots(rec_dir)  # stale state a kill mid-epoch left behind
+            dropped = recovery_dir.drop_unfinished_snapshots(rec_dir)  # stale state a kill mid-epoch left behind
+            if dropped and dropped.snapshots and not o.quiet:
+                err_console.print(f"resuming {rec_dir} from epoch {dropped.epoch}: dropped {dropped.snapshots} snapshot(s) "
+                                  "of the epoch(s) the stopped run did not finish; they run again", highlight=False,
+                                  soft_wrap=True)
         phase_dir = run_dir / f"phase-{k}" if o.proc_id is None else run_dir
         phase_dir.mkdir(parents=True, exist_ok=True)
         addr_list, peers = _start_peers(o, phase_end, start_from, phase_dir)

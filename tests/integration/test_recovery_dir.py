@@ -117,8 +117,10 @@ def test_tapeflow_run_drops_unfinished_snapshots_before_it_resumes(tmp_path, pro
     c.close()
     assert _stale_rows(rec) == [epoch - 1, epoch]
 
-    res = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([a for a in args if a != "--quiet"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
+    assert f"resuming {rec} from epoch {epoch}: dropped 1 snapshot(s) of the epoch(s) the stopped run did not finish" \
+        in res.stderr
     # the one of a finished epoch stays: it is that key's state (bytewax's own clean-up would keep the
     # newer one and delete this one as superseded)
     assert _stale_rows(rec) == [epoch - 1]
