@@ -174,6 +174,8 @@ def run(ctx: click.Context, **options) -> None:
             recovery_dir.hold(rec_dir, on_wait=lambda: err_console.print(
                 f"waiting for the processes of the previous run on {rec_dir} to end ...", highlight=False, soft_wrap=True))
         runner.claim_recovery_dir(rec_dir, fingerprint)
+        if not is_peer and o.addresses is None:  # this process holds the directory and sees every partition
+            _drop_unfinished_snapshots(rec_dir, o.quiet)
 
     counts = run_counts.RunCounts()
     progress_ui = None if (o.quiet or is_peer) else ProgressBar(counts)
@@ -200,12 +202,6 @@ def run(ctx: click.Context, **options) -> None:
                           control_lineage=lineage_of(rec_dir), snapshots=rec_dir is not None,
                           balance_workers=_balance_workers(o), recovery_dir=rec_dir, resuming=resuming)
         recovery = runner.recovery_config(rec_dir, o.processes * o.workers)
-        if rec_dir is not None and not is_peer and o.addresses is None:  # this process sees every partition
-            dropped = recovery_dir.drop_unfinished_snapshots(rec_dir)  # stale state a kill mid-epoch left behind
-            if dropped and dropped.snapshots and not o.quiet:
-                err_console.print(f"resuming {rec_dir} from epoch {dropped.epoch}: dropped {dropped.snapshots} snapshot(s) "
-                                  "of the epoch(s) the stopped run did not finish; they run again", highlight=False,
-                                  soft_wrap=True)
         phase_dir = run_dir / f"phase-{k}" if o.proc_id is None else run_dir
         phase_dir.mkdir(parents=True, exist_ok=True)
         addr_list, peers = _start_peers(o, phase_end, start_from, phase_dir)
@@ -238,6 +234,16 @@ def run(ctx: click.Context, **options) -> None:
                 err_console.print(f"[yellow]no ONNX ensemble trained: {err}[/yellow]")
 
     _summarise(o, settings, counts, elapsed, src, resumed=rec_dir is not None and not split_ms, split_ms=split_ms)
+
+
+def _drop_unfinished_snapshots(rec_dir: Path, quiet: bool) -> None:
+    """Stale state a kill mid-epoch left behind (``dataflows.recovery_dir``), dropped once, before the
+    first phase: a phase that ends cleanly leaves none for the next."""
+    dropped = recovery_dir.drop_unfinished_snapshots(rec_dir)
+    if dropped and dropped.snapshots and not quiet:
+        err_console.print(f"resuming {rec_dir} from epoch {dropped.epoch}: dropped {dropped.snapshots} snapshot(s) "
+                          "of the epoch(s) the stopped run did not finish; they run again", highlight=False,
+                          soft_wrap=True)
 
 
 def _check_summary_json(summary_json: Optional[Path]) -> None:
