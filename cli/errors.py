@@ -28,6 +28,7 @@ USAGE = frozenset({
     "operators.tape_files.ReplayFormatError",
     "dataflows.runner.RecoveryMismatch",
     "dataflows.recovery_dir.RecoveryInUse",
+    "dataflows.recovery_dir.RecoveryUnreadable",
     "builtins.FileNotFoundError",
     "click.exceptions.UsageError",
     "dataflows.venue_exchange.UnknownSymbolError",

@@ -50,6 +50,10 @@ class RecoveryInUse(RuntimeError):
     """Another run holds the recovery directory."""
 
 
+class RecoveryUnreadable(RuntimeError):
+    """A partition file of the recovery directory is not a bytewax recovery database."""
+
+
 def hold(recovery_dir: Path, wait_s: float = LOCK_WAIT_S, on_wait: Optional[Callable[[], None]] = None) -> None:
     """Take ``recovery_dir`` for this run until its processes end (see the module docstring);
     ``on_wait`` is called once if it has to wait."""
@@ -110,20 +114,25 @@ def resume_epoch(exs: Iterable[tuple[int, int, int]], fronts: Iterable[tuple[int
 
 def drop_unfinished_snapshots(recovery_dir: Path) -> Optional[Dropped]:
     """Delete the snapshots of every epoch at or after the one the next run resumes from (see the
-    module docstring). None when there is nothing to resume, or when a partition is missing or
-    unreadable: bytewax then refuses the directory with its own message."""
+    module docstring). None when there is nothing to resume, or when a partition is missing: bytewax
+    then refuses the directory with its own message. ``RecoveryUnreadable`` for a partition file
+    that is not a recovery database (bytewax would stop on it with a Rust panic)."""
     paths = sorted(Path(recovery_dir).glob("part-*.sqlite3"))
     if not paths:
         return None
     conns = [sqlite3.connect(p, timeout=30) for p in paths]
     try:
-        try:
-            counts = {r[0] for c in conns for r in c.execute("SELECT DISTINCT part_count FROM parts")}
-            indexes = {r[0] for c in conns for r in c.execute("SELECT part_index FROM parts")}
-            exs = [r for c in conns for r in c.execute("SELECT ex_num, worker_count, resume_epoch FROM exs")]
-            fronts = [r for c in conns for r in c.execute("SELECT ex_num, worker_index, worker_frontier FROM fronts")]
-        except sqlite3.DatabaseError:
-            return None
+        counts, indexes, exs, fronts = set(), set(), [], []
+        for path, c in zip(paths, conns):
+            try:
+                counts |= {r[0] for r in c.execute("SELECT DISTINCT part_count FROM parts")}
+                indexes |= {r[0] for r in c.execute("SELECT part_index FROM parts")}
+                exs += c.execute("SELECT ex_num, worker_count, resume_epoch FROM exs").fetchall()
+                fronts += c.execute("SELECT ex_num, worker_index, worker_frontier FROM fronts").fetchall()
+            except sqlite3.DatabaseError as err:
+                raise RecoveryUnreadable(f"recovery directory {recovery_dir}: {path.name} is not a bytewax recovery "
+                                         f"database ({err}); use another --recovery-dir, or delete this one to start "
+                                         "over") from None
         if len(counts) != 1 or indexes != set(range(next(iter(counts)))):
             return None
         epoch = resume_epoch(exs, fronts)

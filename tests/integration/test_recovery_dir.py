@@ -182,3 +182,15 @@ def test_a_second_tapeflow_run_on_a_recovery_directory_in_use_is_refused(tmp_pat
     assert f"waiting for the processes of the previous run on {rec} to end" in res.stderr
     assert f"recovery directory {rec} is in use by another tapeflow run" in res.stderr
     assert not (rec / "part-0.sqlite3").exists()  # refused before it touched the directory
+
+
+def test_a_partition_file_that_is_not_a_recovery_database_is_one_line_and_exit_2(tmp_path):
+    rec = tmp_path / "recovery"
+    rec.mkdir()
+    (rec / "part-0.sqlite3").write_bytes(b"not a database at all")  # bytewax alone: a Rust panic, exit 1
+    res = subprocess.run([sys.executable, "-m", "cli.main", "run", "--source", "synthetic", "--hours", "0.1",
+                          "--no-store", "--quiet", "--data-dir", str(tmp_path / "data"), "--recovery-dir", str(rec)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and "Result::unwrap" not in res.stderr
+    assert f"recovery directory {rec}: part-0.sqlite3 is not a bytewax recovery database" in res.stderr
