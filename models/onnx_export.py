@@ -10,8 +10,9 @@ uses the float32 values too, so the rewritten booster predicts exactly like the 
 ONNX graph agrees with LightGBM up to float32 summation (~1e-7), NaN rows included; ``models.train``
 checks this on every validation block and refuses to write an artefact that misses ``parity_tol``.
 
-Heavy libraries (lightgbm, onnxmltools, onnxruntime) are imported inside the functions that need
-them: ``feature_matrix`` and ``as_lightgbm_sees`` are light and shared with the runtime.
+Heavy libraries (lightgbm, through ``models.lightgbm_import``; onnxmltools, onnxruntime) are imported
+inside the functions that need them: ``feature_matrix`` and ``as_lightgbm_sees`` are light and shared
+with the runtime.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import polars as pl
 
+from models.lightgbm_import import import_lightgbm
 from models.manifest import INPUT_NAME, OUTPUT_NAME
 
 
@@ -80,7 +82,7 @@ def booster_to_onnx(booster, n_features: int, *, check: Optional[np.ndarray] = N
     """ONNX ModelProto of a multiclass booster: input ``features`` float [N, n_features], outputs
     ``label`` int64 [N] and ``probabilities`` float [N, 3] (no ZipMap). When ``check`` (a float32
     matrix) is given, asserts the float32-rewritten booster predicts exactly like ``booster``."""
-    import lightgbm as lgb
+    lgb = import_lightgbm()
     from onnxmltools import convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
 

@@ -41,6 +41,7 @@ import numpy as np
 import polars as pl
 
 from models.calibration import classwise_ece, cross_fitted, shrunk
+from models.lightgbm_import import import_lightgbm
 from models.deployment import Calibration, Deployment, Evidence, GateRule, Incumbent, decide
 from models.folds import classification_metrics, walk_forward_splits
 from models.manifest import (
@@ -202,7 +203,7 @@ def train(
                          f"walk-forward folds (purge {purge}, min_train {min_train} time steps): {e}") from None
     matured = df["matured_at"].cast(pl.Int64).to_numpy() if "matured_at" in df.columns else None
 
-    import lightgbm as lgb
+    lgb = import_lightgbm()
 
     created = (now or (lambda: datetime.now(timezone.utc)))()
     out_dir = Path(out_dir)
