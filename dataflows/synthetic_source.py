@@ -18,8 +18,8 @@ from operators.routing import partition_reader
 
 class _SyntheticPartition(FramePartition):
     """Several symbols generated in lockstep, minute by minute, merged in time order (like a Kafka
-    partition carrying several keys). Snapshot: per symbol, (generator state at the start of what is
-    not fully emitted, next offset to emit)."""
+    partition carrying several keys), ``src.batch_minutes()`` minutes a batch. Snapshot: per symbol,
+    (generator state at the start of what is not fully emitted, next offset to emit)."""
 
     def __init__(self, src: "SyntheticSource", part: str, specs: list[syn.InstrumentSpec],
                  resume: Optional[dict]):
@@ -38,8 +38,9 @@ class _SyntheticPartition(FramePartition):
     def _load(self) -> Optional[pl.DataFrame]:
         while self._minute() < self.total_minutes:
             self.base = dict(self.at)
-            parts, codes, n = [], [], 0
-            while n < self.src.batch_size and self._minute() < self.total_minutes:
+            parts, codes, minutes = [], [], 0
+            while minutes < self.src.batch_minutes() and self._minute() < self.total_minutes:
+                minutes += 1
                 for code, sp in enumerate(self.specs):
                     before = self.at[sp.symbol]
                     cols, self.at[sp.symbol] = syn.generate_minute(sp, self.src.seed, self.src.start_ms, before)
@@ -50,7 +51,6 @@ class _SyntheticPartition(FramePartition):
                     if len(cols["ts"]):
                         parts.append(cols)
                         codes.append(np.full(len(cols["ts"]), code, dtype=np.int32))
-                        n += len(cols["ts"])
                 if self.pacer.speed is not None:
                     break  # paced: a minute at a time
             if not parts:
@@ -115,6 +115,25 @@ class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
 
     def _n_parts(self) -> int:
         return max(1, min(self.partitions or 4, len(self.symbols)))
+
+    def batch_minutes(self) -> int:
+        """Minutes of event time in one batch, the same in every partition: about ``batch_size``
+        trades in the busiest partition, fewer in the others.
+
+        bytewax polls each partition once a round, so batches of equal event-time spans keep the
+        partitions level in event time. Batches of ``batch_size`` trades did not: a partition of
+        slower symbols ran ahead (the main job's SOL, 4 orders/s, twice as fast as BTC's 8), and
+        the portfolio, which takes the instruments' bars in event-time order
+        (``operators.portfolio.Sequencer``), held every bar of the faster ones until the slowest
+        caught up: memory that grew with the length of the run."""
+        cached = getattr(self, "_batch_minutes", None)
+        if cached is None:
+            n = self._n_parts()
+            rates = [sum(syn.spec_for(s, self.rate).rate for k, s in enumerate(self.symbols) if k % n == i)
+                     for i in range(n)]
+            per_minute = max(rates) * 60 * syn.TRADES_PER_ORDER
+            cached = self._batch_minutes = max(1, int(self.batch_size // per_minute))
+        return cached
 
     def instruments(self) -> list[str]:
         return [f"{self.exchange}:{s}" for s in self.symbols]

@@ -86,9 +86,40 @@ def test_synthetic_partitions_spread_symbols_and_emit_the_generator_tape():
         got = frames(batches)
         want = expected_synthetic(sym)
         assert got.select(want.columns).equals(want.with_columns(pl.col("offset").cast(got["offset"].dtype)))
-        assert all(b.frame.height >= 40 for b in batches[:-1])  # whole minutes, >= batch_size rows
+        minutes = [(b.frame["ts"] // MIN).unique().len() for b in batches]
+        assert minutes[:-1] == [s.batch_minutes()] * (len(batches) - 1)  # whole minutes, as many in every batch
         d = [decode_batch(b, NOW_MS) for b in batches]
         assert sum(x.frame.height for x in d) == want.height and not any(x.dead for x in d)
+
+
+def test_every_partition_releases_the_same_minutes_a_batch_whatever_its_symbols_trade_rates():
+    """bytewax polls each partition once a round: with batches of equal event-time spans, partitions
+    of different trade rates stay level in event time. Batches of ``batch_size`` trades let SOL's
+    partition run ahead of BTC's (twice as many minutes a batch), and the portfolio, which waits for
+    every instrument's bar of a minute, held the faster ones' bars: memory growing with the run."""
+    s = SyntheticSource(SYMS, T0, T0 + 48 * 60 * MIN, seed=4, batch_size=20_000, partitions=2)  # default rates
+    k = s.batch_minutes()
+    per_minute = 60 * syn.TRADES_PER_ORDER * syn.spec_for(SYMS[0]).rate  # BTC's partition is the busier
+    assert k == int(20_000 // per_minute) and k > 1
+    parts = [s.build_part(STEP, p, None) for p in s.list_parts()]
+    ends, sizes = [], []
+    for _ in range(20):  # rounds of one poll per partition, as bytewax polls
+        batches = [p.next_batch() for p in parts]
+        ends.append([(b[0].frame["ts"].max() - T0) // MIN for b in batches])
+        sizes.append([b[0].frame.height for b in batches])
+    for rnd, (btc, sol) in enumerate(ends, 1):
+        assert btc == sol == rnd * k - 1  # both at the same minute after every round
+    btc_rows = sum(r[0] for r in sizes) / len(sizes)
+    assert 0.5 * 20_000 < btc_rows < 1.5 * 20_000  # the busiest partition's batches stay near batch_size
+    assert sum(r[1] for r in sizes) < 0.6 * sum(r[0] for r in sizes)  # SOL's are smaller, not longer
+
+
+def test_trades_per_order_estimate_matches_the_generator():
+    for sym in ("BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT", "S07/USDT:USDT"):
+        spec = syn.spec_for(sym)
+        cols, _ = syn.generate(spec, 7, T0, 48 * 60)  # regimes change the activity 1-2.5x: a long run
+        per_order = len(cols["ts"]) / (48 * 3600 * spec.rate)
+        assert abs(per_order / syn.TRADES_PER_ORDER - 1) < 0.25, (sym, per_order)
 
 
 def test_one_partition_carries_several_symbols_in_time_order():
