@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     optimizer: dict = Field({}, description="live optimizer (OptimizerConfig fields), e.g. {enabled: true}")
 
     # running
-    batch_size: int = Field(20_000, gt=0, description="trades per source batch")
+    batch_size: int = Field(20_000, gt=0, description="trades per source batch (synthetic: in the busiest partition)")
     epoch_interval_s: float = Field(10.0, ge=0, description="bytewax epoch = snapshot interval")
     store_worker_share: float = Field(0.5, gt=0, le=1, description=(
         "with several workers: the share of instruments worker 0 takes, as a fraction of what each other "
