@@ -117,8 +117,9 @@ class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
         return max(1, min(self.partitions or 4, len(self.symbols)))
 
     def batch_minutes(self) -> int:
-        """Minutes of event time in one batch, the same in every partition: about ``batch_size``
-        trades in the busiest partition, fewer in the others.
+        """Minutes of event time in one batch, the same in every partition: ``batch_size`` trades in
+        the busiest partition in calm minutes (``syn.TRADES_PER_ORDER``; up to about twice as many
+        when busy), fewer in the others.
 
         bytewax polls each partition once a round, so batches of equal event-time spans keep the
         partitions level in event time. Batches of ``batch_size`` trades did not: a partition of

@@ -110,16 +110,18 @@ def test_every_partition_releases_the_same_minutes_a_batch_whatever_its_symbols_
     for rnd, (btc, sol) in enumerate(ends, 1):
         assert btc == sol == rnd * k - 1  # both at the same minute after every round
     btc_rows = sum(r[0] for r in sizes) / len(sizes)
-    assert 0.5 * 20_000 < btc_rows < 1.5 * 20_000  # the busiest partition's batches stay near batch_size
+    assert 0.8 * 20_000 < btc_rows < 2 * 20_000  # the busiest partition's batches: batch_size, more when busy
     assert sum(r[1] for r in sizes) < 0.6 * sum(r[0] for r in sizes)  # SOL's are smaller, not longer
 
 
-def test_trades_per_order_estimate_matches_the_generator():
+def test_batches_hold_batch_size_trades_or_up_to_twice_as_many_in_busy_regimes():
+    """The busiest partition's batches are sized for calm minutes (``TRADES_PER_ORDER``): smaller
+    batches cost speed (bench/pair_run.sh, 32 symbols: 7% slower sized for the 48 h average)."""
     for sym in ("BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT", "S07/USDT:USDT"):
         spec = syn.spec_for(sym)
         cols, _ = syn.generate(spec, 7, T0, 48 * 60)  # regimes change the activity 1-2.5x: a long run
         per_order = len(cols["ts"]) / (48 * 3600 * spec.rate)
-        assert abs(per_order / syn.TRADES_PER_ORDER - 1) < 0.25, (sym, per_order)
+        assert 1.0 <= per_order / syn.TRADES_PER_ORDER <= 2.0, (sym, per_order)
 
 
 def test_one_partition_carries_several_symbols_in_time_order():
