@@ -132,7 +132,7 @@ class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
             n = self._n_parts()
             rates = [sum(syn.spec_for(s, self.rate).rate for k, s in enumerate(self.symbols) if k % n == i)
                      for i in range(n)]
-            per_minute = max(rates) * 60 * syn.TRADES_PER_ORDER
+            per_minute = max(max(rates) * 60 * syn.TRADES_PER_ORDER, 1.0)
             cached = self._batch_minutes = max(1, int(self.batch_size // per_minute))
         return cached
 

@@ -114,6 +114,10 @@ def test_every_partition_releases_the_same_minutes_a_batch_whatever_its_symbols_
     assert sum(r[1] for r in sizes) < 0.6 * sum(r[0] for r in sizes)  # SOL's are smaller, not longer
 
 
+def test_batch_minutes_for_a_nearly_silent_tape_is_finite():
+    assert synthetic(rate=1e-12, batch_size=40).batch_minutes() == 40  # at most batch_size minutes
+
+
 def test_batches_hold_batch_size_trades_or_up_to_twice_as_many_in_busy_regimes():
     """The busiest partition's batches are sized for calm minutes (``TRADES_PER_ORDER``): smaller
     batches cost speed (bench/pair_run.sh, 32 symbols: 7% slower sized for the 48 h average)."""
