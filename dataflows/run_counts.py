@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sinks.clickhouse import SinkStats
+from sinks.health import peak_rss_mb  # noqa: F401 - the summary's figure, here with the run's counts
 
 
 @dataclass
@@ -43,11 +44,6 @@ class RunCounts:
     def from_json(cls, text: str) -> "RunCounts":
         d = json.loads(text)
         return cls(d["trades_in"], SinkStats(**d["sink"]), d.get("peak_rss_mb", 0.0), cpu_s=d.get("cpu_s", 0.0))
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cpu_s() -> float:
