@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,3 +23,13 @@ def run_summary(args: list[str]) -> dict:
         res = json.loads(out.read_text())
         res["wall_s"] = time.time() - t0
         return res
+
+
+def proc_memory(pid: int | str = "self") -> tuple[float, float, float] | None:
+    """(RSS, anonymous, file-backed) of process ``pid`` in MB, from /proc; None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    got = [re.search(rf"^{f}:\s+(\d+) kB", text, re.M) for f in ("VmRSS", "RssAnon", "RssFile")]
+    return tuple(int(m.group(1)) / 1024 for m in got) if all(got) else None  # type: ignore[return-value]

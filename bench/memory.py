@@ -13,7 +13,6 @@ embedded store and training bring.
 from __future__ import annotations
 
 import importlib
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -21,16 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import proc_memory  # noqa: E402
+
 
 def status() -> tuple[float, float, float]:
-    """(RSS, anonymous, file-backed) in MB, from /proc/self/status."""
-    text = Path("/proc/self/status").read_text()
-
-    def kb(field: str) -> float:
-        m = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
-        return int(m.group(1)) / 1024 if m else 0.0
-
-    return kb("VmRSS"), kb("RssAnon"), kb("RssFile")
+    """(RSS, anonymous, file-backed) of this process in MB."""
+    return proc_memory()
 
 
 def open_store(tmp: str) -> None:

@@ -14,7 +14,6 @@ summary); one process is what the main job runs.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
@@ -24,15 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def sample(pid: int) -> tuple[int, int, int] | None:
-    """(RSS, anonymous, file-backed) of ``pid`` in MB, None once it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    got = [re.search(rf"^{f}:\s+(\d+) kB", text, re.M) for f in ("VmRSS", "RssAnon", "RssFile")]
-    return None if not all(got) else tuple(int(m.group(1)) // 1024 for m in got)  # type: ignore[return-value]
+from common import proc_memory  # noqa: E402  (bench/ is the script's directory)
 
 
 def main() -> int:
@@ -53,12 +44,12 @@ def main() -> int:
     peak, printed = (0, 0, 0), -args.print_every
     try:
         while proc.poll() is None:
-            now = sample(proc.pid)
+            now = proc_memory(proc.pid)
             if now is not None:
                 peak = max(peak, now)
                 at = time.monotonic() - started
                 if at - printed >= args.print_every:
-                    print(f"{at:7.1f} {now[0]:6d} {now[1]:6d} {now[2]:6d}", flush=True)
+                    print(f"{at:7.1f} {now[0]:6.0f} {now[1]:6.0f} {now[2]:6.0f}", flush=True)
                     printed = at
             time.sleep(args.every)
     finally:
@@ -66,7 +57,7 @@ def main() -> int:
             proc.kill()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"peak {peak[0]} MB RSS (anon {peak[1]}, file {peak[2]} at that sample); exit {proc.returncode}, "
+    print(f"peak {peak[0]:.0f} MB RSS (anon {peak[1]:.0f}, file {peak[2]:.0f} at that sample); exit {proc.returncode}, "
           f"{time.monotonic() - started:.0f} s")
     return proc.returncode
 

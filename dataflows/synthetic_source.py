@@ -18,7 +18,7 @@ from operators.routing import partition_reader
 
 class _SyntheticPartition(FramePartition):
     """Several symbols generated in lockstep, minute by minute, merged in time order (like a Kafka
-    partition carrying several keys), ``src.batch_minutes()`` minutes a batch. Snapshot: per symbol,
+    partition carrying several keys), ``batch_minutes`` minutes a batch. Snapshot: per symbol,
     (generator state at the start of what is not fully emitted, next offset to emit)."""
 
     def __init__(self, src: "SyntheticSource", part: str, specs: list[syn.InstrumentSpec],
@@ -30,6 +30,7 @@ class _SyntheticPartition(FramePartition):
         self.emitted = {sp.symbol: resume[sp.symbol][1] if resume else 0 for sp in specs}
         self.base = dict(self.at)
         self.total_minutes = (src.end_ms - src.start_ms) // MINUTE_MS
+        self.batch_minutes = src.batch_minutes()
         self.perp_wait: list = []  # perp updates generated, not yet released (after the trades before them)
 
     def _minute(self) -> int:
@@ -39,7 +40,7 @@ class _SyntheticPartition(FramePartition):
         while self._minute() < self.total_minutes:
             self.base = dict(self.at)
             parts, codes, minutes = [], [], 0
-            while minutes < self.src.batch_minutes() and self._minute() < self.total_minutes:
+            while minutes < self.batch_minutes and self._minute() < self.total_minutes:
                 minutes += 1
                 for code, sp in enumerate(self.specs):
                     before = self.at[sp.symbol]
@@ -127,14 +128,11 @@ class SyntheticSource(FixedPartitionedSource[FrameBatch, dict]):
         the portfolio, which takes the instruments' bars in event-time order
         (``operators.portfolio.Sequencer``), held every bar of the faster ones until the slowest
         caught up: memory that grew with the length of the run."""
-        cached = getattr(self, "_batch_minutes", None)
-        if cached is None:
-            n = self._n_parts()
-            rates = [sum(syn.spec_for(s, self.rate).rate for k, s in enumerate(self.symbols) if k % n == i)
-                     for i in range(n)]
-            per_minute = max(max(rates) * 60 * syn.TRADES_PER_ORDER, 1.0)
-            cached = self._batch_minutes = max(1, int(self.batch_size // per_minute))
-        return cached
+        n = self._n_parts()
+        rates = [sum(syn.spec_for(s, self.rate).rate for k, s in enumerate(self.symbols) if k % n == i)
+                 for i in range(n)]
+        per_minute = max(max(rates) * 60 * syn.TRADES_PER_ORDER, 1.0)
+        return max(1, int(self.batch_size // per_minute))
 
     def instruments(self) -> list[str]:
         return [f"{self.exchange}:{s}" for s in self.symbols]
