@@ -6,7 +6,9 @@ bench/rss_timeline.py (with the embedded store).
 
 A partition of quieter instruments covers more event time per poll of --kafka-batch-size messages;
 if it runs ahead, the portfolio holds its bars until the others catch up, and memory grows with the
-length of the backlog (what the synthetic source did before its batches spanned equal minutes).
+length of the backlog. The source holds back a partition over an hour ahead of the slowest other
+partition of its process (dataflows/kafka_source.py): compare with --partitions 1, where nothing can
+run ahead.
 
     .venv/bin/python bench/kafka_backlog_memory.py --hours 240     # ~30M trades, ~5 minutes
 """

@@ -19,23 +19,38 @@ models, portfolio) starts empty, so only a recovery directory gives rows equal t
 run. A saved position past the end of its partition (a broker that came back with less data, a
 re-created topic) stops the run with ``KafkaPositionError`` instead of waiting for data that will
 never come, or skipping what comes.
+
+Partitions read by one process stay level in event time (``max_skew_ms``): a poll hands over only
+the messages up to ``max_skew_ms`` past the slowest other partition of the process and holds the rest
+(at most one batch) for the next polls. Without it a backlog read at ``batch_size`` messages a poll
+let a partition of quieter instruments run hours ahead of a busier one, and the portfolio's
+``Sequencer``, which hands bars over in event time, held every bar in between: memory grew with the
+backlog (``bench/kafka_backlog_memory.py``). The bound only cuts batches, at message boundaries and in
+offset order, so it never changes a row; a partition holds no one back while it has nothing to read,
+a ``ts`` it cannot read or believe (junk, before 2010, over a day ahead) counts as no bound, and a
+partition that has waited ``max_hold_s`` hands over what it holds anyway (liveness over memory).
+Processes are not levelled with each other.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from typing import Callable, Optional
 
+import msgspec
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
 from dataflows.frame_partition import now_ms
 from dataflows.kafka_topic import TRADES_TOPIC, KafkaUnavailable, client_conf, preflight
-from operators.records import RawBatch
+from operators.records import DAY_MS, MIN_TS_MS, RawBatch
 from operators.routing import kafka_partition, partition_reader
 from sinks.rows import SourcePosition
 from sinks.store import redact_dsn
@@ -57,12 +72,61 @@ def default_group(dsn: str, database: str) -> str:
     return f"tapeflow-{database}-{hashlib.sha256(redact_dsn(dsn).encode()).hexdigest()[:10]}"
 
 
+MAX_SKEW_MS = 60 * 60_000  # event time a partition may run ahead of the slowest other of its process
+MAX_HOLD_S = 10.0  # wall time a partition holds messages waiting for the others, at most
+
+
+class _Ts(msgspec.Struct):
+    ts: int
+
+
+_TS = msgspec.json.Decoder(_Ts)
+
+
+def message_ts(payload: Optional[bytes], newest: int) -> Optional[int]:
+    """A message's ``ts`` for levelling partitions; None if unreadable or not believable (before
+    2010, after ``newest``): such a message never holds its partition back, and decoding judges it."""
+    try:
+        ts = _TS.decode(payload or b"").ts
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return ts if MIN_TS_MS <= ts <= newest else None
+
+
+class Frontiers:
+    """Where each partition of one process stands in event time: the ``ts`` of the first message it
+    has not handed over yet (or of the last one it did); a partition with nothing to read is absent.
+    Partitions of one process may run on several worker threads: hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._at: dict[int, int] = {}
+
+    def set(self, idx: int, ts: Optional[int]) -> None:
+        with self._lock:
+            if ts is None:
+                self._at.pop(idx, None)
+            else:
+                self._at[idx] = ts
+
+    def lowest_other(self, idx: int) -> Optional[int]:
+        with self._lock:
+            return min((ts for i, ts in self._at.items() if i != idx), default=None)
+
+
 class _Partition(StatefulSourcePartition[RawBatch, int]):
-    """One Kafka partition. ``origin``: where ``offset`` comes from (for the past-the-end message)."""
+    """One Kafka partition. ``origin``: where ``offset`` comes from (for the past-the-end message).
+    ``frontiers``: shared by the partitions of this process (see the module docstring)."""
 
     def __init__(self, conf: dict, topic: str, idx: int, offset: Optional[int], batch_size: int, idle_ms: int,
-                 progress: Optional[Callable] = None, start: str = "earliest", origin: str = ""):
+                 progress: Optional[Callable] = None, start: str = "earliest", origin: str = "",
+                 frontiers: Optional[Frontiers] = None, max_skew_ms: int = MAX_SKEW_MS,
+                 max_hold_s: float = MAX_HOLD_S):
         self.topic, self.idx, self.batch_size = topic, idx, batch_size
+        self.frontiers, self.max_skew_ms, self.max_hold_s = frontiers or Frontiers(), max_skew_ms, max_hold_s
+        self.held: list = []  # consumed, not handed over yet (offset order)
+        self.last_ts: Optional[int] = None  # ts of the last message handed over
+        self.waiting_since: Optional[float] = None  # monotonic time the partition began to hold back
         self.progress = progress
         self.idle = timedelta(milliseconds=idle_ms)
         self.consumer = Consumer(conf)
@@ -106,10 +170,9 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
         if high is not None and high >= 0 and self.offset > high:
             raise self._past_the_end(f" (it ends at offset {high})")
 
-    def next_batch(self) -> list[RawBatch]:
-        if self.eof:
-            raise StopIteration
-        msgs = self.consumer.consume(self.batch_size, 0.0)
+    def _consume(self) -> None:
+        """Up to a batch more into ``held``; sets ``eof`` at the end of a partition that ends."""
+        msgs = self.consumer.consume(self.batch_size - len(self.held), 0.0)
         for i, m in enumerate(msgs):
             err = m.error()
             if err is not None:
@@ -117,19 +180,63 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
                     raise self._past_the_end(f" or before its start ({err.str()})")
                 if err.code() != KafkaError._PARTITION_EOF:
                     raise RuntimeError(f"Kafka error on {self.topic}[{self.idx}]: {err}")
-                self.eof = True  # emit what we have; stop on the next call
+                self.eof = True  # hand over what we have; stop once it is handed over
                 msgs = msgs[:i]
                 break
-        offsets = [m.offset() for m in msgs]
-        payloads = [m.value() or b"" for m in msgs]
-        keys = [m.key() for m in msgs]  # checked against each trade's exchange:symbol (key_mismatch)
-        if not offsets:
+        self.held += msgs
+
+    def _mark(self, newest: int) -> None:
+        """Tell the other partitions where this one stands (see ``Frontiers``): the lower of its first
+        held message's ts and the last handed over, so that one odd ts does not make it look ahead."""
+        head = message_ts(self.held[0].value(), newest) if self.held else None
+        known = [ts for ts in (head, self.last_ts) if ts is not None]
+        self.frontiers.set(self.idx, min(known) if known else None)
+
+    def _cut(self) -> int:
+        """How many held messages to hand over now: those before ``max_skew_ms`` past the slowest
+        other partition of the process (all when there is none, or when held too long); at least
+        one when this partition is the slowest."""
+        newest = now_ms() + DAY_MS
+        self._mark(newest)
+        lowest = self.frontiers.lowest_other(self.idx)
+        if lowest is None:
+            return len(self.held)
+        bound = lowest + self.max_skew_ms
+        cut = bisect.bisect_left(self.held, bound, key=lambda m: message_ts(m.value(), newest) or 0)
+        if cut == 0:
+            if self.waiting_since is None:
+                self.waiting_since = time.monotonic()
+            elif time.monotonic() - self.waiting_since > self.max_hold_s:
+                log.info("Kafka %s[%d]: held %d messages %.0f s waiting for the other partitions; handing them "
+                         "over", self.topic, self.idx, len(self.held), self.max_hold_s)
+                return len(self.held)
+        return cut
+
+    def next_batch(self) -> list[RawBatch]:
+        if self.eof and not self.held:
+            self.frontiers.set(self.idx, None)
+            raise StopIteration
+        if not self.eof and len(self.held) < self.batch_size:
+            self._consume()
+        if not self.held:
+            self.frontiers.set(self.idx, None)  # nothing to read: holds no one back
             if not self.eof:
                 self._check_position()
             self.awake = datetime.now(timezone.utc) + self.idle  # nothing waiting: don't spin
             return []
-        self.awake = None
+        cut = self._cut()
+        if cut == 0:  # ahead of the others: wait for them
+            self.awake = datetime.now(timezone.utc) + self.idle
+            return []
+        msgs, self.held = self.held[:cut], self.held[cut:]
+        self.awake, self.waiting_since = None, None
+        offsets = [m.offset() for m in msgs]
+        payloads = [m.value() or b"" for m in msgs]
+        keys = [m.key() for m in msgs]  # checked against each trade's exchange:symbol (key_mismatch)
         self.offset = offsets[-1] + 1
+        newest = now_ms() + DAY_MS
+        self.last_ts = message_ts(payloads[-1], newest) or self.last_ts
+        self._mark(newest)
         if self.progress:
             self.progress(f"{self.idx}-{self.topic}", 0, 0, len(offsets))
         return [RawBatch(self.topic, str(self.idx), offsets, payloads, now_ms(), keys)]
@@ -141,6 +248,7 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
         return self.offset
 
     def close(self) -> None:
+        self.frontiers.set(self.idx, None)
         self.consumer.close()
 
 
@@ -160,12 +268,15 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
     start: str = "committed"
     group_id: Optional[str] = None
     universe: tuple = ()  # exchange:symbol of every instrument on the topic (the portfolio waits for each)
+    max_skew_ms: int = MAX_SKEW_MS  # see the module docstring
+    max_hold_s: float = MAX_HOLD_S
 
     commit_positions = True  # the pipeline passes each batch's SourcePosition on to the sink
 
     def __post_init__(self) -> None:
         if self.start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+        self._frontiers = Frontiers()  # the partitions built in this process share it
 
     def instruments(self) -> tuple:
         return self.universe
@@ -216,7 +327,8 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
         })
         start = self.start if self.group_id or self.start != "committed" else "earliest"
         return _Partition(conf, topic, int(idx), resume_state, self.batch_size, self.idle_ms, self.progress,
-                          start=start, origin="from the recovery snapshot" if resume_state is not None else "")
+                          start=start, origin="from the recovery snapshot" if resume_state is not None else "",
+                          frontiers=self._frontiers, max_skew_ms=self.max_skew_ms, max_hold_s=self.max_hold_s)
 
 
 class OffsetCommitter:
