@@ -35,7 +35,7 @@ def open_store(tmp: str) -> None:
 
 
 def train_imports() -> None:
-    from models.lightgbm_import import import_lightgbm
+    from models.lean_imports import import_lightgbm
 
     import_lightgbm()  # as models.train imports it
     importlib.import_module("onnxmltools")

@@ -10,7 +10,7 @@ uses the float32 values too, so the rewritten booster predicts exactly like the 
 ONNX graph agrees with LightGBM up to float32 summation (~1e-7), NaN rows included; ``models.train``
 checks this on every validation block and refuses to write an artefact that misses ``parity_tol``.
 
-Heavy libraries (lightgbm, through ``models.lightgbm_import``; onnxmltools, onnxruntime) are imported
+Heavy libraries (lightgbm, through ``models.lean_imports``; onnxmltools, onnxruntime) are imported
 inside the functions that need them: ``feature_matrix`` and ``as_lightgbm_sees`` are light and shared
 with the runtime.
 """
@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import polars as pl
 
-from models.lightgbm_import import import_lightgbm
+from models.lean_imports import import_lightgbm
 from models.manifest import INPUT_NAME, OUTPUT_NAME
 
 

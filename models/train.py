@@ -41,7 +41,7 @@ import numpy as np
 import polars as pl
 
 from models.calibration import classwise_ece, cross_fitted, shrunk
-from models.lightgbm_import import import_lightgbm
+from models.lean_imports import import_lightgbm
 from models.deployment import Calibration, Deployment, Evidence, GateRule, Incumbent, decide
 from models.folds import classification_metrics, walk_forward_splits
 from models.manifest import (

@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 
 import tenacity
 
+from models.lean_imports import import_chdb
 from sinks.embedded import embedded_holder
 from sinks.rows import Rows
 
@@ -163,6 +164,8 @@ class Store:
         import clickhouse_connect  # imported on use: a run without a store does without it
 
         _without_pandas()
+        if self.dsn.startswith("chdb:"):
+            import_chdb()  # before clickhouse-connect imports it: without pyarrow
         admin = clickhouse_connect.get_client(dsn=self.dsn)
         try:
             admin.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
