@@ -11,6 +11,7 @@ partition of its process (dataflows/kafka_source.py): compare with --partitions 
 run ahead.
 
     .venv/bin/python bench/kafka_backlog_memory.py --hours 240     # ~30M trades, ~5 minutes
+    .venv/bin/python bench/kafka_backlog_memory.py --hours 240 --processes 2   # process 0 sampled
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hours", type=float, default=240)
     ap.add_argument("--partitions", type=int, default=3)
+    ap.add_argument("--processes", type=int, default=1, help="of the run (process 0 is sampled)")
     args = ap.parse_args()
     tape = syn.tape(SYMBOLS, 7, 1_704_067_200_000, int(args.hours * 60))
     print(f"{tape.height:,} trades over {args.hours:g} h, {args.partitions} partitions", flush=True)
@@ -47,7 +49,8 @@ def main() -> int:
         universe = "synthetic:" + ",".join(SYMBOLS)
         return subprocess.run([sys.executable, str(ROOT / "bench" / "rss_timeline.py"), "--print-every", "20", "--",
                                "--source", "kafka", "--brokers", brokers, "--topic", "backlog", "--eof",
-                               "--instruments", universe, "--from", "earliest"]).returncode
+                               "--instruments", universe, "--from", "earliest", "--processes",
+                               str(args.processes)]).returncode
 
 
 if __name__ == "__main__":
