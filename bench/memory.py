@@ -56,7 +56,8 @@ STEPS = [
     ("River online models (models.online)", lambda _: online_models()),
     ("onnxruntime (serving the ensemble)", lambda _: importlib.import_module("onnxruntime")),
     ("clickhouse-connect", lambda _: importlib.import_module("clickhouse_connect")),
-    ("chdb (the embedded ClickHouse)", lambda _: importlib.import_module("chdb")),
+    ("chdb (the embedded ClickHouse, without pyarrow)",
+     lambda _: importlib.import_module("models.lean_imports").import_chdb()),
     ("the store opened, schema applied", open_store),
     ("training: lightgbm (without scikit-learn, pandas), onnxmltools", lambda _: train_imports()),
 ]

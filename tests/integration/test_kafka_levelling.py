@@ -90,7 +90,8 @@ class Reader:
             if each_round:
                 each_round(self)
             time.sleep(0.002)
-        raise AssertionError(f"not done after {max_rounds} rounds: {self.offsets and {p: len(o) for p, o in self.offsets.items()}}")
+        counts = {p: len(o) for p, o in self.offsets.items()}
+        raise AssertionError(f"not done after {max_rounds} rounds; handed over per partition: {counts}")
 
     def close(self) -> None:
         for part in self.parts.values():
