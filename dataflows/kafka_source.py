@@ -26,8 +26,9 @@ the messages up to ``max_skew_ms`` past the slowest other partition of the proce
 let a partition of quieter instruments run hours ahead of a busier one, and the portfolio's
 ``Sequencer``, which hands bars over in event time, held every bar in between: memory grew with the
 backlog (``bench/kafka_backlog_memory.py``). The bound only cuts batches, at message boundaries and in
-offset order, so it never changes a row; a partition holds no one back while it has nothing to read,
-a ``ts`` it cannot read or believe (junk, before 2010, over a day ahead) counts as no bound, and a
+offset order, so it never changes a row; a partition holds no one back once it has read all there is
+(librdkafka's end-of-partition event; one that has more to read but nothing read yet, at the start,
+holds the others until it has), a ``ts`` it cannot read or believe (junk, before 2010, over a day ahead) counts as no bound, and a
 partition that has waited ``max_hold_s`` hands over what it holds anyway (liveness over memory).
 Processes are not levelled with each other.
 """
@@ -74,6 +75,7 @@ def default_group(dsn: str, database: str) -> str:
 
 MAX_SKEW_MS = 60 * 60_000  # event time a partition may run ahead of the slowest other of its process
 MAX_HOLD_S = 10.0  # wall time a partition holds messages waiting for the others, at most
+UNKNOWN = 0  # the frontier of a partition that has more to read and has read nothing yet
 
 
 class _Ts(msgspec.Struct):
@@ -121,11 +123,13 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
     def __init__(self, conf: dict, topic: str, idx: int, offset: Optional[int], batch_size: int, idle_ms: int,
                  progress: Optional[Callable] = None, start: str = "earliest", origin: str = "",
                  frontiers: Optional[Frontiers] = None, max_skew_ms: int = MAX_SKEW_MS,
-                 max_hold_s: float = MAX_HOLD_S):
-        self.topic, self.idx, self.batch_size = topic, idx, batch_size
+                 max_hold_s: float = MAX_HOLD_S, tail: bool = False):
+        self.topic, self.idx, self.batch_size, self.tail = topic, idx, batch_size, tail
         self.frontiers, self.max_skew_ms, self.max_hold_s = frontiers or Frontiers(), max_skew_ms, max_hold_s
         self.held: list = []  # consumed, not handed over yet (offset order)
         self.last_ts: Optional[int] = None  # ts of the last message handed over
+        self.caught_up = False  # at the end of the partition (librdkafka's end-of-partition event)
+        self.handed = False  # has handed over a message (one without a readable ts never holds others)
         self.waiting_since: Optional[float] = None  # monotonic time the partition began to hold back
         self.progress = progress
         self.idle = timedelta(milliseconds=idle_ms)
@@ -171,7 +175,8 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
             raise self._past_the_end(f" (it ends at offset {high})")
 
     def _consume(self) -> None:
-        """Up to a batch more into ``held``; sets ``eof`` at the end of a partition that ends."""
+        """Up to a batch more into ``held``; at the end of the partition sets ``caught_up`` (tail) or
+        ``eof`` (a partition that ends)."""
         msgs = self.consumer.consume(self.batch_size - len(self.held), 0.0)
         for i, m in enumerate(msgs):
             err = m.error()
@@ -180,17 +185,27 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
                     raise self._past_the_end(f" or before its start ({err.str()})")
                 if err.code() != KafkaError._PARTITION_EOF:
                     raise RuntimeError(f"Kafka error on {self.topic}[{self.idx}]: {err}")
-                self.eof = True  # hand over what we have; stop once it is handed over
+                self.caught_up = True  # nothing more at the broker for now
+                self.eof = not self.tail  # hand over what we have; stop once it is handed over
                 msgs = msgs[:i]
                 break
+        else:
+            if msgs:
+                self.caught_up = False
         self.held += msgs
 
     def _mark(self, newest: int) -> None:
         """Tell the other partitions where this one stands (see ``Frontiers``): the lower of its first
-        held message's ts and the last handed over, so that one odd ts does not make it look ahead."""
+        held message's ts and the last handed over, so that one odd ts does not make it look ahead;
+        absent when it has read all there is; ``UNKNOWN`` (the others wait, at most ``max_hold_s``)
+        when there is more to read but it has handed over nothing yet (at the start, before its first
+        fetch)."""
+        if not self.held and self.caught_up:
+            self.frontiers.set(self.idx, None)
+            return
         head = message_ts(self.held[0].value(), newest) if self.held else None
         known = [ts for ts in (head, self.last_ts) if ts is not None]
-        self.frontiers.set(self.idx, min(known) if known else None)
+        self.frontiers.set(self.idx, min(known) if known else None if self.handed else UNKNOWN)
 
     def _cut(self) -> int:
         """How many held messages to hand over now: those before ``max_skew_ms`` past the slowest
@@ -219,7 +234,7 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
         if not self.eof and len(self.held) < self.batch_size:
             self._consume()
         if not self.held:
-            self.frontiers.set(self.idx, None)  # nothing to read: holds no one back
+            self._mark(now_ms() + DAY_MS)  # read all there is: holds no one back; else where it stands
             if not self.eof:
                 self._check_position()
             self.awake = datetime.now(timezone.utc) + self.idle  # nothing waiting: don't spin
@@ -229,7 +244,7 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
             self.awake = datetime.now(timezone.utc) + self.idle
             return []
         msgs, self.held = self.held[:cut], self.held[cut:]
-        self.awake, self.waiting_since = None, None
+        self.awake, self.waiting_since, self.handed = None, None, True
         offsets = [m.offset() for m in msgs]
         payloads = [m.value() or b"" for m in msgs]
         keys = [m.key() for m in msgs]  # checked against each trade's exchange:symbol (key_mismatch)
@@ -315,7 +330,7 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
         conf = client_conf(self.brokers, {
             "group.id": self.group_id or "tapeflow-unused",  # assigned, never subscribed: no rebalancing
             "enable.auto.commit": "false",  # the sink commits what is stored (OffsetCommitter)
-            "enable.partition.eof": str(not self.tail).lower(),
+            "enable.partition.eof": "true",  # the end of a partition: stop (tail=False) or caught up (levelling)
             "auto.offset.reset": "error",  # a saved offset out of range is an error, not a silent jump
             "fetch.queue.backoff.ms": 10,  # librdkafka's 1000 ms default halves a fast consumer
             # prefetch about one batch per partition, not librdkafka's 100k messages / 64 MB: with one
@@ -328,7 +343,8 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
         start = self.start if self.group_id or self.start != "committed" else "earliest"
         return _Partition(conf, topic, int(idx), resume_state, self.batch_size, self.idle_ms, self.progress,
                           start=start, origin="from the recovery snapshot" if resume_state is not None else "",
-                          frontiers=self._frontiers, max_skew_ms=self.max_skew_ms, max_hold_s=self.max_hold_s)
+                          frontiers=self._frontiers, max_skew_ms=self.max_skew_ms, max_hold_s=self.max_hold_s,
+                          tail=self.tail)
 
 
 class OffsetCommitter:

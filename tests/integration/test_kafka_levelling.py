@@ -10,12 +10,19 @@ restart, never skipped)."""
 
 import time
 import uuid
+from datetime import timedelta
 
 import msgspec
+from bytewax.testing import run_main
 from confluent_kafka import Producer
 
+from dataflows import pipeline
 from dataflows.kafka_source import MAX_SKEW_MS, KafkaBatchSource
 from dataflows.kafka_topic import ensure_topic
+from operators.portfolio import Sequencer
+from sinks.clickhouse import SinkStats
+from sinks.null import NullSink
+from tests.helpers import settings
 
 T0 = 1_704_067_200_000  # 2024-01-01
 MIN = 60_000
@@ -186,3 +193,39 @@ def test_a_partition_held_back_too_long_hands_over_what_it_holds(kafka_broker):
     finally:
         r.close()
     assert r.offsets[0] == list(range(200))
+
+
+class _Measured(Sequencer):
+    """The portfolio's Sequencer, counting the most items it ever held waiting for other instruments."""
+    most = 0
+
+    def release(self, now_ms: int = 0) -> list:
+        _Measured.most = max(_Measured.most, len(self.buffer))
+        return super().release(now_ms)
+
+
+def _held_by_the_book(brokers, topic, tmp_path, monkeypatch, **kw) -> tuple[int, SinkStats]:
+    monkeypatch.setattr(pipeline, "Sequencer", _Measured)  # test seam: the class build_flow makes
+    _Measured.most = 0
+    src = KafkaBatchSource(brokers, topic, tail=False, batch_size=1000, start="earliest", **kw)
+    stats = SinkStats()
+    flow = pipeline.build_flow(settings(tmp_path, online_models=False), src, NullSink(stats), ensemble=None,
+                               instruments=["x:S0/USDT", "x:S1/USDT"])
+    run_main(flow, epoch_interval=timedelta(milliseconds=50))
+    return _Measured.most, stats
+
+
+def test_the_book_holds_an_hour_of_bars_not_the_backlog(kafka_broker, tmp_path, monkeypatch):
+    """The symptom itself, through the whole pipeline: instrument S1 (partition 1, 1 trade a minute)
+    read 1,000 messages a poll covers 1,000 minutes while S0's poll covers 100; the portfolio's
+    Sequencer then held S1's bars and scored rows until S0 caught up. Levelled, it holds about the
+    bound plus a batch of S0; the control (bound off) holds most of the backlog."""
+    topic = _topic(kafka_broker, {0: _every(1200, 10), 1: _every(1200, 1)})
+
+    most, stats = _held_by_the_book(kafka_broker, topic, tmp_path / "a", monkeypatch)
+    loose, loose_stats = _held_by_the_book(kafka_broker, topic, tmp_path / "b", monkeypatch, max_skew_ms=10**12)
+
+    assert stats.trades_in_bars == loose_stats.trades_in_bars == 1200 * 11  # every trade, both ways
+    assert loose > 1000, f"the control held only {loose} items"  # what the bound prevents
+    # an item is a 1m bar or a scored row: at most ~2 a minute of S1, over the bound plus S0's batch
+    assert most <= 2 * (MAX_SKEW_MS // MIN + 100) + 20, f"held {most} items"
