@@ -26,10 +26,15 @@ the messages up to ``max_skew_ms`` past the slowest other partition of the proce
 let a partition of quieter instruments run hours ahead of a busier one, and the portfolio's
 ``Sequencer``, which hands bars over in event time, held every bar in between: memory grew with the
 backlog (``bench/kafka_backlog_memory.py``). The bound only cuts batches, at message boundaries and in
-offset order, so it never changes a row; a partition holds no one back once it has read all there is
-(librdkafka's end-of-partition event; one that has more to read but nothing read yet, at the start,
-holds the others until it has), a ``ts`` it cannot read or believe (junk, before 2010, over a day ahead) counts as no bound, and a
-partition that has waited ``max_hold_s`` hands over what it holds anyway (liveness over memory).
+offset order, so it never changes a row. What does not hold a partition back:
+
+- a partition that has read all there is (librdkafka's end-of-partition event); one that has more to
+  read but has handed over nothing yet (at the start, before its first fetch) does hold the others;
+- while tailing, a partition at the live edge is not held back either: what comes in comes at
+  wall-clock pace (levelling is for backlogs);
+- a ``ts`` that cannot be read or believed (junk, before 2010, over a day ahead) counts as no bound;
+- a partition that has waited ``max_hold_s`` hands over what it holds anyway (liveness over memory).
+
 Processes are not levelled with each other.
 """
 
@@ -209,13 +214,13 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
 
     def _cut(self) -> int:
         """How many held messages to hand over now: those before ``max_skew_ms`` past the slowest
-        other partition of the process (all when there is none, or when held too long); at least
-        one when this partition is the slowest."""
+        other partition of the process (all when there is none, when held too long, or when this one
+        tails the live edge); at least one when this partition is the slowest."""
         newest = now_ms() + DAY_MS
         self._mark(newest)
         lowest = self.frontiers.lowest_other(self.idx)
-        if lowest is None:
-            return len(self.held)
+        if lowest is None or (self.tail and self.caught_up):  # a tail at the live edge flows: what comes
+            return len(self.held)  # in comes at wall-clock pace, while a partition behind catches up
         bound = lowest + self.max_skew_ms
         cut = bisect.bisect_left(self.held, bound, key=lambda m: message_ts(m.value(), newest) or 0)
         if cut == 0:

@@ -57,7 +57,7 @@ class Reader:
     """The partitions of one process, polled round by round; records what each hands over."""
 
     def __init__(self, brokers, topic, parts, **kw):
-        src = KafkaBatchSource(brokers, topic, tail=False, batch_size=BATCH, start="earliest", **kw)
+        src = KafkaBatchSource(brokers, topic, tail=kw.pop("tail", False), batch_size=BATCH, start="earliest", **kw)
         self.source = src
         self.parts = {p: src.build_part("in", f"{p}-{topic}", None) for p in parts}
         self.offsets = {p: [] for p in parts}
@@ -229,3 +229,23 @@ def test_the_book_holds_an_hour_of_bars_not_the_backlog(kafka_broker, tmp_path, 
     assert loose > 1000, f"the control held only {loose} items"  # what the bound prevents
     # an item is a 1m bar or a scored row: at most ~2 a minute of S1, over the bound plus S0's batch
     assert most <= 2 * (MAX_SKEW_MS // MIN + 100) + 20, f"held {most} items"
+
+
+def test_a_tail_at_the_live_edge_is_not_held_back_by_a_partition_catching_up(kafka_broker):
+    """Tailing (``tail=True``): partition 1 has read all there is (50 trades, 10 hours on) while
+    partition 0 catches up from 10 hours before: partition 1 hands over at once (live data keeps
+    flowing; levelling is for backlogs), partition 0 keeps reading."""
+    topic = _topic(kafka_broker, {0: _every(600, 10), 1: _every(50, 1, start=T0 + 10 * 60 * MIN)})
+    r = Reader(kafka_broker, topic, (0, 1), tail=True, max_hold_s=3600.0)
+    behind_by = None  # how much of partition 0 was read when partition 1 had handed over everything
+    try:
+        while len(r.offsets[0]) < 6000 and r.rounds < 300:
+            r.round()
+            if behind_by is None and len(r.offsets[1]) == 50:
+                behind_by = len(r.offsets[0])
+            time.sleep(0.01)
+    finally:
+        r.close()
+    assert r.offsets[0] == list(range(6000)) and r.offsets[1] == list(range(50))
+    # levelled, partition 1 would have waited for partition 0's 9th hour (5,400 messages)
+    assert behind_by is not None and behind_by <= 2 * BATCH, f"partition 1 done after {behind_by} of partition 0"
