@@ -180,24 +180,27 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
             raise self._past_the_end(f" (it ends at offset {high})")
 
     def _consume(self) -> None:
-        """Up to a batch more into ``held``; at the end of the partition sets ``caught_up`` (tail) or
-        ``eof`` (a partition that ends)."""
+        """Up to a batch more into ``held``. librdkafka marks the end of the partition with an event
+        among the messages, and messages produced meanwhile can follow it in the same call: a partition
+        that ends (``tail=False``) stops there (``eof``; what follows is read by the next run, from its
+        position); a tail keeps every message and is ``caught_up`` when the last thing read is the end."""
         msgs = self.consumer.consume(self.batch_size - len(self.held), 0.0)
-        for i, m in enumerate(msgs):
+        kept = []
+        for m in msgs:
             err = m.error()
-            if err is not None:
-                if err.code() == KafkaError._AUTO_OFFSET_RESET:  # out of range, with auto.offset.reset=error
-                    raise self._past_the_end(f" or before its start ({err.str()})")
-                if err.code() != KafkaError._PARTITION_EOF:
-                    raise RuntimeError(f"Kafka error on {self.topic}[{self.idx}]: {err}")
-                self.caught_up = True  # nothing more at the broker for now
-                self.eof = not self.tail  # hand over what we have; stop once it is handed over
-                msgs = msgs[:i]
+            if err is None:
+                kept.append(m)
+                continue
+            if err.code() == KafkaError._AUTO_OFFSET_RESET:  # out of range, with auto.offset.reset=error
+                raise self._past_the_end(f" or before its start ({err.str()})")
+            if err.code() != KafkaError._PARTITION_EOF:
+                raise RuntimeError(f"Kafka error on {self.topic}[{self.idx}]: {err}")
+            if not self.tail:
+                self.eof = True  # hand over what we have; stop once it is handed over
                 break
-        else:
-            if msgs:
-                self.caught_up = False
-        self.held += msgs
+        if msgs:
+            self.caught_up = self.eof or msgs[-1].error() is not None
+        self.held += kept
 
     def _mark(self, newest: int) -> None:
         """Tell the other partitions where this one stands (see ``Frontiers``): the lower of its first

@@ -249,3 +249,27 @@ def test_a_tail_at_the_live_edge_is_not_held_back_by_a_partition_catching_up(kaf
     assert r.offsets[0] == list(range(6000)) and r.offsets[1] == list(range(50))
     # levelled, partition 1 would have waited for partition 0's 9th hour (5,400 messages)
     assert behind_by is not None and behind_by <= 2 * BATCH, f"partition 1 done after {behind_by} of partition 0"
+
+
+def test_a_tail_reads_on_across_the_end_of_its_partition(kafka_broker):
+    """Tailing, the end of the partition is reached three times and more is produced each time:
+    every message is handed over, none skipped (the ``Reader`` checks each batch against the
+    snapshot). When librdkafka puts the end-of-partition event and new messages in one call depends
+    on its timing; that case is scripted in tests/unit/test_kafka_consume.py."""
+    topic = _topic(kafka_broker, {0: _every(100, 1)})
+    r = Reader(kafka_broker, topic, (0,), tail=True)
+    prod = Producer({"bootstrap.servers": kafka_broker})
+    try:
+        for n in (100, 110, 120):
+            deadline = time.monotonic() + 10
+            while len(r.offsets[0]) < n and time.monotonic() < deadline:
+                r.round()
+                time.sleep(0.01)
+            assert len(r.offsets[0]) == n, f"{len(r.offsets[0])} of {n} handed over"
+            time.sleep(0.3)  # at the end: librdkafka has reported it before the next messages come
+            for i in range(10):
+                prod.produce(topic, _trade(T0 + (n + i) * MIN, n + i, "S0/USDT"), partition=0)
+            assert prod.flush(10) == 0
+    finally:
+        r.close()
+    assert r.offsets[0] == list(range(120))
