@@ -248,7 +248,8 @@ def test_a_tail_at_the_live_edge_is_not_held_back_by_a_partition_catching_up(kaf
         r.close()
     assert r.offsets[0] == list(range(6000)) and r.offsets[1] == list(range(50))
     # levelled, partition 1 would have waited for partition 0's 9th hour (5,400 messages)
-    assert behind_by is not None and behind_by <= 2 * BATCH, f"partition 1 done after {behind_by} of partition 0"
+    # (a few batches of slack: librdkafka may report the end a poll or two after the messages)
+    assert behind_by is not None and behind_by <= 4 * BATCH, f"partition 1 done after {behind_by} of partition 0"
 
 
 def test_a_tail_reads_on_across_the_end_of_its_partition(kafka_broker):
