@@ -20,12 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import proc_memory  # noqa: E402
-
-
-def status() -> tuple[float, float, float]:
-    """(RSS, anonymous, file-backed) of this process in MB."""
-    return proc_memory()
+from common import proc_memory  # noqa: E402  (RSS, anonymous, file-backed of this process, MB)
 
 
 def open_store(tmp: str) -> None:
@@ -64,14 +59,14 @@ STEPS = [
 
 
 def main() -> None:
-    base = status()
+    base = proc_memory()
     print(f"{'component':<62} {'+RSS':>8} {'+anon':>8} {'+file':>8} {'total':>8}   (MB)")
     print(f"{'python interpreter (start)':<62} {base[0]:8.0f} {base[1]:8.0f} {base[2]:8.0f} {base[0]:8.0f}")
     with tempfile.TemporaryDirectory() as tmp:
         before = base
         for name, step in STEPS:
             step(tmp)
-            now = status()
+            now = proc_memory()
             print(f"{name:<62} {now[0] - before[0]:8.0f} {now[1] - before[1]:8.0f} {now[2] - before[2]:8.0f} "
                   f"{now[0]:8.0f}", flush=True)
             before = now

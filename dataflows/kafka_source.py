@@ -102,8 +102,9 @@ def message_ts(payload: Optional[bytes], newest: int) -> Optional[int]:
 
 class Frontiers:
     """Where each partition of one process stands in event time: the ``ts`` of the first message it
-    has not handed over yet (or of the last one it did); a partition with nothing to read is absent.
-    Partitions of one process may run on several worker threads: hence the lock."""
+    has not handed over yet (or of the last one it did), ``UNKNOWN`` before it has handed over any;
+    absent once it has read all there is. Partitions of one process may run on several worker
+    threads: hence the lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -215,11 +216,10 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
         known = [ts for ts in (head, self.last_ts) if ts is not None]
         self.frontiers.set(self.idx, min(known) if known else None if self.handed else UNKNOWN)
 
-    def _cut(self) -> int:
+    def _cut(self, newest: int) -> int:
         """How many held messages to hand over now: those before ``max_skew_ms`` past the slowest
         other partition of the process (all when there is none, when held too long, or when this one
         tails the live edge); at least one when this partition is the slowest."""
-        newest = now_ms() + DAY_MS
         self._mark(newest)
         lowest = self.frontiers.lowest_other(self.idx)
         if lowest is None or (self.tail and self.caught_up):  # a tail at the live edge flows: what comes
@@ -241,13 +241,14 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
             raise StopIteration
         if not self.eof and len(self.held) < self.batch_size:
             self._consume()
+        newest = now_ms() + DAY_MS  # the newest ts believed (message_ts)
         if not self.held:
-            self._mark(now_ms() + DAY_MS)  # read all there is: holds no one back; else where it stands
+            self._mark(newest)  # read all there is: holds no one back; else where it stands
             if not self.eof:
                 self._check_position()
             self.awake = datetime.now(timezone.utc) + self.idle  # nothing waiting: don't spin
             return []
-        cut = self._cut()
+        cut = self._cut(newest)
         if cut == 0:  # ahead of the others: wait for them
             self.awake = datetime.now(timezone.utc) + self.idle
             return []
@@ -257,7 +258,6 @@ class _Partition(StatefulSourcePartition[RawBatch, int]):
         payloads = [m.value() or b"" for m in msgs]
         keys = [m.key() for m in msgs]  # checked against each trade's exchange:symbol (key_mismatch)
         self.offset = offsets[-1] + 1
-        newest = now_ms() + DAY_MS
         self.last_ts = message_ts(payloads[-1], newest) or self.last_ts
         self._mark(newest)
         if self.progress:
