@@ -166,12 +166,14 @@ class Store:
         _without_pandas()
         if self.dsn.startswith("chdb:"):
             import_chdb()  # before clickhouse-connect imports it: without pyarrow
-        admin = clickhouse_connect.get_client(dsn=self.dsn)
-        try:
-            admin.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
-        finally:
-            admin.close()
-        return clickhouse_connect.get_client(dsn=self.dsn, database=self.database)
+        client = clickhouse_connect.get_client(dsn=self.dsn)
+        try:  # one connection: the database is made, then named as the client's default
+            client.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+        except BaseException:
+            client.close()
+            raise
+        client.database = self.database
+        return client
 
     def _retry(self, what: str, fn: Callable, *args: Any, wrap: bool = True) -> Any:
         """``fn(*args)``, retried while its error is transient (exponential backoff from 0.2 s up
