@@ -78,6 +78,28 @@ def test_a_store_of_the_previous_release_is_upgraded_in_place_and_every_view_ans
         fresh.close()
 
 
+def test_a_store_lives_in_its_named_database_and_a_second_open_finds_it(chdb_dsn):
+    """Opening makes the database and names it the connection's default (one connection: the
+    database is applied per query), so the schema lands there and not in ``default``."""
+    name = "named_" + uuid.uuid4().hex[:10]
+    st = Store(chdb_dsn, name)
+    try:
+        assert st.query("SELECT currentDatabase()")[1] == [(name,)]
+        tables = {r[0] for r in st.query(f"SELECT name FROM system.tables WHERE database = '{name}'")[1]}
+        assert {"bars", "schema_migrations"} <= tables
+        in_default = st.query("SELECT count() FROM system.tables WHERE database = 'default' AND name = 'bars'")[1]
+        assert in_default == [(0,)]
+        st.client.command("INSERT INTO bars (exchange, symbol, tf, start, end, trades) VALUES "
+                          "('x', 'A/USDT:USDT', '1m', '2024-01-01 00:00:00', '2024-01-01 00:01:00', 3)")
+    finally:
+        st.close()
+    again = Store(chdb_dsn, name)
+    try:
+        assert again.query("SELECT count() FROM bars")[1] == [(1,)]
+    finally:
+        again.close()
+
+
 def test_migrations_run_once_and_views_at_every_start(store):
     assert store.apply_schema() == []  # the fixture's open applied everything; nothing is left
     _, rec = store.query("SELECT count(), uniqExact(version) FROM schema_migrations")
