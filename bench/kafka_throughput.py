@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -166,6 +167,29 @@ def quix_peer(python: Path, brokers: str, topic: str, partitions: int, expect: i
     return res
 
 
+def broker_cpu(brokers: str) -> Optional[float]:
+    """CPU seconds used so far by the tansu process listening on ``brokers`` (found by its command
+    line, which names the listener URL), or None where it cannot be read."""
+    want = f"tcp://{brokers}".encode()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"tansu" in (cmd := (d / "cmdline").read_bytes()) and want in cmd:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except OSError:
+            continue
+    return None
+
+
+def with_broker_cpu(brokers: str, run: Callable[[], dict]) -> dict:
+    """``run()``'s summary plus ``broker_cpu_s``: the broker's CPU seconds during it (None: unknown)."""
+    before = broker_cpu(brokers)
+    res = run()
+    after = broker_cpu(brokers)
+    res["broker_cpu_s"] = after - before if before is not None and after is not None else None
+    return res
+
+
 def cpu_split(summary: dict) -> Optional[str]:
     """ "p0 X s, p1 Y s" from a run summary's ``cpu_s_by_process`` (process index -> CPU seconds, a
     dict or a list in process order), or None where the summary has none."""
@@ -229,7 +253,8 @@ def main() -> None:
         tf: dict[int, float] = {}
         tf_inside: dict[int, float] = {}
         for p in (1, 2):
-            runs = [pipeline(brokers, topic, p, args.store, args.symbols) for _ in range(args.repeat)]
+            runs = [with_broker_cpu(brokers, lambda: pipeline(brokers, topic, p, args.store, args.symbols))
+                    for _ in range(args.repeat)]
             r = statistics.median(x["trades_in"] / x["wall_s"] for x in runs)
             tf[p] = r
             inside = tf_inside[p] = statistics.median(x["trades_per_s"] for x in runs)
@@ -237,11 +262,13 @@ def main() -> None:
             print(f"tapeflow run --source kafka, {p} process(es){' + store' if args.store else ''}: "
                   f"{runs[0]['trades_in']:,} trades -> {bars.get('1m', 0):,} 1m bars (+{sum(bars.values()) - bars.get('1m', 0):,} "
                   f"higher), median {r:,.0f} trades/s incl. start-up, {inside:,.0f} trades/s in the dataflow")
-            if p == 2:
-                for i, x in enumerate(runs):
-                    split = cpu_split(x)
-                    if split:
-                        print(f"  CPU split{f' (run {i + 1})' if len(runs) > 1 else ''}: {split}")
+            for i, x in enumerate(runs):  # the broker shares the 2 cores: its CPU is part of the split
+                split = cpu_split(x)
+                if split:
+                    busy = (sum(x["cpu_s_by_process"]) + (x["broker_cpu_s"] or 0.0)) / x["wall_s"]
+                    broker = "" if x["broker_cpu_s"] is None else f", broker {x['broker_cpu_s']:.1f} s"
+                    print(f"  CPU split{f' (run {i + 1})' if len(runs) > 1 else ''}: {split}{broker} in "
+                          f"{x['wall_s']:.1f} s: cores busy {busy:.2f}")
     store = " + store" if args.store else ""
     rows: list[tuple[str, Optional[float], str]] = [("floor: confluent-kafka + msgspec + dicts, incl. start-up", rate, "")]
     if quix_rate is not None:

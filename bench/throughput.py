@@ -88,10 +88,12 @@ def main() -> None:
         print(f"processes={p}: {runs[0]['trades_in']:,} trades, median {rate:,.0f} trades/s (runs: {each}), "
               f"wall incl. start-up {statistics.median(r['wall_s'] for r in runs):.1f} s, "
               f"peak RSS per process {rss:,.0f} MB", flush=True)
-        if p > 1:  # where the time went: process 0 also owns the store and the portfolio
-            cpu = [statistics.median(r["cpu_s_by_process"][i] for r in runs) for i in range(p)]
-            print("  CPU per process (median, start-up included): "
-                  + ", ".join(f"p{i} {c:.1f} s" for i, c in enumerate(cpu)), flush=True)
+        # where the time went: process 0 also owns the store and the portfolio; cores busy = the
+        # processes' CPU over the wall time (2 cores: 2.0 is a full machine)
+        cpu = [statistics.median(r["cpu_s_by_process"][i] for r in runs) for i in range(p)]
+        busy = statistics.median(sum(r["cpu_s_by_process"]) / r["wall_s"] for r in runs)
+        print("  CPU per process (median, start-up included): "
+              + ", ".join(f"p{i} {c:.1f} s" for i, c in enumerate(cpu)) + f"; cores busy {busy:.2f}", flush=True)
     if 1 in results and 2 in results:
         print(f"two processes / one = {results[2] / results[1]:.2f}x")
     for p, rate in results.items():
