@@ -16,6 +16,7 @@ import click
 
 from cli.common import DEFAULT_SYMBOLS, Failure, command_settings, err_console, open_store, parse_start
 from cli.models import train_and_show
+from cli import run_cluster as cluster
 from cli.run_stop import is_stop, stopped
 from cli.source_options import build_source, parse_instruments, recovery_fingerprint
 from cli.summaries import ProgressBar, print_model_quality, print_run_summary, print_strategies
@@ -155,9 +156,11 @@ def run(ctx: click.Context, **options) -> None:
     settings = command_settings(ctx, clickhouse_dsn=o.dsn, clickhouse_database=o.database, data_dir=o.data_dir,
                                 recovery_dir=o.recovery_dir, batch_size=o.batch_size, kafka_brokers=o.brokers,
                                 kafka_topic=o.topic, model=o.model, kafka_instruments=parse_instruments(o.instruments))
-    _check_cluster_options(o.proc_id, o.addresses)
+    cluster.check_cluster_options(o.proc_id, o.addresses)
     _check_summary_json(o.summary_json)
     is_peer = o.proc_id is not None and o.proc_id > 0
+    if is_peer and o.run_dir is not None:  # a local peer, started early: wait for process 0 (run_cluster.py)
+        runner.await_release(o.run_dir)
     runner.install_stop_handlers(announce=not is_peer)  # Ctrl-C and SIGTERM stop the run with a summary (run_stop.py)
     run_dir = o.run_dir or settings.data_dir / "runs" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +186,10 @@ def run(ctx: click.Context, **options) -> None:
     live = (o.source == "kafka" and not o.eof) or o.source == "ccxt" or bool(o.speed)
     pace = None if o.clock == "event" or (o.clock == "auto" and not live) else (o.speed or 1.0)
 
+    peers_of = (lambda k: cluster.start_peers(
+        processes=o.processes, proc_id=o.proc_id, addresses_text=o.addresses, source=o.source, phase_end=phases[k],
+        start_from=start_from, phase_path=cluster.phase_dir(run_dir, k, o.proc_id)))
+    starting = peers_of(0)  # phase 0's peers start up while this process claims the store (run_cluster.py)
     if not is_peer and not o.no_store:  # schema first, with a clear error if the store is unusable
         with open_store(settings) as store:  # then: the store holds this run's trading rows or none (runs.py)
             _claim_store(store, settings, fingerprint, replace=o.replace, resuming=resuming,
@@ -190,6 +197,7 @@ def run(ctx: click.Context, **options) -> None:
 
     elapsed = 0.0
     for k, phase_end in enumerate(phases):
+        starting = starting if k == 0 else peers_of(k)  # started before this process builds its flow
         src = build_source(o.source, settings, progress, symbols=o.symbols, t0=t0, end_ms=phase_end, seed=o.seed,
                            rate=o.rate, speed=o.speed, files=o.files, exchange=o.exchange, symbol=o.symbol,
                            feeds=o.feeds, duration=o.duration, exchange_factory=o.exchange_factory, eof=o.eof,
@@ -200,11 +208,12 @@ def run(ctx: click.Context, **options) -> None:
         flow = build_flow(settings, src, _sink(o, settings, counts, src), pace=pace,
                           ensemble=None if (o.no_store or first_of_split) else "auto",
                           control_lineage=lineage_of(rec_dir), snapshots=rec_dir is not None,
-                          balance_workers=_balance_workers(o), recovery_dir=rec_dir, resuming=resuming)
+                          balance_workers=cluster.balance_workers(o.addresses, o.processes, o.workers),
+                          recovery_dir=rec_dir, resuming=resuming)
         recovery = runner.recovery_config(rec_dir, o.processes * o.workers)
-        phase_dir = run_dir / f"phase-{k}" if o.proc_id is None else run_dir
-        phase_dir.mkdir(parents=True, exist_ok=True)
-        addr_list, peers = _start_peers(o, phase_end, start_from, phase_dir)
+        phase_dir = cluster.phase_dir(run_dir, k, o.proc_id)
+        addr_list, peers = starting
+        runner.release_peers(phase_dir, peers)  # this process runs the dataflow now: so may they
         t_start = time.time()
         stop = _execute(flow, settings, o, recovery, addr_list, peers, progress_ui)
         elapsed += time.time() - t_start
@@ -294,31 +303,6 @@ def _sink(o: RunOptions, settings: Settings, counts, src):
                           committer=src.offset_committer() if o.source == "kafka" else None)
 
 
-def _balance_workers(o: RunOptions) -> int:
-    """Over how many workers the pipeline spreads its instruments evenly (``operators.routing``): the
-    cluster's, the same in every process. A run that resumes a recovery directory keeps the keys its
-    first run chose instead (``dataflows.routes``)."""
-    addresses = _addresses(o.addresses)
-    return (len(addresses) if addresses else o.processes) * o.workers
-
-
-def _addresses(text: Optional[str]) -> Optional[list[str]]:
-    """The processes of a multi-machine cluster, from ``--addresses`` ('host:port;host:port', blanks
-    ignored: a trailing ';' is not a process to wait for); None without it."""
-    return [a.strip() for a in text.split(";") if a.strip()] if text else None
-
-
-def _start_peers(o: RunOptions, phase_end: int, start_from: str, phase_dir: Path) -> tuple[Optional[list[str]], list]:
-    """The cluster's addresses (None: one process) and the local peers started for this phase
-    (``--processes`` > 1 on process 0; they run this command line with their ``--proc-id``)."""
-    addr_list = _addresses(o.addresses)
-    if o.processes > 1 and o.proc_id is None:
-        argv = [a for a in sys.argv[1:]] + (["--phase-end-ms", str(phase_end)] if o.source == "synthetic" else [])
-        argv += ["--from", start_from] if o.source == "kafka" else []  # decided here, before the claim
-        return runner.spawn_peers(argv, o.processes, phase_dir)
-    return addr_list, []
-
-
 def _execute(flow, settings: Settings, o: RunOptions, recovery, addresses, peers: list,
              progress_ui: Optional[ProgressBar]) -> Optional[BaseException]:
     """Run the phase's dataflow here; returns the stop (Ctrl-C, SIGTERM) that ended it early, None
@@ -371,19 +355,6 @@ def _summarise(o: RunOptions, settings: Settings, counts, elapsed: float, src, *
             "cpu_s_by_process": [own_cpu_s, *counts.peer_cpu_s.values()],
             "sink": asdict(counts.sink), "model_quality": quality, "strategies": strategies},
             indent=2, default=str))
-
-
-def _check_cluster_options(proc_id: Optional[int], addresses: Optional[str]) -> None:
-    """--proc-id and --addresses join a multi-machine cluster: both or neither (--processes starts a
-    local cluster whose peers get both)."""
-    if proc_id is None and addresses:
-        raise click.UsageError("--addresses needs --proc-id (this process's index in the list)")
-    if proc_id is not None:
-        if not addresses:
-            raise click.UsageError("--proc-id needs --addresses 'host:port;host:port;...' (every process, same order)")
-        n = len(_addresses(addresses) or [])
-        if proc_id >= n:
-            raise click.BadParameter(f"{proc_id} is not an index into the {n} --addresses", param_hint="--proc-id")
 
 
 def _claim_store(store, settings: Settings, fingerprint: dict, *, replace: bool, resuming: bool, **options) -> None:

@@ -327,6 +327,28 @@ def spawn_peers(argv: list[str], processes: int, run_dir: Path) -> tuple[list[st
     return addresses, children
 
 
+RELEASE_FILE = "released"
+
+
+def release_peers(phase_dir: Path, children: list[subprocess.Popen]) -> None:
+    """Let the local peers of a phase go on (``await_release``): process 0 calls it once it is about
+    to run the phase's dataflow itself, so no peer meets an error that process 0 met first."""
+    if children:
+        (phase_dir / RELEASE_FILE).touch()
+
+
+def await_release(phase_dir: Path, poll_s: float = 0.01) -> None:
+    """In a local peer, before anything that could fail: wait until process 0 releases the phase. A
+    process 0 that ends first takes the peer with it (SIGTERM on its death, ``_die_with_parent``; the
+    peer has no stop handler yet), and a peer whose parent changed (it was gone before the peer
+    could ask to follow it) ends itself."""
+    parent = os.getppid()
+    while not (phase_dir / RELEASE_FILE).exists():
+        if os.getppid() != parent:
+            raise SystemExit(1)
+        time.sleep(poll_s)
+
+
 def wait_peers(children: list[subprocess.Popen], timeout_s: float = 600) -> list[int]:
     """Exit codes of the peers, killing any still running after ``timeout_s``."""
     deadline = time.time() + timeout_s

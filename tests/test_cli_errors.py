@@ -208,6 +208,32 @@ def test_an_error_inside_the_dataflow_is_reported_as_itself(tmp_path, processes)
     assert not _processes_with(f"--data-dir {tmp_path} "), "a pipeline process was left behind"
 
 
+def _gone(text: str, within_s: float = 10) -> bool:
+    """Whether no live process has ``text`` in its command line, waiting up to ``within_s``."""
+    deadline = time.time() + within_s
+    while _processes_with(text) and time.time() < deadline:
+        time.sleep(0.1)
+    return not _processes_with(text)
+
+
+@pytest.mark.parametrize("mistake", ["store holds another run", "broker unreachable"])
+def test_a_mistake_process_0_meets_after_starting_its_peers_is_said_once(tmp_path, mistake):
+    """Process 0 starts its peers before it claims the store and builds its source (their start-up
+    overlaps its own, cli/run_cluster.py); a peer waits for process 0's release before doing
+    anything that could fail. So a mistake process 0 meets there is said once, by process 0, and
+    the peers go with it."""
+    if mistake == "store holds another run":
+        first = tapeflow("run", "--data-dir", str(tmp_path), "--hours", "0.5", "--rate", "1", "--train-split", "0")
+        assert first.returncode == 0, first.stderr
+        args, code, needle = ["--seed", "8", "--hours", "0.5", "--rate", "1", "--train-split", "0"], 2, "--replace"
+    else:
+        args, code, needle = ["--source", "kafka", "--brokers", "127.0.0.1:1"], 1, "did not answer"
+    res = tapeflow("run", "--data-dir", str(tmp_path), "--processes", "2", *args)
+    assert_short_error(res, code, needle)
+    assert res.stderr.count(needle) == 1, res.stderr
+    assert _gone(f"--data-dir {tmp_path} --processes 2"), "a peer outlived process 0"
+
+
 # --- the errors helper ----------------------------------------------------------------------------------
 
 
