@@ -188,7 +188,7 @@ def run(ctx: click.Context, **options) -> None:
 
     peers_of = (lambda k: cluster.start_peers(
         processes=o.processes, proc_id=o.proc_id, addresses_text=o.addresses, source=o.source, phase_end=phases[k],
-        start_from=start_from, phase_path=cluster.phase_dir(run_dir, k, o.proc_id)))
+        start_from=start_from, phase_path=cluster.phase_dir(run_dir, k, o.proc_id), recovery_dir=rec_dir))
     starting = peers_of(0)  # phase 0's peers start up while this process claims the store (run_cluster.py)
     if not is_peer and not o.no_store:  # schema first, with a clear error if the store is unusable
         with open_store(settings) as store:  # then: the store holds this run's trading rows or none (runs.py)
@@ -204,7 +204,7 @@ def run(ctx: click.Context, **options) -> None:
                            start_from=start_from, group=None if o.no_store else "store")
         # the first part of a train-then-score run is scored without any ensemble: one left over from
         # an earlier run on the same data would score it in-sample
-        first_of_split = split_ms is not None and k == 0
+        first_of_split = split_ms is not None and phase_end == split_ms  # (a peer runs the one phase it is told)
         flow = build_flow(settings, src, _sink(o, settings, counts, src), pace=pace,
                           ensemble=None if (o.no_store or first_of_split) else "auto",
                           control_lineage=lineage_of(rec_dir), snapshots=rec_dir is not None,

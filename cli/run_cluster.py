@@ -42,13 +42,17 @@ def phase_dir(run_dir: Path, k: int, proc_id: Optional[int]) -> Path:
 
 
 def start_peers(*, processes: int, proc_id: Optional[int], addresses_text: Optional[str], source: str,
-                phase_end: int, start_from: str, phase_path: Path) -> tuple[Optional[list[str]], list]:
+                phase_end: int, start_from: str, phase_path: Path,
+                recovery_dir: Optional[Path]) -> tuple[Optional[list[str]], list]:
     """The cluster's addresses (None: one process) and the local peers started for a phase
     (``--processes`` > 1 on process 0; they run this command line with their ``--proc-id`` and wait
-    for the phase's release)."""
+    for the phase's release). Every process of a cluster snapshots into process 0's recovery
+    directory, named on the peers' command line: one the run chose itself (the main job's, under
+    its run directory) would be another directory in each peer, whose ``--run-dir`` differs."""
     if processes > 1 and proc_id is None:
         argv = [a for a in sys.argv[1:]] + (["--phase-end-ms", str(phase_end)] if source == "synthetic" else [])
         argv += ["--from", start_from] if source == "kafka" else []  # decided by process 0, before the claim
+        argv += ["--recovery-dir", str(recovery_dir)] if recovery_dir is not None else []
         return runner.spawn_peers(argv, processes, phase_path)
     return addresses(addresses_text), []
 

@@ -186,3 +186,42 @@ def test_main_job_trains_on_the_first_part_then_scores_and_trades_the_rest(main_
     assert prod["trades"] == 0 or abs(prod["win_rate"] - wins / trades) < 1e-12
     assert {"pnl", "sharpe", "max_drawdown"} <= set(prod)
     assert {r["model"] for r in summary["model_quality"]} >= {"onnx_ensemble", "river_lr", "river_arf"}
+
+
+FINGERPRINT = {  # what the main job stored, in a form two runs can be compared by
+    "trades": "SELECT tf, count() AS n FROM bars FINAL GROUP BY tf ORDER BY tf",
+    "predictions": "SELECT model, symbol, count() AS n, toString(sum(cityHash64(end, p_down, p_flat, p_up))) "
+                   "AS h FROM predictions FINAL GROUP BY model, symbol ORDER BY model, symbol",
+    "decisions": "SELECT origin, count() AS n, toString(sum(cityHash64(*))) AS h FROM decisions FINAL "
+                 "GROUP BY origin ORDER BY origin",
+    "fills": "SELECT count() AS n, toString(sum(cityHash64(*))) AS h FROM fills FINAL",
+}
+
+
+def test_the_main_job_on_a_local_cluster_stores_what_one_process_stores(main_job, tmp_path):
+    """`tapeflow run --processes 2`: every process of each phase snapshots into the run's one
+    recovery directory (a peer used to make its own under its phase's directory, so the second phase
+    started over from the beginning, counting the first day twice, and the ensemble, trained on that
+    day, refused the instruments whose bars it saw again), and a peer of the scored phase serves the
+    ensemble (it used to take its one phase for the first of the split: its instruments went
+    unscored). Without an error either way."""
+    _, _, store, summary = main_job
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAPEFLOW_")}
+    two = tmp_path / "two"
+    res = subprocess.run([sys.executable, "-m", "cli.main", "run", "--data-dir", str(two), "--quiet", "--processes", "2",
+                          "--summary-json", str(tmp_path / "summary.json")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["trades_in"] == summary["trades_in"]
+
+    one = {name: [dict(zip(cols, row)) for row in rows] for name, (cols, rows) in
+           ((name, store.query(sql)) for name, sql in FINGERPRINT.items())}
+    both = {}  # read by `tapeflow sql`: this process holds the other embedded store open
+    for name, sql in FINGERPRINT.items():
+        out = subprocess.run([sys.executable, "-m", "cli.main", "sql", "--data-dir", str(two), "--format", "json", sql],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        both[name] = json.loads(out.stdout)
+    assert {r["symbol"] for r in one["predictions"] if r["model"] == "onnx_ensemble"} == {
+        "BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT"}  # every instrument scored by the ensemble
+    assert both == one
