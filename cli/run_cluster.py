@@ -3,10 +3,10 @@ each phase, and the options that join a multi-machine cluster.
 
 Process 0 starts a phase's peers early, so that their start-up (imports, a second or so) overlaps
 its own (claiming the store, building its flow) instead of process 0 waiting for them inside the
-dataflow. A peer then waits, before it does anything that could fail, until process 0 releases
-the phase (``dataflows.runner.release_peers``), which it does only once it is about to run the
-dataflow itself: a user mistake that stops process 0 is reported once, by process 0, and the peers
-go with it."""
+dataflow. A peer then waits, before anything process 0 has not checked already (the store, the
+source, the flow), until process 0 releases the phase (``dataflows.runner.release_peers``), which
+it does only once it is about to run the dataflow itself: a user mistake that stops process 0 is
+reported once, by process 0, and the peers go with it."""
 
 from __future__ import annotations
 

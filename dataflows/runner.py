@@ -338,10 +338,10 @@ def release_peers(phase_dir: Path, children: list[subprocess.Popen]) -> None:
 
 
 def await_release(phase_dir: Path, poll_s: float = 0.01) -> None:
-    """In a local peer, before anything that could fail: wait until process 0 releases the phase. A
-    process 0 that ends first takes the peer with it (SIGTERM on its death, ``_die_with_parent``; the
-    peer has no stop handler yet), and a peer whose parent changed (it was gone before the peer
-    could ask to follow it) ends itself."""
+    """In a local peer, before anything process 0 has not checked already: wait until process 0
+    releases the phase. A process 0 that ends first takes the peer with it (SIGTERM on its death,
+    ``_die_with_parent``; the peer has no stop handler yet), and a peer whose parent changed (it was
+    gone before the peer could ask to follow it) ends itself."""
     parent = os.getppid()
     while not (phase_dir / RELEASE_FILE).exists():
         if os.getppid() != parent:
