@@ -188,13 +188,21 @@ def test_main_job_trains_on_the_first_part_then_scores_and_trades_the_rest(main_
     assert {r["model"] for r in summary["model_quality"]} >= {"onnx_ensemble", "river_lr", "river_arf"}
 
 
+def _rows_hash(table: str, by: str, wall: str = "") -> str:
+    """Each group's row count and a hash of its whole rows (NULLs included; ``wall``: columns of wall
+    time or of the training's clock, which two runs never share)."""
+    cols = f"* EXCEPT ({wall})" if wall else "*"
+    return (f"SELECT {by}, count() AS n, toString(sum(cityHash64(formatRow('TSV', {cols})))) AS h "
+            f"FROM {table} FINAL GROUP BY {by} ORDER BY {by}")
+
+
 FINGERPRINT = {  # what the main job stored, in a form two runs can be compared by
-    "trades": "SELECT tf, count() AS n FROM bars FINAL GROUP BY tf ORDER BY tf",
-    "predictions": "SELECT model, symbol, count() AS n, toString(sum(cityHash64(end, p_down, p_flat, p_up))) "
-                   "AS h FROM predictions FINAL GROUP BY model, symbol ORDER BY model, symbol",
-    "decisions": "SELECT origin, count() AS n, toString(sum(cityHash64(*))) AS h FROM decisions FINAL "
-                 "GROUP BY origin ORDER BY origin",
-    "fills": "SELECT count() AS n, toString(sum(cityHash64(*))) AS h FROM fills FINAL",
+    "bars": _rows_hash("bars", "tf"),
+    "features": _rows_hash("features", "tf"),
+    "predictions": _rows_hash("predictions", "model, symbol", wall="version"),  # version: when trained
+    "decisions": _rows_hash("decisions", "origin", wall="decided_at, latency_ms"),
+    "fills": _rows_hash("fills", "origin"),
+    "equity": _rows_hash("equity", "origin"),
 }
 
 
@@ -222,6 +230,7 @@ def test_the_main_job_on_a_local_cluster_stores_what_one_process_stores(main_job
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         both[name] = json.loads(out.stdout)
+    assert all(r["h"] is not None for rows in one.values() for r in rows)  # a NULL would hash nothing
     assert {r["symbol"] for r in one["predictions"] if r["model"] == "onnx_ensemble"} == {
         "BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT"}  # every instrument scored by the ensemble
     assert both == one
