@@ -59,7 +59,8 @@ def build_source(source: str, settings: Settings, progress, *, symbols: str, t0:
         raise click.ClickException(str(err)) from None
     return KafkaBatchSource(settings.kafka_brokers, settings.kafka_topic, tail=not eof,
                             batch_size=settings.kafka_batch_size, progress=progress, start=start_from,
-                            universe=tuple(settings.kafka_instruments),
+                            universe=tuple(settings.kafka_instruments), max_skew_ms=settings.kafka_max_skew_ms,
+                            max_hold_s=settings.kafka_max_hold_s,
                             group_id=default_group(settings.dsn(), settings.clickhouse_database) if group else None)
 
 

@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     kafka_topic: str = Field("trades", description="trade topic (key exchange:symbol)")
     kafka_partitions: int = Field(6, gt=0, description="partitions when tapeflow creates the topic")
     kafka_batch_size: int = Field(10_000, gt=0, description="messages per Kafka poll")
+    kafka_max_skew_ms: int = Field(3_600_000, gt=0, description="event time a partition may run ahead of the "
+                                                                "slowest other partition its process reads")
+    kafka_max_hold_s: float = Field(10.0, gt=0, description="wall time a partition ahead holds its messages "
+                                                            "for the others, at most")
     kafka_instruments: list[str] = Field(
         [], description="exchange:symbol of every instrument on the topic: the portfolio waits for each, so "
                         "trading rows do not depend on arrival order across partitions (empty: they join "

@@ -55,7 +55,7 @@ RUN_COLUMNS = ["run_id", "started_at", "source", "config_hash", "config", "comma
 OPERATIONAL = frozenset({
     "data_dir", "clickhouse_dsn", "clickhouse_database", "artifacts_dir", "onnx_check_s", "batch_size",
     "epoch_interval_s", "recovery_dir", "sink_flush_rows", "sink_flush_ms", "health_every_s", "store_retry_s",
-    "kafka_brokers", "kafka_topic", "kafka_partitions", "kafka_batch_size",
+    "kafka_brokers", "kafka_topic", "kafka_partitions", "kafka_batch_size", "kafka_max_skew_ms", "kafka_max_hold_s",
 })
 
 

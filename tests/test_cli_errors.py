@@ -118,6 +118,8 @@ def test_a_trailing_semicolon_in_addresses_is_not_a_process_to_wait_for(tmp_path
     ("TAPEFLOW_STRATEGY", "conf_min=0.6", ["TAPEFLOW_STRATEGY", "JSON object", """'{"conf_min": 0.6}'"""]),
     ("TAPEFLOW_LATENESS_MS", "-5", ["TAPEFLOW_LATENESS_MS", "lateness_ms", "-5"]),
     ("TAPEFLOW_PROFILE_BINS", '{"BTC/USDT:USDT": -1}', ["TAPEFLOW_PROFILE_BINS", "greater than 0"]),
+    ("TAPEFLOW_KAFKA_MAX_SKEW_MS", "0", ["TAPEFLOW_KAFKA_MAX_SKEW_MS", "greater than 0"]),
+    ("TAPEFLOW_KAFKA_MAX_HOLD_S", "-1", ["TAPEFLOW_KAFKA_MAX_HOLD_S", "greater than 0"]),
 ])
 def test_setting_mistakes(tmp_path, name, value, needles):
     res = tapeflow("run", "--data-dir", str(tmp_path), env=_env(**{name: value}))

@@ -17,7 +17,7 @@ from bytewax.testing import run_main
 from confluent_kafka import Producer
 
 from dataflows import pipeline
-from dataflows.kafka_source import MAX_SKEW_MS, KafkaBatchSource
+from dataflows.kafka_source import MAX_HOLD_S, MAX_SKEW_MS, KafkaBatchSource
 from dataflows.kafka_topic import ensure_topic
 from operators.portfolio import Sequencer
 from sinks.clickhouse import SinkStats
@@ -274,3 +274,30 @@ def test_a_tail_reads_on_across_the_end_of_its_partition(kafka_broker):
     finally:
         r.close()
     assert r.offsets[0] == list(range(120))
+
+
+def test_the_bound_and_the_hold_are_settings_the_kafka_source_takes(kafka_broker, monkeypatch):
+    """``TAPEFLOW_KAFKA_MAX_SKEW_MS`` and ``TAPEFLOW_KAFKA_MAX_HOLD_S`` reach the source a run builds
+    (and its partitions); the defaults are the module's."""
+    from cli.source_options import build_source
+    from dataflows.config import load_settings
+
+    topic = _topic(kafka_broker, {0: _every(60, 1), 1: _every(60, 1)})
+
+    def source(**env: str) -> KafkaBatchSource:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        s = load_settings(kafka_brokers=kafka_broker, kafka_topic=topic)
+        return build_source("kafka", s, None, symbols="", t0=0, end_ms=0, seed=0, rate=None, speed=None, files=(),
+                            exchange=None, symbol=None, feeds=None, duration=None, exchange_factory=None, eof=True,
+                            group=None)
+
+    default = source()
+    assert (default.max_skew_ms, default.max_hold_s) == (MAX_SKEW_MS, MAX_HOLD_S)
+    tuned = source(TAPEFLOW_KAFKA_MAX_SKEW_MS="120000", TAPEFLOW_KAFKA_MAX_HOLD_S="2.5")
+    assert (tuned.max_skew_ms, tuned.max_hold_s) == (120_000, 2.5)
+    part = tuned.build_part("s", f"0-{topic}", None)
+    try:
+        assert (part.max_skew_ms, part.max_hold_s) == (120_000, 2.5)
+    finally:
+        part.close()
