@@ -21,6 +21,8 @@ from sinks.store import Store
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00Z
 RECV = T0 + 10 * 86_400_000  # a fixed "received at" so decode is deterministic
+#: columns of wall time, not a function of the input: left out when two runs' rows are compared
+WALL = {"decisions": ("decided_at", "latency_ms"), "variant_metrics": ("latency_p50_ms", "latency_p99_ms")}
 
 
 def trade(id, ts, price=100.0, amount=1.0, side="buy", symbol="A/USDT:USDT", exchange="x", **extra) -> dict:

@@ -5,7 +5,7 @@ import json
 
 import polars as pl
 
-from tests.helpers import frame_batches, run_pipeline, settings, stored, synthetic_tape
+from tests.helpers import WALL, frame_batches, run_pipeline, settings, stored, synthetic_tape
 
 TRADING = {"conf_min": 0.4, "alpha_min": 0.02, "no_trade_conf": 0.35, "require_warm": False,
            "consensus_enabled": False}
@@ -26,12 +26,12 @@ def test_production_rows_are_identical_with_the_optimizer_on_and_off(store, othe
                   optimizer={"enabled": True, "max_variants": 6, "metrics_every_bars": 6})
     run_pipeline(batches, store, off)
     run_pipeline(batches, other_store, on)
-    for table, order, excl in (("decisions", "exchange, symbol, ts", ("decided_at", "latency_ms")),
+    for table, order, excl in (("decisions", "exchange, symbol, ts", WALL["decisions"]),
                                ("fills", "position_id, ts, reason", ()), ("equity", "ts", ())):
         a, b = _production(store, table, order, excl), _production(other_store, table, order, excl)
         assert a.height > 0, table
         assert a.equals(b), f"production {table} changed when the optimizer ran"
-    variants = stored(other_store, "decisions", "variant_id, ts", ("decided_at", "latency_ms"))
+    variants = stored(other_store, "decisions", "variant_id, ts", WALL["decisions"])
     exp = variants.filter(pl.col("origin") == "experimental")
     assert exp["variant_id"].n_unique() == 6 and exp["config_hash"].n_unique() == 6
     assert stored(store, "variant_metrics", "ts").height == 0  # off means off
@@ -53,7 +53,7 @@ def test_a_promotion_switches_production_at_a_bar_boundary_with_both_configs_and
     first = json.loads(promos["detail"][0])
     assert first["old_config"] != first["new_config"] and first["changes"]
     old_hash, new_hash = first["old_hash"], first["new_hash"]
-    dec = stored(store, "decisions", "ts", ("decided_at", "latency_ms")).filter(pl.col("origin") == "production")
+    dec = stored(store, "decisions", "ts", WALL["decisions"]).filter(pl.col("origin") == "production")
     t0 = ts[0]
     before = dec.filter(pl.col("ts").dt.epoch("ms") <= t0)
     after = dec.filter(pl.col("ts").dt.epoch("ms") > t0)

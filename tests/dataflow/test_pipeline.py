@@ -12,7 +12,7 @@ from bytewax.testing import TestingSink, TestingSource
 from operators.bars import Bar
 from operators.decode import DEAD_LETTER_REASONS
 from tests.helpers import (
-    RECV, T0, assert_bars_match_reference, frame_batches, raw_batches, run_pipeline, settings, stored,
+    RECV, T0, WALL, assert_bars_match_reference, frame_batches, raw_batches, run_pipeline, settings, stored,
     stored_bars, synthetic_tape, trade,
 )
 
@@ -173,7 +173,7 @@ def test_recovery_after_abort_stores_the_same_rows_as_an_uninterrupted_run(store
                                ("features", "exchange, symbol, tf, start", ()),
                                ("labels", "exchange, symbol, tf, start", ()),
                                ("predictions", "exchange, symbol, tf, start, model", ()),
-                               ("decisions", "strategy_id, exchange, symbol, ts", ("decided_at", "latency_ms")),
+                               ("decisions", "strategy_id, exchange, symbol, ts", WALL["decisions"]),
                                ("fills", "strategy_id, position_id, ts, reason", ()),
                                ("equity", "strategy_id, ts", ())):
         a, b = stored(store, table, order, excl), stored(other_store, table, order, excl)

@@ -7,10 +7,9 @@ import polars as pl
 
 from tests.conftest import scratch_store
 
-from tests.helpers import T0, raw_batches, run_pipeline, settings, stored, synthetic_tape
+from tests.helpers import T0, WALL, raw_batches, run_pipeline, settings, stored, synthetic_tape
 
 SYMS = ["BTC/USDT:USDT", "ETH/USDT:USDT"]
-WALL = ("decided_at", "latency_ms")
 
 
 def _messages(tape: pl.DataFrame) -> dict[str, list]:
@@ -55,7 +54,7 @@ def test_gates_stop_the_same_decisions_whatever_the_interleaving_and_batch_cut(c
     for block, size in [(1, 1000), (400, 97), (3000, 5000)]:
         with scratch_store(chdb_dsn) as st:
             run_pipeline(raw_batches(_interleave(per_sym, block), size=size), st, cfg, instruments=universe)
-            runs.append(stored(st, "decisions", "origin, variant_id, exchange, symbol, ts", WALL))
+            runs.append(stored(st, "decisions", "origin, variant_id, exchange, symbol, ts", WALL["decisions"]))
     first = runs[0]
     gated = first.filter(pl.col("quality") != "")
     assert set(gated["quality"]) >= {"late_rate", "data_gap"}, "both gates should fire on this tape"

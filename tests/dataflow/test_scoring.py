@@ -13,7 +13,7 @@ from dataflows.model_io import data_origin, run_facts
 from models.onnx_ensemble import OnnxEnsemble
 from models.train import train
 from sinks.clickhouse import ClickHouseSink
-from tests.helpers import T0, frame_batches, perp_updates, run_pipeline, settings, stored, synthetic_tape
+from tests.helpers import T0, WALL, frame_batches, perp_updates, run_pipeline, settings, stored, synthetic_tape
 from tests.unit.synthetic_models import BAR_MS, HORIZON, LABEL_DEFINITION, NAMES, synthetic_frame
 
 MIN = 60_000
@@ -105,7 +105,7 @@ def test_no_lookahead_in_features_labels_predictions_and_decisions(store, other_
     checks = [("features", "exchange, symbol, tf, start", "end", ()),
               ("labels", "exchange, symbol, tf, start", "matured_at", ()),
               ("predictions", "exchange, symbol, tf, start, model", "end", ()),
-              ("decisions", "strategy_id, exchange, symbol, ts", "ts", ("decided_at", "latency_ms"))]
+              ("decisions", "strategy_id, exchange, symbol, ts", "ts", WALL["decisions"])]
     for table, order, col, excl in checks:
         a, b = before(store, table, order, col, excl), before(other_store, table, order, col, excl)
         assert a.height > 0, table

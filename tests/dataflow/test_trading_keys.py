@@ -8,7 +8,7 @@ import polars as pl
 from bytewax.recovery import RecoveryConfig, init_db_dir
 
 from sinks.clickhouse import ClickHouseSink, SinkStats
-from tests.helpers import raw_batches, run_pipeline, settings, stored, synthetic_tape
+from tests.helpers import WALL, raw_batches, run_pipeline, settings, stored, synthetic_tape
 
 # the ReplacingMergeTree key of each trading table (infra/clickhouse/005_trading.sql)
 KEYS = {
@@ -16,7 +16,6 @@ KEYS = {
     "fills": "origin, strategy_id, variant_id, position_id, ts, reason",
     "equity": "origin, strategy_id, variant_id, ts",
 }
-WALL = {"decisions": ("decided_at", "latency_ms")}  # wall-clock columns: not a function of the input
 
 
 def _cfg(tmp_path):

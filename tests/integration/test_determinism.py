@@ -28,13 +28,12 @@ import pytest
 from cli.source_options import parse_instruments
 from dataflows.kafka_topic import ensure_topic
 from dataflows.routes import ROUTES_FILE
-from tests.helpers import synthetic_tape
+from tests.helpers import WALL, synthetic_tape
 from tests.integration.test_kafka_pipeline import SYMBOLS, _snapshotted_offsets, publish
 
 INSTRUMENTS = "x:" + ",".join(SYMBOLS)  # the --feeds syntax
 # the acceptance asks for the optimizer on: its variants' decisions and metrics must be deterministic too
 ENV = {**os.environ, "TAPEFLOW_OPTIMIZER": '{"enabled": true}'}
-WALL = {"decisions": ["decided_at", "latency_ms"], "variant_metrics": ["latency_p50_ms", "latency_p99_ms"]}
 ORDER = {"decisions": "origin, variant_id, exchange, symbol, ts", "fills": "origin, variant_id, position_id, ts, reason",
          "equity": "origin, variant_id, ts, seq", "events": "kind, ts, exchange, symbol, reason",
          "variant_metrics": "origin, variant_id, ts"}

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import WALL
+
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_704_067_200_000
 SPLIT = T0 + 24 * 3_600_000  # the main job trains on the first 24 h of 48
@@ -200,7 +202,7 @@ FINGERPRINT = {  # what the main job stored, in a form two runs can be compared 
     "bars": _rows_hash("bars", "tf"),
     "features": _rows_hash("features", "tf"),
     "predictions": _rows_hash("predictions", "model, symbol", wall="version"),  # version: when trained
-    "decisions": _rows_hash("decisions", "origin", wall="decided_at, latency_ms"),
+    "decisions": _rows_hash("decisions", "origin", wall=", ".join(WALL["decisions"])),
     "fills": _rows_hash("fills", "origin"),
     "equity": _rows_hash("equity", "origin"),
 }

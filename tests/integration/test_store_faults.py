@@ -27,7 +27,7 @@ from dataflows.runner import free_ports
 from sinks.clickhouse import ClickHouseSink, SinkStats
 from sinks.embedded import embedded_holder, embedded_open
 from sinks.store import StoreError, is_transient
-from tests.helpers import raw_batches, run_pipeline, settings, stored, synthetic_tape
+from tests.helpers import WALL, raw_batches, run_pipeline, settings, stored, synthetic_tape
 
 REPO = Path(__file__).resolve().parents[2]
 RESET = "Error ('Connection aborted.', ConnectionResetError(104, 'Connection reset by peer')) executing HTTP request"
@@ -103,7 +103,7 @@ TABLES = (("bars", "exchange, symbol, tf, start", ()),
           ("features", "exchange, symbol, tf, start", ()),
           ("labels", "exchange, symbol, tf, start", ()),
           ("predictions", "exchange, symbol, tf, start, model", ()),
-          ("decisions", "strategy_id, exchange, symbol, ts", ("decided_at", "latency_ms")),
+          ("decisions", "strategy_id, exchange, symbol, ts", WALL["decisions"]),
           ("fills", "strategy_id, position_id, ts, reason", ()),
           ("equity", "strategy_id, ts", ()),
           ("model_metrics", "exchange, symbol, model, ts", ()))
